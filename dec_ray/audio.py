@@ -1,0 +1,38 @@
+"""Decode audio to 16 kHz mono, peak-normalised, as the official feat_extract.py does.
+
+Any rate, any channel count, any subtype soundfile reads (wav, flac, 24-bit, float). Problems
+raise AudioError with a short reason, so that callers can reject the file and go on.
+"""
+from __future__ import annotations
+
+import numpy as np
+import soundfile as sf
+
+
+class AudioError(Exception):
+    """A file that cannot become a feature matrix; str(e) is the reason for the rejects table."""
+
+
+def load_audio(path: str, sample_rate: int = 16000, silence_peak: float = 1e-4,
+               min_duration_s: float = 0.0) -> np.ndarray:
+    """Read, mix down to mono, resample to ``sample_rate`` and peak-normalise to [-1, 1]."""
+    try:
+        data, sr = sf.read(path, dtype="float32", always_2d=True)
+    except FileNotFoundError:
+        raise AudioError("missing file")
+    except Exception as e:  # soundfile raises LibsndfileError / RuntimeError for corrupt input
+        raise AudioError(f"unreadable: {str(e).splitlines()[0][:160]}")
+    if data.size == 0:
+        raise AudioError("empty: no samples")
+    y = data.mean(axis=1)
+    if not np.all(np.isfinite(y)):
+        raise AudioError("corrupt: non-finite samples")
+    if sr != sample_rate:
+        import librosa  # imported lazily: numba start-up is slow and most callers need no resampling
+        y = librosa.resample(y, orig_sr=sr, target_sr=sample_rate, res_type="soxr_hq")
+    if len(y) < min_duration_s * sample_rate:
+        raise AudioError(f"too short: {len(y) / sample_rate:.3f}s < {min_duration_s}s")
+    peak = float(np.max(np.abs(y)))
+    if peak < silence_peak:
+        raise AudioError(f"silent: peak amplitude {peak:.2e}")
+    return (y / peak).astype(np.float32)

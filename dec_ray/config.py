@@ -1,0 +1,215 @@
+"""Typed configuration: the one place where defaults live.
+
+Every section is a dataclass whose defaults are the method's (DeepEmoCluster, official code).
+A config loads from YAML, takes ``--set section.key=value`` overrides, and is saved as YAML next
+to every run's output so that a run can be reproduced from its own folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+import yaml
+
+ATTRIBUTES = ("arousal", "valence", "dominance")
+
+
+@dataclass
+class FeatureConfig:
+    """Audio -> mel -> chunks, exactly as the official feat_extract.py / utils.py."""
+    sample_rate: int = 16000
+    n_fft: int = 512
+    hop_length: int = 256
+    n_mels: int = 128
+    chunk_frames: int = 62          # m: ~1 s at hop 256
+    num_chunks: int = 11            # C = ceil(Tmax / wc)
+    # Clips shorter than one chunk: "repeat" tiles the clip up to 62 frames, "reject" drops it.
+    short_clip_policy: str = "repeat"
+    min_duration_s: float = 0.25    # below this (after trimming nothing) a clip is rejected as too short
+    silence_peak: float = 1e-4      # peak amplitude below which a clip counts as silent
+    storage_dtype: str = "float16"  # dtype of the chunk tensor in Parquet (see README "Schema")
+
+
+@dataclass
+class IngestConfig:
+    files_per_batch: int = 8        # files per map_batches call
+    target_shard_mb: int = 256      # target size of one Parquet file
+    num_cpus_per_task: float = 1.0
+    max_label: float = 7.0          # labels outside [min_label, max_label] are rejected
+    min_label: float = 1.0
+
+
+@dataclass
+class ModelConfig:
+    name: str = "deepemocluster"    # deepemocluster | cnn | ae | vae
+    encoder: str = "compact"        # compact (official code's "vgg16") | vgg16 (paper: VGG-16 with BN)
+    width: float = 1.0              # channel multiplier; tests and the CPU demo use less
+    embed_dim: int = 256
+    hidden_dim: int = 256
+    dropout: float = 0.5
+    attributes: List[str] = field(default_factory=lambda: ["arousal"])
+    latent_beta: float = 1.0        # weight of the KL term (vae)
+
+
+@dataclass
+class ClusterConfig:
+    k: int = 10
+    niter: int = 20
+    mode: str = "separate"          # separate: unlabeled and labeled clustered apart (paper) | joint
+    reuse_embeddings: bool = False  # DeepCluster-v2: reuse last training pass's embeddings
+    pca_dim: int = 0                # 0: no PCA (as the official code)
+    l2_normalize: bool = False
+    max_points_per_centroid: int = 10_000_000
+    faiss_threads: int = 0          # 0: one per CPU this worker owns
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 50
+    batch_sentences: int = 64       # x num_chunks chunks per batch
+    lr: float = 1e-3                # SGD, encoder + classifier
+    momentum: float = 0.9
+    weight_decay: float = 1e-5
+    lr_regressor: float = 5e-4      # Adam, regressor
+    lr_top: float = 0.05            # fresh SGD for each new top layer
+    lambda_ce: float = 1.0          # CCC-loss + lambda * CE in stage (b)
+    patience: int = 10              # early stopping on dev loss; 0 disables
+    seed: int = 0
+    unlabeled_limit: int = -1       # use at most this many unlabeled sentences; -1: all, 0: none
+    amp: bool = True                # bf16/fp16 autocast on GPU only
+    freeze_regressor_in_unlabeled: bool = True
+    log_every: int = 0              # batches between progress lines; 0: epoch lines only
+
+
+@dataclass
+class ScaleConfig:
+    workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2
+    num_to_keep: int = 2            # checkpoints kept on storage
+
+
+@dataclass
+class TuneConfig:
+    samples: int = 8
+    scheduler: str = "asha"         # asha | none
+    search: str = "random"          # random | optuna
+    metric: str = "dev_loss"
+    mode: str = "min"
+    max_concurrent: int = 0         # 0: as many as resources allow
+    grace_period: int = 1
+
+
+@dataclass
+class Config:
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not match the schema."""
+
+
+def _build(cls, data: dict, where: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(fields)
+    if unknown:
+        raise ConfigError(f"unknown key(s) in {where or 'config'}: {sorted(unknown)}; "
+                          f"known: {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        sub = fields[name].default_factory if fields[name].default_factory is not dataclasses.MISSING else None
+        if sub is not None and dataclasses.is_dataclass(sub):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}{name} must be a mapping")
+            kwargs[name] = _build(sub, value, f"{where}{name}.")
+        else:
+            kwargs[name] = _coerce(value, fields[name], f"{where}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true/false, got {value!r}")
+        return value
+    if isinstance(default, float) and isinstance(value, int):
+        return float(value)
+    if isinstance(default, list):
+        return list(value) if isinstance(value, (list, tuple)) else [value]
+    if default is not None and not isinstance(value, type(default)):
+        raise ConfigError(f"{where} must be {type(default).__name__}, got {value!r}")
+    return value
+
+
+def apply_overrides(data: dict, overrides: Optional[List[str]]) -> dict:
+    """Apply ``section.key=value`` strings; values are parsed as YAML (0.5, true, [a, b])."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key}: {p} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> Config:
+    """Defaults <- YAML file <- overrides. Unknown keys and wrong types are errors."""
+    data: dict = {}
+    if path:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    data = apply_overrides(data, overrides)
+    cfg = _build(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    cfg = _build(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    choices = {
+        "features.short_clip_policy": (cfg.features.short_clip_policy, ("repeat", "reject")),
+        "features.storage_dtype": (cfg.features.storage_dtype, ("float16", "float32")),
+        "model.name": (cfg.model.name, ("deepemocluster", "cnn", "ae", "vae")),
+        "model.encoder": (cfg.model.encoder, ("compact", "vgg16")),
+        "cluster.mode": (cfg.cluster.mode, ("separate", "joint")),
+        "tune.scheduler": (cfg.tune.scheduler, ("asha", "none")),
+        "tune.search": (cfg.tune.search, ("random", "optuna")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r}; choose one of {allowed}")
+    bad = [a for a in cfg.model.attributes if a not in ATTRIBUTES]
+    if bad or not cfg.model.attributes:
+        raise ConfigError(f"model.attributes={cfg.model.attributes}; choose from {ATTRIBUTES}")
+    if cfg.cluster.k < 2:
+        raise ConfigError("cluster.k must be >= 2")

@@ -1,0 +1,148 @@
+"""Corpus readers: the MSP-Podcast layout (any release), a generic manifest CSV, unlabeled audio.
+
+A reader returns the usable items and a list of rejects (path, reason) - a bad row never stops
+the others. Structural problems (no labels file, a missing column) raise CorpusError at once,
+before any work starts.
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import math
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
+# Split names across MSP-Podcast releases and common manifests -> our four datasets.
+SPLIT_ALIASES: Dict[str, str] = {
+    "train": "train", "development": "dev", "validation": "dev", "dev": "dev", "valid": "dev",
+    "test1": "test", "test": "test", "unlabeled": "unlabeled",
+}
+SPLITS = ("train", "dev", "test", "unlabeled")
+MSP_COLUMNS = ("FileName", "EmoAct", "EmoVal", "EmoDom", "Split_Set")
+MANIFEST_COLUMNS = ("path", "arousal", "valence", "dominance", "split")
+
+
+class CorpusError(ValueError):
+    """The corpus cannot be read at all (layout or columns); nothing has been processed."""
+
+
+@dataclass
+class Item:
+    path: str
+    split: str                    # train | dev | test | unlabeled
+    segment_id: str
+    speaker: str = ""
+    arousal: float = math.nan
+    valence: float = math.nan
+    dominance: float = math.nan
+
+
+@dataclass
+class Reject:
+    path: str
+    reason: str
+
+
+def _float(x: str) -> float:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def check_labels(item: Item, low: float = 1.0, high: float = 7.0) -> Optional[str]:
+    """Why a labeled item's attributes are unusable, or None."""
+    for name in ("arousal", "valence", "dominance"):
+        v = getattr(item, name)
+        if math.isnan(v):
+            return f"label {name} is missing or NaN"
+        if not low <= v <= high:
+            return f"label {name}={v} outside [{low}, {high}]"
+    return None
+
+
+def _read_csv(path: str, required: Sequence[str]) -> List[dict]:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in required if c not in (reader.fieldnames or [])]
+        if missing:
+            raise CorpusError(f"{path}: missing column(s) {missing}; found {reader.fieldnames}")
+        return list(reader)
+
+
+def _finish(items: List[Item], rejects: List[Reject], low: float, high: float,
+            ) -> Tuple[List[Item], List[Reject]]:
+    good = []
+    for it in items:
+        why = None if it.split == "unlabeled" else check_labels(it, low, high)
+        if why is None and not os.path.isfile(it.path):
+            why = "missing file"
+        if why:
+            rejects.append(Reject(it.path, why))
+        else:
+            good.append(it)
+    return good, rejects
+
+
+def read_msp_podcast(root: str, low: float = 1.0, high: float = 7.0) -> Tuple[List[Item], List[Reject]]:
+    """MSP-Podcast: Audios/ or Audio/, Labels/labels_consensus.csv (or the older 'concensus')."""
+    audio_dir = next((os.path.join(root, d) for d in ("Audios", "Audio")
+                      if os.path.isdir(os.path.join(root, d))), None)
+    if audio_dir is None:
+        raise CorpusError(f"{root}: no Audios/ or Audio/ folder (MSP-Podcast layout)")
+    labels = next((os.path.join(root, "Labels", n) for n in ("labels_consensus.csv", "labels_concensus.csv")
+                   if os.path.isfile(os.path.join(root, "Labels", n))), None)
+    if labels is None:
+        raise CorpusError(f"{root}: no Labels/labels_consensus.csv (or labels_concensus.csv)")
+    items, rejects = [], []
+    for row in _read_csv(labels, MSP_COLUMNS):
+        path = os.path.join(audio_dir, row["FileName"])
+        split = SPLIT_ALIASES.get(row["Split_Set"].strip().lower())
+        if split is None or split == "unlabeled":
+            rejects.append(Reject(path, f"unknown split name {row['Split_Set']!r}"))
+            continue
+        items.append(Item(path, split, os.path.splitext(row["FileName"])[0], row.get("SpkrID", "") or "",
+                          _float(row["EmoAct"]), _float(row["EmoVal"]), _float(row["EmoDom"])))
+    return _finish(items, rejects, low, high)
+
+
+def read_manifest(path: str, low: float = 1.0, high: float = 7.0) -> Tuple[List[Item], List[Reject]]:
+    """Generic CSV: path, arousal, valence, dominance, split[, speaker]; paths relative to the CSV."""
+    base = os.path.dirname(os.path.abspath(path))
+    items, rejects = [], []
+    for row in _read_csv(path, MANIFEST_COLUMNS):
+        p = row["path"] if os.path.isabs(row["path"]) else os.path.join(base, row["path"])
+        split = SPLIT_ALIASES.get(row["split"].strip().lower())
+        if split is None:
+            rejects.append(Reject(p, f"unknown split name {row['split']!r}"))
+            continue
+        items.append(Item(p, split, os.path.splitext(os.path.basename(p))[0], row.get("speaker", "") or "",
+                          _float(row["arousal"]), _float(row["valence"]), _float(row["dominance"])))
+    return _finish(items, rejects, low, high)
+
+
+def read_corpus(spec: str, low: float = 1.0, high: float = 7.0) -> Tuple[List[Item], List[Reject]]:
+    """A folder in the MSP-Podcast layout, or a manifest .csv file."""
+    if os.path.isdir(spec):
+        return read_msp_podcast(spec, low, high)
+    if spec.endswith(".csv") and os.path.isfile(spec):
+        return read_manifest(spec, low, high)
+    raise CorpusError(f"{spec}: neither an MSP-Podcast folder nor a manifest .csv")
+
+
+def list_unlabeled(specs: Sequence[str]) -> List[Item]:
+    """Audio files from folders (searched recursively) or glob patterns, sorted, de-duplicated."""
+    paths = set()
+    for spec in specs:
+        if os.path.isdir(spec):
+            for ext in AUDIO_EXTENSIONS:
+                paths.update(glob.glob(os.path.join(spec, "**", "*" + ext), recursive=True))
+        else:
+            matched = glob.glob(spec, recursive=True)
+            if not matched:
+                raise CorpusError(f"unlabeled audio {spec!r}: no folder or file matches")
+            paths.update(p for p in matched if p.lower().endswith(AUDIO_EXTENSIONS))
+    return [Item(os.path.abspath(p), "unlabeled", os.path.splitext(os.path.basename(p))[0])
+            for p in sorted(paths)]

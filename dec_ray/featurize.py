@@ -1,0 +1,104 @@
+"""One file -> one table row; a list of files -> one Parquet part. Plain Python, no Ray.
+
+The Parquet part is the unit of parallelism and of resumption: it is written to a temporary
+name and renamed, and its sidecar JSON (row count, rejects) is written last. A part whose sidecar
+exists is complete; anything else is redone.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dec_ray.audio import AudioError, load_audio
+from dec_ray.config import FeatureConfig
+from dec_ray.features import ShortClipError, make_chunks, mel_spectrogram
+from dec_ray.normalization import FrameSums
+
+FLOAT16_MAX = 65504.0
+
+
+def featurize_file(path: str, fc: FeatureConfig) -> Dict:
+    """Raw (un-normalised) chunks and frame statistics of one file. Raises AudioError/ShortClipError."""
+    y = load_audio(path, fc.sample_rate, fc.silence_peak, fc.min_duration_s)
+    mel = mel_spectrogram(y, fc.sample_rate, fc.n_fft, fc.hop_length, fc.n_mels)
+    chunks = make_chunks(mel, fc.chunk_frames, fc.num_chunks, fc.short_clip_policy)
+    sums = FrameSums.of(mel)
+    return {"chunks": chunks, "num_frames": mel.shape[0], "duration": len(y) / fc.sample_rate,
+            "frame_sum": sums.s, "frame_sumsq": sums.ss}
+
+
+def table_schema(fc: FeatureConfig) -> pa.Schema:
+    value = pa.float16() if fc.storage_dtype == "float16" else pa.float32()
+    return pa.schema([
+        ("row_id", pa.int64()), ("segment_id", pa.string()), ("split", pa.string()),
+        ("speaker", pa.string()), ("path", pa.string()), ("duration", pa.float32()),
+        ("num_frames", pa.int32()),
+        ("arousal", pa.float32()), ("valence", pa.float32()), ("dominance", pa.float32()),
+        ("chunks", pa.fixed_shape_tensor(value, (fc.num_chunks, fc.chunk_frames, fc.n_mels))),
+        ("frame_sum", pa.list_(pa.float64(), fc.n_mels)),
+        ("frame_sumsq", pa.list_(pa.float64(), fc.n_mels)),
+    ])
+
+
+def _tensor_column(chunks: np.ndarray, typ: pa.DataType) -> pa.Array:
+    flat = pa.array(chunks.reshape(-1), type=typ.value_type)
+    size = int(np.prod(typ.shape))
+    return pa.ExtensionArray.from_storage(typ, pa.FixedSizeListArray.from_arrays(flat, size))
+
+
+def _hidden_tmp(path: str) -> str:
+    """A temporary name that Parquet readers skip (leading dot)."""
+    d, name = os.path.split(path)
+    return os.path.join(d, "." + name + ".tmp")
+
+
+def write_part(items: List[Dict], part_path: str, sidecar_path: str, fc: FeatureConfig) -> Dict:
+    """Featurise ``items`` (dicts with row_id, segment_id, split, speaker, path, labels) into one
+    Parquet file at ``part_path``; write and return the sidecar (rows, rejects) last."""
+    schema = table_schema(fc)
+    np_dtype = np.float16 if fc.storage_dtype == "float16" else np.float32
+    cols: Dict[str, list] = {name: [] for name in schema.names}
+    chunk_list, rejects, overflow = [], [], 0
+    for it in items:
+        try:
+            f = featurize_file(it["path"], fc)
+        except (AudioError, ShortClipError) as e:
+            rejects.append({"path": it["path"], "split": it["split"], "reason": str(e)})
+            continue
+        except Exception as e:  # anything else a decoder may throw: reject, never crash the part
+            rejects.append({"path": it["path"], "split": it["split"],
+                            "reason": f"unreadable: {type(e).__name__}: {str(e)[:160]}"})
+            continue
+        c = f["chunks"]
+        if np_dtype == np.float16:
+            overflow += int((c > FLOAT16_MAX).sum())
+            c = np.minimum(c, FLOAT16_MAX)
+        chunk_list.append(c.astype(np_dtype))
+        for k in ("row_id", "segment_id", "split", "speaker", "path", "arousal", "valence", "dominance"):
+            cols[k].append(it.get(k))
+        cols["duration"].append(f["duration"])
+        cols["num_frames"].append(f["num_frames"])
+        cols["frame_sum"].append(f["frame_sum"])
+        cols["frame_sumsq"].append(f["frame_sumsq"])
+    if chunk_list:
+        arrays = []
+        for field in schema:
+            if field.name == "chunks":
+                arrays.append(_tensor_column(np.stack(chunk_list), field.type))
+            else:
+                arrays.append(pa.array(cols[field.name], type=field.type))
+        table = pa.Table.from_arrays(arrays, schema=schema)
+        tmp = _hidden_tmp(part_path)
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, part_path)
+    sidecar = {"rows": len(chunk_list), "rejects": rejects, "float16_overflow": overflow}
+    tmp = _hidden_tmp(sidecar_path)
+    with open(tmp, "w") as fh:
+        json.dump(sidecar, fh)
+    os.replace(tmp, sidecar_path)
+    return sidecar
