@@ -3,6 +3,7 @@ rejects or failures worth a look, 2 = bad usage or input that stopped the job be
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import List, Optional
 
@@ -34,6 +35,25 @@ def cmd_ingest(args) -> int:
     return 1 if summary.rejects else 0
 
 
+def cmd_train(args) -> int:
+    from dec_ray.config import load_config
+    from dec_ray.trainer import run_training
+    overrides = list(args.overrides)
+    for flag, key in (("workers", "scale.workers"), ("epochs", "train.epochs"), ("model", "model.name")):
+        if getattr(args, flag) is not None:
+            overrides.append(f"{key}={getattr(args, flag)}")
+    if args.gpu:
+        overrides.append("scale.use_gpu=true")
+    if args.resume:
+        summary = run_training(None, args.resume, resume=True)
+    else:
+        if not args.tables or not args.out:
+            raise ValueError("--tables and --out are required (or --resume RUN)")
+        summary = run_training(args.tables, args.out, load_config(args.config, overrides))
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dec-ray", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -53,6 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unlabeled", nargs="*", help="folders or globs of unlabeled audio")
     _add_config_args(p)
     p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("train", help="train DeepEmoCluster or a baseline with Ray Train")
+    p.add_argument("--tables", help="output folder of `dec-ray ingest`")
+    p.add_argument("--out", help="run folder (checkpoints, metrics, result.json)")
+    p.add_argument("--resume", metavar="RUN", help="resume an interrupted run from its folder")
+    p.add_argument("--workers", type=int)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--model", choices=["deepemocluster", "cnn", "ae", "vae"])
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL, mixed precision)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_train)
     return parser
 
 

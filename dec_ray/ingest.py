@@ -30,6 +30,7 @@ from dec_ray.config import Config, FeatureConfig
 from dec_ray.corpus import SPLITS, Item, Reject, list_unlabeled, read_corpus
 from dec_ray.featurize import write_part
 from dec_ray.normalization import Stats
+from dec_ray.raycluster import ensure_ray
 
 # Bytes of one sentence row: C * m * n_mels values (+ ~2 KB of frame sums and metadata).
 ROW_OVERHEAD_BYTES = 2200
@@ -133,8 +134,6 @@ def compute_stats(out: str, fc: FeatureConfig) -> Stats:
 
 def run_ingest(corpus: Optional[str], out: str, cfg: Config, unlabeled: Sequence[str] = ()) -> IngestSummary:
     """Plan (or reuse the plan), write missing parts, then stats, rejects and the success marker."""
-    import ray
-
     os.makedirs(out, exist_ok=True)
     plan_path = os.path.join(out, "plan.json")
     feat_path = os.path.join(out, "features.yaml")
@@ -169,8 +168,7 @@ def run_ingest(corpus: Optional[str], out: str, cfg: Config, unlabeled: Sequence
     done = len(plan["parts"]) - len(todo)
     print(f"ingest: {len(plan['parts'])} parts, {done} already done, {len(todo)} to write")
     if todo:
-        if not ray.is_initialized():
-            ray.init()
+        ensure_ray()
         _run_parts(todo, out, cfg)
 
     rows: Dict[str, int] = {s: 0 for s in SPLITS}

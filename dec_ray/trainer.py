@@ -1,0 +1,286 @@
+"""Ray Train layer: a TorchTrainer whose workers load their shards and run dec_ray.training.
+
+RUN/ holds: config.yaml, stats.json, ray/ (Ray Train storage: checkpoints, per-epoch results),
+metrics.jsonl, tensorboard/, model.pt (best weights + config + stats), test_predictions.parquet
+and result.json (best epoch, dev and test CCC per attribute, de-normalised labels).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from typing import Dict, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import torch
+
+from dec_ray.config import ATTRIBUTES, Config, config_from_dict, load_config
+from dec_ray.ingest import is_complete, split_files
+from dec_ray.normalization import Stats
+from dec_ray.raycluster import ensure_ray
+from dec_ray.training import Learner, Pool, is_better, run_epoch
+
+DATASETS = ("train", "unlabeled")          # streamed through Ray Data, split between workers
+EVAL_SPLITS = ("dev", "test")              # read by each worker, its stride only
+COLUMNS = ["row_id", "chunks", *ATTRIBUTES]
+STATE_FILE = "state.pt"
+KILL_ENV = "DEC_RAY_TEST_KILL_AT_EPOCH"   # tests: kill the last worker process once, mid-epoch
+
+
+def _pool_from_batches(batches, cfg: Config, stats: Stats) -> Pool:
+    chunks, labels, ids = [], [], []
+    for b in batches:
+        chunks.append(b["chunks"])
+        y = np.stack([np.asarray(b[a], dtype=np.float32) for a in cfg.model.attributes], axis=1)
+        labels.append(stats.normalize_labels(y, cfg.model.attributes) if np.isfinite(y).all() else y)
+        ids.append(np.asarray(b["row_id"]))
+    if not ids:
+        f = cfg.features
+        return Pool(np.zeros((0, f.num_chunks, f.chunk_frames, f.n_mels), np.float16),
+                    np.zeros((0, len(cfg.model.attributes)), np.float32), np.zeros(0, np.int64))
+    return Pool(np.concatenate(chunks), np.concatenate(labels).astype(np.float32), np.concatenate(ids))
+
+
+def load_pool(shard, cfg: Config, stats: Stats) -> Optional[Pool]:
+    """Stream this worker's Ray Data shard once into memory (see README: memory per worker)."""
+    if shard is None:
+        return None
+    return _pool_from_batches(shard.iter_batches(batch_size=256, batch_format="numpy"), cfg, stats)
+
+
+def load_eval_pool(files, cfg: Config, stats: Stats, rank: int, world_size: int) -> Optional[Pool]:
+    """This worker's stride (row i with i % world == rank) of an evaluation split, read with
+    pyarrow: every sentence is scored exactly once, and no worker holds the whole split."""
+    if not files:
+        return None
+    ds = pads.dataset(files, format="parquet")
+    ids = np.sort(ds.to_table(columns=["row_id"])["row_id"].to_numpy())
+    mine = ids[rank::world_size]
+    table = ds.to_table(columns=COLUMNS, filter=pc.field("row_id").isin(pa.array(mine)))
+    table = table.sort_by("row_id")
+
+    def batches():
+        for b in table.to_batches(max_chunksize=256):
+            d = {c: b.column(c) for c in COLUMNS}
+            d["chunks"] = d["chunks"].to_numpy_ndarray()
+            for c in COLUMNS:
+                if c != "chunks":
+                    d[c] = d[c].to_numpy(zero_copy_only=False)
+            yield d
+    return _pool_from_batches(batches(), cfg, stats)
+
+
+class MetricsLog:
+    """Rank 0's per-epoch line, metrics.jsonl and TensorBoard scalars."""
+
+    def __init__(self, out: str):
+        from torch.utils.tensorboard import SummaryWriter
+        self.jsonl = open(os.path.join(out, "metrics.jsonl"), "a")
+        self.tb = SummaryWriter(os.path.join(out, "tensorboard"))
+
+    def write(self, m: Dict) -> None:
+        self.jsonl.write(json.dumps(m) + "\n")
+        self.jsonl.flush()
+        for k, v in m.items():
+            if isinstance(v, (int, float)) and k != "epoch":
+                self.tb.add_scalar(k, v, m["epoch"])
+        self.tb.flush()
+        ccc = " ".join(f"{k[8:]}={v:.3f}" for k, v in m.items() if k.startswith("dev_ccc_"))
+        print(f"[dec-ray] epoch {m['epoch']:3d}  dev_loss={m['dev_loss']:.4f}  dev CCC {ccc}  "
+              f"best={m['best_dev_loss']:.4f}@{m['best_epoch']}  {m['epoch_time_s']:.1f}s", flush=True)
+
+
+def _save_checkpoint(payload: dict, extra_files: Optional[Dict[str, pa.Table]] = None):
+    """A Ray Checkpoint from a fresh temp dir; the state file is written then renamed (atomic)."""
+    from ray.train import Checkpoint
+    d = tempfile.mkdtemp(prefix="dec_ray_ckpt_")
+    torch.save(payload, os.path.join(d, STATE_FILE + ".tmp"))
+    os.replace(os.path.join(d, STATE_FILE + ".tmp"), os.path.join(d, STATE_FILE))
+    for name, table in (extra_files or {}).items():
+        pq.write_table(table, os.path.join(d, name))
+    return Checkpoint.from_directory(d)
+
+
+def _predictions_table(ev: Dict, attrs) -> pa.Table:
+    cols = {"row_id": pa.array(ev["row_ids"])}
+    for j, a in enumerate(attrs):
+        cols[f"pred_{a}"] = pa.array(ev["pred"][:, j].astype(np.float32))
+        cols[f"gold_{a}"] = pa.array(ev["gold"][:, j].astype(np.float32))
+    return pa.table(cols)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.data
+    import ray.train
+    import ray.train.torch
+
+    cfg = config_from_dict(config["cfg"])
+    stats = Stats(**config["stats"])
+    out = config["out"]
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    torch.manual_seed(cfg.train.seed)
+    torch.set_num_threads(max(1, int(cfg.scale.cpus_per_worker)))
+    if cfg.cluster.faiss_threads == 0:
+        cfg.cluster.faiss_threads = max(1, int(cfg.scale.cpus_per_worker))
+    device = ray.train.torch.get_device()
+    ray.data.DataContext.get_current().enable_progress_bars = False   # one progress line per epoch instead
+    pools = {n: load_pool(ray.train.get_dataset_shard(n), cfg, stats) for n in config["datasets"]}
+    for n in EVAL_SPLITS:
+        pools[n] = load_eval_pool(config["eval_files"].get(n), cfg, stats, rank, ctx.get_world_size())
+    learner = Learner(cfg, stats, device, wrap=ray.train.torch.prepare_model)
+
+    start, best_loss, best_epoch, bad, best_model = 0, float("inf"), -1, 0, learner.model_copy()
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            st = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+        learner.load_state(st["learner"])
+        start, best_loss, best_epoch, bad = st["epoch"] + 1, st["best_loss"], st["best_epoch"], st["bad_epochs"]
+        best_model = st["best_model"]
+        if rank == 0:
+            print(f"[dec-ray] resumed from checkpoint after epoch {st['epoch']}", flush=True)
+    log = MetricsLog(out) if rank == 0 else None
+    kill_at = int(os.environ.get(KILL_ENV, "-1"))
+    marker = os.path.join(out, ".test_killed")
+
+    epoch = start - 1
+    for epoch in range(start, cfg.train.epochs):
+        t0 = time.time()
+        logs = run_epoch(learner, epoch, pools["train"], pools.get("unlabeled"))
+        if epoch == kill_at and rank == ctx.get_world_size() - 1 and not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(1)                                   # a worker process dies mid-epoch
+        ev = learner.evaluate(pools["dev"], "dev")["metrics"]
+        if is_better(ev["dev_loss"], best_loss):
+            best_loss, best_epoch, bad, best_model = ev["dev_loss"], epoch, 0, learner.model_copy()
+        else:
+            bad += 1
+        stop = cfg.train.patience > 0 and bad >= cfg.train.patience
+        metrics = {"epoch": epoch, **logs, **ev, "best_dev_loss": best_loss, "best_epoch": best_epoch,
+                   "epoch_time_s": time.time() - t0, "done": 0}
+        checkpoint = None
+        if rank == 0:
+            checkpoint = _save_checkpoint({"learner": learner.state(), "epoch": epoch, "best_loss": best_loss,
+                                           "best_epoch": best_epoch, "bad_epochs": bad, "best_model": best_model})
+            log.write(metrics)
+        ray.train.report(metrics, checkpoint=checkpoint)
+        if stop:
+            if rank == 0:
+                print(f"[dec-ray] early stop: no dev improvement for {bad} epochs", flush=True)
+            break
+
+    # Final: best weights on dev and test; the last report carries them (done=1).
+    learner.net.load_state_dict(best_model)
+    final = {"epoch": max(epoch, 0), "best_epoch": best_epoch, "best_dev_loss": best_loss, "done": 1}
+    dev = learner.evaluate(pools["dev"], "dev")
+    final.update(dev["metrics"])
+    tables = {"dev_predictions.parquet": _predictions_table(dev, cfg.model.attributes)}
+    if pools.get("test") is not None and len(pools["test"].row_ids):
+        test = learner.evaluate(pools["test"], "test")
+        final.update(test["metrics"])
+        tables["test_predictions.parquet"] = _predictions_table(test, cfg.model.attributes)
+    checkpoint = None
+    if rank == 0:
+        checkpoint = _save_checkpoint({"learner": learner.state(), "epoch": max(epoch, 0), "best_loss": best_loss,
+                                       "best_epoch": best_epoch, "bad_epochs": bad, "best_model": best_model,
+                                       "finished": True}, tables)
+    ray.train.report(final, checkpoint=checkpoint)
+
+
+def build_trainer(tables: str, out: str, cfg: Config, stats: Stats, name: str = "train",
+                  extra_callbacks=None):
+    """The TorchTrainer for one run; also used by the tuner inside each trial."""
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    datasets = {}
+    eval_files = {s: split_files(tables, s) for s in EVAL_SPLITS}
+    for split in ("train", "dev"):
+        if not split_files(tables, split):
+            raise ValueError(f"{tables}: the {split} split is empty; training needs train and dev")
+    for split in DATASETS:
+        files = split_files(tables, split)
+        if not files:
+            continue
+        ds = ray.data.read_parquet(files, columns=COLUMNS)
+        if split == "unlabeled":
+            if cfg.train.unlabeled_limit == 0 or cfg.model.name == "cnn":
+                continue
+            if cfg.train.unlabeled_limit > 0:
+                ds = ds.limit(cfg.train.unlabeled_limit)
+        datasets[split] = ds
+    s = cfg.scale
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "stats": asdict(stats), "out": out,
+                           "datasets": sorted(datasets), "eval_files": eval_files},
+        scaling_config=ScalingConfig(num_workers=s.workers, use_gpu=s.use_gpu,
+                                     resources_per_worker={"CPU": s.cpus_per_worker}),
+        run_config=RunConfig(name=name, storage_path=os.path.join(out, "ray"),
+                             checkpoint_config=CheckpointConfig(num_to_keep=s.num_to_keep),
+                             failure_config=FailureConfig(max_failures=s.max_failures),
+                             callbacks=extra_callbacks),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split="all"),
+    )
+
+
+def finalize(out: str, cfg: Config, stats: Stats, result) -> dict:
+    """model.pt, predictions and result.json from the run's last checkpoint."""
+    ckpt = result.checkpoint
+    if ckpt is None:
+        raise RuntimeError("training finished without a checkpoint")
+    with ckpt.as_directory() as d:
+        st = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+        for f in ("dev_predictions.parquet", "test_predictions.parquet"):
+            if os.path.exists(os.path.join(d, f)):
+                shutil.copy(os.path.join(d, f), os.path.join(out, f))
+    torch.save({"config": cfg.to_dict(), "stats": asdict(stats), "model": st["best_model"]},
+               os.path.join(out, "model.pt"))
+    m = result.metrics or {}
+    attrs = cfg.model.attributes
+    summary = {
+        "model": cfg.model.name, "attributes": attrs, "best_epoch": st["best_epoch"],
+        "epochs_run": st["epoch"] + 1, "best_dev_loss": st["best_loss"],
+        "dev_ccc": {a: m.get(f"dev_ccc_{a}") for a in attrs},
+        "test_ccc": {a: m.get(f"test_ccc_{a}") for a in attrs},
+        "model_path": os.path.join(out, "model.pt"),
+        "checkpoint": ckpt.path,
+    }
+    with open(os.path.join(out, "result.json.tmp"), "w") as f:
+        json.dump(summary, f, indent=1)
+    os.replace(os.path.join(out, "result.json.tmp"), os.path.join(out, "result.json"))
+    return summary
+
+
+def run_training(tables: str, out: str, cfg: Optional[Config] = None, resume: bool = False) -> dict:
+    """Train one model end to end; returns the content of RUN/result.json."""
+    out = os.path.abspath(out)
+    if resume:
+        if not os.path.exists(os.path.join(out, "config.yaml")):
+            raise ValueError(f"{out}: nothing to resume (no config.yaml)")
+        cfg = load_config(os.path.join(out, "config.yaml"))
+        with open(os.path.join(out, "tables.txt")) as f:
+            tables = f.read().strip()
+    elif os.path.exists(os.path.join(out, "ray")):
+        raise ValueError(f"{out} already holds a run; use --resume {out} or a new folder")
+    if not is_complete(tables):
+        raise ValueError(f"{tables}: not a finished ingest (no _SUCCESS); run `dec-ray ingest` first")
+    stats = Stats.load(os.path.join(tables, "stats.json"))
+    os.makedirs(out, exist_ok=True)
+    cfg.save(os.path.join(out, "config.yaml"))
+    stats.save(os.path.join(out, "stats.json"))
+    with open(os.path.join(out, "tables.txt"), "w") as f:
+        f.write(os.path.abspath(tables))
+    ensure_ray(cfg.scale.workers * cfg.scale.cpus_per_worker)
+    result = build_trainer(os.path.abspath(tables), out, cfg, stats).fit()
+    return finalize(out, cfg, stats, result)

@@ -1,0 +1,292 @@
+"""The DeepEmoCluster epoch and its baselines, in torch (+ torch.distributed). No Ray here.
+
+A worker holds its shard of each dataset as a ``Pool`` of sentences (raw float16 chunks + labels)
+and trains on chunks: chunk index i is sentence i // C, chunk i % C, so pseudo-labels, sampler
+draws and the embedding memory bank are all plain arrays indexed by chunk and stay aligned
+however the sampler shuffles.
+
+Epoch (deepemocluster, cluster.mode=separate):
+  (a) embed the unlabeled pool (eval mode) -> distributed K-means -> fresh top layer ->
+      uniform-over-clusters sample -> cross-entropy; the regressor is frozen (no gradient, no step)
+  (b) the same on the labeled Train pool, then CCC-loss + lambda * CE through the whole model
+  (c) validation on dev: chunk-level CCC loss and sentence-level CCC
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dec_ray.clustering import kmeans
+from dec_ray.config import Config
+from dec_ray.losses import ccc, ccc_loss, sentence_means, vae_kl
+from dec_ray.models import model_from_config
+from dec_ray.normalization import Stats
+from dec_ray.sampler import uniform_cluster_indices
+
+
+@dataclass
+class Pool:
+    """One worker's sentences of one dataset, kept in memory as stored (float16 raw mel)."""
+    chunks: np.ndarray          # (n, C, m, F)
+    labels: np.ndarray          # (n, A) z-scored; NaN for unlabeled
+    row_ids: np.ndarray         # (n,) global ids from ingest
+
+    @property
+    def n_chunks(self) -> int:
+        return self.chunks.shape[0] * self.chunks.shape[1]
+
+    @property
+    def labeled(self) -> bool:
+        return len(self.labels) > 0 and bool(np.isfinite(self.labels).all())
+
+    def chunk_inputs(self, idx: np.ndarray, stats: Stats) -> np.ndarray:
+        c = self.chunks.shape[1]
+        return stats.normalize_features(self.chunks[idx // c, idx % c])
+
+    def chunk_labels(self, idx: np.ndarray) -> np.ndarray:
+        return self.labels[idx // self.chunks.shape[1]]
+
+    @staticmethod
+    def concat(pools: List["Pool"]) -> "Pool":
+        pools = [p for p in pools if p is not None and len(p.row_ids)]
+        return Pool(np.concatenate([p.chunks for p in pools]), np.concatenate([p.labels for p in pools]),
+                    np.concatenate([p.row_ids for p in pools]))
+
+
+def world() -> tuple:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _min_over_ranks(n: int) -> int:
+    if world()[1] == 1:
+        return n
+    t = torch.tensor([n], dtype=torch.int64, device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def _comm_device() -> torch.device:
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def gather_objects(obj):
+    """All ranks' objects, in rank order (just [obj] without a process group)."""
+    rank, size = world()
+    if size == 1:
+        return [obj]
+    out = [None] * size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class Learner:
+    """Model, optimisers and the stage routines, identical on every rank."""
+
+    def __init__(self, cfg: Config, stats: Stats, device: torch.device, wrap=None):
+        self.cfg, self.stats, self.device = cfg, stats, device
+        self.net = model_from_config(cfg).to(device)
+        self.model = wrap(self.net) if wrap else self.net      # DDP wrapper under Ray Train
+        t = cfg.train
+        reg = list(self.net.regressor.parameters())
+        reg_ids = {id(p) for p in reg}
+        top_ids = {id(p) for p in self.net.top.parameters()} if self.clusters else set()
+        body = [p for p in self.net.parameters() if id(p) not in reg_ids | top_ids]
+        self.sgd = torch.optim.SGD(body, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        self.adam = torch.optim.Adam(reg, lr=t.lr_regressor)
+        self.top_opt: Optional[torch.optim.Optimizer] = None
+        self.banks: Dict[str, np.ndarray] = {}
+        self.batch_chunks = t.batch_sentences * cfg.features.num_chunks
+        self.amp = t.amp and device.type == "cuda"
+
+    @property
+    def clusters(self) -> bool:
+        return self.cfg.model.name == "deepemocluster"
+
+    def _forward(self, x: np.ndarray, model: nn.Module) -> Dict[str, torch.Tensor]:
+        xt = torch.from_numpy(x).to(self.device, non_blocking=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+            return model(xt)
+
+    # --- clustering ---
+    @torch.no_grad()
+    def embed(self, pool: Pool) -> np.ndarray:
+        """Chunk-level embeddings of the whole pool in eval mode (the feature loader never shuffles)."""
+        self.net.eval()
+        out = []
+        for s in range(0, pool.n_chunks, self.batch_chunks):
+            idx = np.arange(s, min(s + self.batch_chunks, pool.n_chunks))
+            out.append(self._forward(pool.chunk_inputs(idx, self.stats), self.net)["embedding"].float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.cfg.model.hidden_dim), np.float32)
+
+    def pseudo_labels(self, name: str, pool: Pool, seed: int):
+        """Embeddings (fresh pass, or the memory bank) -> K-means -> per-chunk pseudo-labels."""
+        c = self.cfg.cluster
+        emb = self.banks.get(name) if c.reuse_embeddings else None
+        if emb is None:
+            emb = self.embed(pool)
+        res = kmeans(emb, c.k, niter=c.niter, seed=seed, pca_dim=c.pca_dim, l2=c.l2_normalize,
+                     use_gpu=self.device.type == "cuda", threads=c.faiss_threads)
+        self.banks[name] = emb
+        return res
+
+    def reset_top(self, seed: int) -> None:
+        """Fresh top layer (same on all ranks) and a fresh SGD for it."""
+        self.net.reset_top(torch.Generator().manual_seed(seed))
+        self.top_opt = torch.optim.SGD(self.net.top.parameters(), lr=self.cfg.train.lr_top)
+
+    # --- one pass over sampled chunks ---
+    def train_stage(self, pool: Pool, indices: np.ndarray, pseudo: Optional[np.ndarray] = None,
+                    supervised: bool = False, bank: Optional[str] = None) -> Dict[str, float]:
+        """Train on ``indices`` (chunk ids of this pool). CE on ``pseudo`` when given; CCC when
+        ``supervised``; reconstruction for ae/vae. The regressor steps only when supervised."""
+        self.model.train()
+        t = self.cfg.train
+        n_batches = _min_over_ranks(len(indices) // self.batch_chunks if len(indices) >= self.batch_chunks
+                                    else int(len(indices) > 0))
+        sums: Dict[str, float] = {}
+        for b in range(n_batches):
+            idx = indices[b * self.batch_chunks:(b + 1) * self.batch_chunks]
+            x = pool.chunk_inputs(idx, self.stats)
+            out = self._forward(x, self.model)
+            parts: Dict[str, torch.Tensor] = {}
+            if pseudo is not None:
+                target = torch.from_numpy(pseudo[idx]).to(self.device)
+                ce = nn.functional.cross_entropy(out["logits"].float(), target)
+                parts["ce"] = ce * (t.lambda_ce if supervised else 1.0)
+            if supervised:
+                y = torch.from_numpy(pool.chunk_labels(idx)).to(self.device)
+                parts["ccc"] = ccc_loss(out["pred"], y)
+            if "recon" in out:
+                rec = nn.functional.mse_loss(out["recon"].float(), torch.from_numpy(x).to(self.device))
+                if "mu" in out:
+                    rec = rec + self.cfg.model.latent_beta * vae_kl(out["mu"].float(), out["logvar"].float())
+                parts["recon"] = rec * (t.lambda_ce if supervised else 1.0)
+            loss = sum(parts.values())
+            if not supervised:
+                # stage (a): the regressor gets no gradient (frozen); DDP needs every parameter
+                # to take part in the graph, so it joins with weight zero.
+                loss = loss + 0.0 * out["pred"].sum()
+            self.sgd.zero_grad(set_to_none=True)
+            self.adam.zero_grad(set_to_none=True)
+            if self.top_opt is not None:
+                self.top_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.sgd.step()
+            if pseudo is not None and self.top_opt is not None:
+                self.top_opt.step()
+            if supervised or not t.freeze_regressor_in_unlabeled:
+                self.adam.step()
+            if bank and bank in self.banks:
+                self.banks[bank][idx] = out["embedding"].detach().float().cpu().numpy()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+        return {k: v / max(n_batches, 1) for k, v in sums.items()}
+
+    # --- evaluation ---
+    @torch.no_grad()
+    def predict(self, pool: Pool) -> Dict[str, np.ndarray]:
+        """Chunk predictions (n*C, A) of the pool in eval mode, z-scored scale."""
+        self.net.eval()
+        preds = []
+        for s in range(0, pool.n_chunks, self.batch_chunks):
+            idx = np.arange(s, min(s + self.batch_chunks, pool.n_chunks))
+            preds.append(self._forward(pool.chunk_inputs(idx, self.stats), self.net)["pred"].float().cpu().numpy())
+        a = len(self.cfg.model.attributes)
+        return np.concatenate(preds) if preds else np.zeros((0, a), np.float32)
+
+    def evaluate(self, pool: Pool, prefix: str) -> Dict:
+        """Each rank predicts its own part of an evaluation split; results are gathered everywhere."""
+        parts = gather_objects((pool.row_ids, self.predict(pool), pool.labels))
+        row_ids = np.concatenate([p[0] for p in parts])
+        chunk_pred = np.concatenate([p[1] for p in parts])
+        labels = np.concatenate([p[2] for p in parts])
+        c = self.cfg.features.num_chunks
+        chunk_ids = np.repeat(row_ids, c)
+        loss = float(ccc_loss(torch.from_numpy(chunk_pred), torch.from_numpy(np.repeat(labels, c, axis=0))))
+        ids, sent_pred = sentence_means(chunk_pred, chunk_ids)
+        order = np.argsort(row_ids)
+        gold = labels[order]
+        attrs = self.cfg.model.attributes
+        pred_dn = self.stats.denormalize_labels(sent_pred, attrs)
+        gold_dn = self.stats.denormalize_labels(gold, attrs)
+        metrics = {f"{prefix}_loss": loss}
+        for j, a in enumerate(attrs):
+            metrics[f"{prefix}_ccc_{a}"] = ccc(pred_dn[:, j], gold_dn[:, j])
+        metrics[f"{prefix}_ccc"] = float(np.mean([metrics[f"{prefix}_ccc_{a}"] for a in attrs]))
+        return {"metrics": metrics, "row_ids": ids, "pred": pred_dn, "gold": gold_dn}
+
+    # --- state ---
+    def state(self) -> dict:
+        return {"model": self.net.state_dict(), "sgd": self.sgd.state_dict(), "adam": self.adam.state_dict()}
+
+    def load_state(self, state: dict) -> None:
+        self.net.load_state_dict(state["model"])
+        self.sgd.load_state_dict(state["sgd"])
+        self.adam.load_state_dict(state["adam"])
+
+    def model_copy(self) -> dict:
+        return copy.deepcopy({k: v.detach().cpu() for k, v in self.net.state_dict().items()})
+
+
+def run_epoch(learner: Learner, epoch: int, train: Pool, unlabeled: Optional[Pool]) -> Dict[str, float]:
+    """One epoch of the configured model; returns its training losses and cluster statistics."""
+    cfg = learner.cfg
+    rank, _ = world()
+    seed = cfg.train.seed * 100_003 + epoch * 4
+    logs: Dict[str, float] = {}
+    has_unl = unlabeled is not None and _min_over_ranks(len(unlabeled.row_ids)) > 0
+
+    def sample(n: int, s: int) -> np.ndarray:
+        return np.random.default_rng([s, rank]).permutation(n)
+
+    if cfg.model.name == "cnn":
+        logs.update(learner.train_stage(train, sample(train.n_chunks, seed), supervised=True))
+        return logs
+    if cfg.model.name in ("ae", "vae"):
+        if has_unl:
+            logs.update({f"unl_{k}": v for k, v in
+                         learner.train_stage(unlabeled, sample(unlabeled.n_chunks, seed)).items()})
+        logs.update(learner.train_stage(train, sample(train.n_chunks, seed + 1), supervised=True))
+        return logs
+
+    def clustered_stage(name: str, pool: Pool, s: int, supervised: bool) -> None:
+        res = learner.pseudo_labels(name, pool, s)
+        learner.reset_top(s)
+        idx = uniform_cluster_indices(res.assignment, seed=s, rank=rank)
+        out = learner.train_stage(pool, idx, res.assignment, supervised=supervised, bank=name)
+        logs.update({f"{name}_{k}": v for k, v in out.items()})
+        logs[f"{name}_kmeans_obj"] = res.objective
+        logs[f"{name}_nonempty"] = int((res.sizes > 0).sum())
+
+    if cfg.cluster.mode == "joint" and has_unl:
+        # one clustering over labeled + unlabeled; CE on all, CCC on the labeled chunks of a batch
+        both = Pool.concat([train, unlabeled])
+        res = learner.pseudo_labels("joint", both, seed)
+        learner.reset_top(seed)
+        idx = uniform_cluster_indices(res.assignment, seed=seed, rank=rank)
+        idx_l = idx[idx < train.n_chunks]
+        out_u = learner.train_stage(both, idx[idx >= train.n_chunks], res.assignment, bank="joint")
+        out_l = learner.train_stage(both, idx_l, res.assignment, supervised=True, bank="joint")
+        logs.update({f"joint_unl_{k}": v for k, v in out_u.items()})
+        logs.update({f"joint_{k}": v for k, v in out_l.items()})
+        logs["joint_kmeans_obj"] = res.objective
+        return logs
+    if has_unl:
+        clustered_stage("unlabeled", unlabeled, seed, supervised=False)
+    clustered_stage("train", train, seed + 1, supervised=True)
+    return logs
+
+
+def is_better(loss: float, best: float) -> bool:
+    return math.isfinite(loss) and loss < best
