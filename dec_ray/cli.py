@@ -54,6 +54,12 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from dec_ray.demo import run_demo
+    run_demo(args.out, args.labeled, args.unlabeled, args.seed, args.overrides)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dec-ray", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -84,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL, mixed precision)")
     _add_config_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="synth corpus -> ingest -> train DeepEmoCluster and the CNN baseline")
+    p.add_argument("--out", default="demo_out")
+    p.add_argument("--labeled", type=int, default=240)
+    p.add_argument("--unlabeled", type=int, default=120)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -35,7 +35,8 @@ class FeatureConfig:
 @dataclass
 class IngestConfig:
     files_per_batch: int = 8        # files per map_batches call
-    target_shard_mb: int = 256      # target size of one Parquet file
+    target_shard_mb: int = 256      # target size of one Parquet file (before compression)
+    min_parts_per_split: int = 8    # small splits are still cut into this many parts (parallelism)
     num_cpus_per_task: float = 1.0
     max_label: float = 7.0          # labels outside [min_label, max_label] are rejected
     min_label: float = 1.0

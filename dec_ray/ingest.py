@@ -62,13 +62,15 @@ def _item_dict(it: Item, row_id: int) -> dict:
             "dominance": nan_to_none(it.dominance)}
 
 
-def make_plan(items: List[Item], per_part: int) -> dict:
-    """Deterministic parts: per split, items sorted by path, cut every ``per_part`` rows.
-    row_id is unique across all splits; it keys pseudo-labels during training."""
+def make_plan(items: List[Item], per_part: int, min_parts: int = 8) -> dict:
+    """Deterministic parts: per split, items sorted by path, cut every ``per_part`` rows (fewer
+    when a split is small, so that it still spreads over ``min_parts`` tasks).
+    row_id is unique across all splits; it keys the rows in training and evaluation."""
     plan: dict = {"parts": []}
     row_id = 0
     for split in SPLITS:
         these = sorted((it for it in items if it.split == split), key=lambda it: it.path)
+        per_part = max(1, min(per_part, -(-len(these) // min_parts)))
         for start in range(0, len(these), per_part):
             chunk = these[start:start + per_part]
             plan["parts"].append({"split": split, "name": f"part-{start // per_part:05d}.parquet",
@@ -155,7 +157,8 @@ def run_ingest(corpus: Optional[str], out: str, cfg: Config, unlabeled: Sequence
             items += list_unlabeled(unlabeled)
         if not items:
             raise ValueError("nothing to ingest: give --corpus and/or --unlabeled")
-        plan = make_plan(items, rows_per_part(cfg.features, cfg.ingest.target_shard_mb))
+        plan = make_plan(items, rows_per_part(cfg.features, cfg.ingest.target_shard_mb),
+                         cfg.ingest.min_parts_per_split)
         plan["reader_rejects"] = [{"path": r.path, "split": "", "reason": r.reason} for r in rejects]
         with open(feat_path, "w") as f:
             yaml.safe_dump(asdict(cfg.features), f)

@@ -148,7 +148,7 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             print(f"[dec-ray] resumed from checkpoint after epoch {st['epoch']}", flush=True)
     log = MetricsLog(out) if rank == 0 else None
-    kill_at = int(os.environ.get(KILL_ENV, "-1"))
+    kill_at = int(config.get("kill_at_epoch", -1))
     marker = os.path.join(out, ".test_killed")
 
     epoch = start - 1
@@ -222,7 +222,8 @@ def build_trainer(tables: str, out: str, cfg: Config, stats: Stats, name: str = 
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "stats": asdict(stats), "out": out,
-                           "datasets": sorted(datasets), "eval_files": eval_files},
+                           "datasets": sorted(datasets), "eval_files": eval_files,
+                           "kill_at_epoch": int(os.environ.get(KILL_ENV, "-1"))},
         scaling_config=ScalingConfig(num_workers=s.workers, use_gpu=s.use_gpu,
                                      resources_per_worker={"CPU": s.cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=os.path.join(out, "ray"),

@@ -1,0 +1,36 @@
+import pytest
+import yaml
+
+from dec_ray.config import Config, ConfigError, load_config
+
+
+def test_defaults_are_the_method():
+    c = Config()
+    assert (c.features.n_fft, c.features.hop_length, c.features.n_mels) == (512, 256, 128)
+    assert (c.features.chunk_frames, c.features.num_chunks) == (62, 11)
+    assert (c.train.lr, c.train.lr_regressor, c.train.lr_top, c.train.lambda_ce) == (1e-3, 5e-4, 0.05, 1.0)
+    assert c.train.batch_sentences == 64 and c.cluster.niter == 20 and c.model.encoder == "compact"
+
+
+def test_yaml_round_trip_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  lambda_ce: 0.5\ncluster:\n  k: 30\n")
+    c = load_config(str(p), ["train.lambda_ce=2", "model.attributes=[arousal, valence]", "train.amp=false"])
+    assert c.train.lambda_ce == 2.0 and isinstance(c.train.lambda_ce, float)
+    assert c.cluster.k == 30 and c.model.attributes == ["arousal", "valence"] and c.train.amp is False
+    c.save(str(tmp_path / "saved.yaml"))
+    assert load_config(str(tmp_path / "saved.yaml")) == c
+    assert yaml.safe_load((tmp_path / "saved.yaml").read_text())["cluster"]["k"] == 30
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lamda=1", "unknown key"),
+    ("train.epochs=ten", "must be int"),
+    ("model.name=resnet", "model.name"),
+    ("model.attributes=[joy]", "model.attributes"),
+    ("nokeyvalue", "key=value"),
+    ("cluster.k=1", "cluster.k"),
+])
+def test_bad_config_is_a_clear_error(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])

@@ -1,0 +1,61 @@
+import numpy as np
+import pytest
+import soundfile as sf
+
+from dec_ray.audio import AudioError, load_audio
+from dec_ray.features import ShortClipError, chunk_starts, make_chunks, mel_spectrogram
+from dec_ray.normalization import Stats
+
+
+@pytest.mark.parametrize("T", [62, 63, 72, 100, 343, 688, 1000])
+def test_chunk_positions_follow_the_equations(T):
+    mel = np.arange(T * 128, dtype=np.float32).reshape(T, 128)
+    chunks = make_chunks(mel)
+    step = (T - 62) // 10
+    assert chunks.shape == (11, 62, 128)
+    for k in range(11):
+        assert np.array_equal(chunks[k], mel[k * step:k * step + 62])
+    assert list(chunk_starts(T)) == [k * step for k in range(11)]
+
+
+def test_short_clip_policies():
+    mel = np.random.rand(20, 128).astype(np.float32)
+    rep = make_chunks(mel, short_clip_policy="repeat")
+    assert rep.shape == (11, 62, 128)
+    assert np.array_equal(rep[0][:20], mel) and np.array_equal(rep[0][20:40], mel)
+    with pytest.raises(ShortClipError):
+        make_chunks(mel, short_clip_policy="reject")
+
+
+def test_mel_matches_librosa_directly(corpus):
+    import glob
+    import librosa
+    path = sorted(glob.glob(f"{corpus}/Audios/*.wav"))[0]
+    y = load_audio(path)
+    ref, _ = librosa.load(path, sr=16000)
+    ref = ref / np.abs(ref).max()
+    direct = librosa.feature.melspectrogram(y=ref, sr=16000, n_fft=512, hop_length=256, n_mels=128).T
+    ours = mel_spectrogram(y)
+    assert ours.shape == direct.shape and ours.shape[1] == 128
+    np.testing.assert_allclose(ours, direct, rtol=1e-4, atol=1e-6)
+
+
+def test_audio_loader_rates_channels_and_errors(tmp_path):
+    t = np.arange(44100 * 2) / 44100
+    tone = 0.3 * np.sin(2 * np.pi * 220 * t)
+    sf.write(tmp_path / "st.wav", np.stack([tone, tone], 1), 44100, subtype="PCM_24")
+    y = load_audio(str(tmp_path / "st.wav"))
+    assert abs(len(y) - 32000) <= 2 and np.isclose(np.abs(y).max(), 1.0)
+    sf.write(tmp_path / "silent.wav", np.zeros(16000), 16000)
+    (tmp_path / "bad.wav").write_bytes(b"not audio at all")
+    for name, reason in (("silent.wav", "silent"), ("bad.wav", "unreadable"), ("missing.wav", "missing")):
+        with pytest.raises(AudioError, match=reason):
+            load_audio(str(tmp_path / name))
+
+
+def test_normalisation_zscore_nan_and_clip():
+    s = Stats([1.0, 0.0], [2.0, 0.0], {"arousal": 4.0}, {"arousal": 1.0})
+    z = s.normalize_features(np.array([[3.0, 5.0], [100.0, np.nan]], dtype=np.float32))
+    assert np.allclose(z, [[1.0, 3.0], [3.0, 0.0]])
+    y = np.array([[5.0], [3.0]], np.float32)
+    assert np.allclose(s.denormalize_labels(s.normalize_labels(y, ["arousal"]), ["arousal"]), y)
