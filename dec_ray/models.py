@@ -141,6 +141,7 @@ class CNNAutoEncoder(nn.Module):
         self.encoder = encoder
         self.variational = variational
         if variational:
+            encoder.fc = nn.Identity()       # the VAE maps conv features to mu / logvar instead
             self.mu = nn.Linear(encoder.flat_dim, embed_dim)
             self.logvar = nn.Linear(encoder.flat_dim, embed_dim)
         self.decoder = Decoder(encoder.conv_shape, embed_dim, width)
