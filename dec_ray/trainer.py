@@ -157,7 +157,8 @@ def train_loop_per_worker(config: dict) -> None:
         logs = run_epoch(learner, epoch, pools["train"], pools.get("unlabeled"))
         if epoch == kill_at and rank == ctx.get_world_size() - 1 and not os.path.exists(marker):
             open(marker, "w").close()
-            os._exit(1)                                   # a worker process dies mid-epoch
+            time.sleep(5)             # let the controller register the last report (it polls workers)
+            os._exit(1)               # a worker process dies mid-epoch
         ev = learner.evaluate(pools["dev"], "dev")["metrics"]
         if is_better(ev["dev_loss"], best_loss):
             best_loss, best_epoch, bad, best_model = ev["dev_loss"], epoch, 0, learner.model_copy()
