@@ -54,6 +54,27 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    import yaml
+    from dec_ray.config import load_config
+    from dec_ray.tuner import format_table, run_tune
+    overrides = list(args.overrides)
+    if args.samples is not None:
+        overrides.append(f"tune.samples={args.samples}")
+    if args.scheduler is not None:
+        overrides.append(f"tune.scheduler={args.scheduler}")
+    space = None
+    if args.space:
+        with open(args.space) as f:
+            space = yaml.safe_load(f)
+    cfg = load_config(args.config, overrides)
+    rows = run_tune(args.tables, args.out, cfg, space, resume=args.resume)
+    print(format_table(rows, cfg.tune.metric))
+    print(f"\nbest config: {args.out}/best_config.yaml  (dec-ray train --config it)\n"
+          f"best checkpoint: {rows[0]['checkpoint']}\nall trials: {args.out}/trials.csv")
+    return 1 if any(r["error"] for r in rows) else 0
+
+
 def cmd_demo(args) -> int:
     from dec_ray.demo import run_demo
     run_demo(args.out, args.labeled, args.unlabeled, args.seed, args.overrides)
@@ -90,6 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL, mixed precision)")
     _add_config_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("tune", help="search lambda, K and learning rates with Ray Tune")
+    p.add_argument("--tables", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--samples", type=int)
+    p.add_argument("--scheduler", choices=["asha", "none"])
+    p.add_argument("--space", help="YAML: dotted key -> {choice|loguniform|uniform|randint: args}")
+    p.add_argument("--resume", action="store_true", help="resume an interrupted search in --out")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("demo", help="synth corpus -> ingest -> train DeepEmoCluster and the CNN baseline")
     p.add_argument("--out", default="demo_out")

@@ -20,4 +20,4 @@ def ensure_ray(min_cpus_for_training: float = 0.0) -> None:
     except ConnectionError:
         pass
     cpus = max(os.cpu_count() or 1, int(min_cpus_for_training + 1.999))
-    ray.init(num_cpus=cpus, include_dashboard=False)
+    ray.init(num_cpus=cpus)   # the dashboard also serves the State API that Ray Train uses for cleanup

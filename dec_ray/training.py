@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -261,7 +262,9 @@ def run_epoch(learner: Learner, epoch: int, train: Pool, unlabeled: Optional[Poo
         return logs
 
     def clustered_stage(name: str, pool: Pool, s: int, supervised: bool) -> None:
+        t0 = time.perf_counter()
         res = learner.pseudo_labels(name, pool, s)
+        logs[f"{name}_cluster_s"] = time.perf_counter() - t0          # embedding pass + K-means
         learner.reset_top(s)
         idx = uniform_cluster_indices(res.assignment, seed=s, rank=rank)
         out = learner.train_stage(pool, idx, res.assignment, supervised=supervised, bank=name)
@@ -272,7 +275,9 @@ def run_epoch(learner: Learner, epoch: int, train: Pool, unlabeled: Optional[Poo
     if cfg.cluster.mode == "joint" and has_unl:
         # one clustering over labeled + unlabeled; CE on all, CCC on the labeled chunks of a batch
         both = Pool.concat([train, unlabeled])
+        t0 = time.perf_counter()
         res = learner.pseudo_labels("joint", both, seed)
+        logs["joint_cluster_s"] = time.perf_counter() - t0
         learner.reset_top(seed)
         idx = uniform_cluster_indices(res.assignment, seed=seed, rank=rank)
         idx_l = idx[idx < train.n_chunks]

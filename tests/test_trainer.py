@@ -87,6 +87,8 @@ def test_ray_job_submit_to_a_local_head(tables, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
     port, dash = _free_port(), _free_port()
+    # Ray 2.60 enables token authentication: make sure a token exists and the client sends it
+    subprocess.run([ray_bin, "get-auth-token", "--generate"], check=True, env=env, capture_output=True)
     subprocess.run([ray_bin, "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
                     "--num-cpus=3", "--include-dashboard=true", "--disable-usage-stats"],
                    check=True, env=env, capture_output=True, timeout=180)
@@ -95,7 +97,8 @@ def test_ray_job_submit_to_a_local_head(tables, tmp_path):
         cmd = [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash}", f"--working-dir={repo}",
                "--", "dec-ray", "train", "--tables", out, "--out", run, "--epochs", "1",
                "--set", "model.width=0.125", "--set", "cluster.k=4", "--set", "train.batch_sentences=4"]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(cmd, env=dict(env, RAY_AUTH_MODE="token"), capture_output=True, text=True,
+                              timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert "succeeded" in proc.stdout
         assert json.load(open(os.path.join(run, "result.json")))["epochs_run"] == 1

@@ -1,0 +1,134 @@
+"""Ray Tune over lambda, K and the learning rates; each trial is one TorchTrainer run.
+
+The Ray Train V2 way: a Tune function trainable builds the TorchTrainer of dec_ray.trainer with
+``TuneReportCallback`` in its RunConfig, which forwards the workers' per-epoch reports to Tune,
+so ASHA sees dev_loss every epoch. Trials run side by side as far as the cluster's CPUs allow,
+always leaving one CPU for Ray Data (no deadlock on a 2-CPU machine).
+"""
+from __future__ import annotations
+
+import csv
+import os
+from typing import Dict, List, Optional
+
+import yaml
+
+from dec_ray.config import Config, apply_overrides, config_from_dict
+from dec_ray.normalization import Stats
+
+# Search space: dotted config key -> {distribution: args}; distributions: choice, grid, loguniform,
+# uniform, randint, qrandint. Override with --space FILE (same form).
+DEFAULT_SPACE: Dict[str, dict] = {
+    "train.lambda_ce": {"loguniform": [0.1, 10.0]},
+    "cluster.k": {"choice": [10, 20, 30, 50, 100, 200]},
+    "train.lr": {"loguniform": [1e-4, 1e-2]},
+    "train.lr_regressor": {"loguniform": [1e-4, 5e-3]},
+}
+
+
+def build_space(spec: Dict[str, dict]) -> dict:
+    from ray import tune
+    space = {}
+    for key, dist in spec.items():
+        (kind, args), = dist.items()
+        if kind == "choice":
+            space[key] = tune.choice(list(args))
+        elif kind == "grid":
+            space[key] = tune.grid_search(list(args))
+        elif kind in ("loguniform", "uniform", "randint", "qrandint"):
+            space[key] = getattr(tune, kind)(*args)
+        else:
+            raise ValueError(f"search space {key}: unknown distribution {kind!r}")
+    return space
+
+
+def trial_config(base: dict, sampled: dict) -> Config:
+    data = apply_overrides(yaml.safe_load(yaml.safe_dump(base)), [f"{k}={v}" for k, v in sampled.items()])
+    return config_from_dict(data)
+
+
+def run_trial(config: dict) -> None:
+    """One trial: a TorchTrainer whose reports reach Tune through TuneReportCallback."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+    from dec_ray.trainer import build_trainer, finalize
+
+    sampled = {k: v for k, v in config.items() if not k.startswith("_")}
+    cfg = trial_config(config["_base"], sampled)
+    stats = Stats(**config["_stats"])
+    ctx = tune.get_context()
+    out = os.path.join(config["_out"], "trials", ctx.get_trial_id())
+    os.makedirs(out, exist_ok=True)
+    cfg.save(os.path.join(out, "config.yaml"))
+    trainer = build_trainer(config["_tables"], out, cfg, stats, name="train",
+                            extra_callbacks=[TuneReportCallback()])
+    finalize(out, cfg, stats, trainer.fit())
+
+
+def concurrency(cfg: Config) -> int:
+    import ray
+    cpus = ray.cluster_resources().get("CPU", 1)
+    per_trial = cfg.scale.workers * cfg.scale.cpus_per_worker + 1      # + the trial's own driver
+    fit = max(1, int((cpus - 1) // per_trial))
+    return min(fit, cfg.tune.max_concurrent) if cfg.tune.max_concurrent else fit
+
+
+def run_tune(tables: str, out: str, cfg: Config, space_spec: Optional[Dict[str, dict]] = None,
+             resume: bool = False) -> List[dict]:
+    """Run (or resume) the search; write trials.csv, best_config.yaml; return the sorted trials."""
+    from ray import tune
+    from dec_ray.raycluster import ensure_ray
+    out = os.path.abspath(out)
+    tables = os.path.abspath(tables)
+    stats = Stats.load(os.path.join(tables, "stats.json"))
+    ensure_ray(cfg.scale.workers * cfg.scale.cpus_per_worker + 1)
+    space = build_space(space_spec or DEFAULT_SPACE)
+    t = cfg.tune
+    scheduler = None
+    if t.scheduler == "asha":
+        scheduler = tune.schedulers.ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs + 1,
+                                                  grace_period=t.grace_period, reduction_factor=2)
+    search_alg = None
+    if t.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+        search_alg = OptunaSearch()
+    trainable = run_trial          # 1 CPU for the trial driver; its TorchTrainer requests the workers
+    if resume and tune.Tuner.can_restore(os.path.join(out, "tune")):
+        tuner = tune.Tuner.restore(os.path.join(out, "tune"), trainable, resume_errored=True)
+    else:
+        param_space = dict(space, _base=cfg.to_dict(), _stats=stats.__dict__, _tables=tables, _out=out)
+        tuner = tune.Tuner(
+            trainable, param_space=param_space,
+            tune_config=tune.TuneConfig(metric=t.metric, mode=t.mode, num_samples=t.samples, scheduler=scheduler,
+                                        search_alg=search_alg, max_concurrent_trials=concurrency(cfg)),
+            run_config=tune.RunConfig(name="tune", storage_path=out))
+    grid = tuner.fit()
+    rows = []
+    for r in grid:
+        conf = {k: v for k, v in (r.config or {}).items() if not k.startswith("_")}
+        df = r.metrics_dataframe
+        best = float(df[t.metric].min() if t.mode == "min" else df[t.metric].max()) if df is not None and t.metric in df else None
+        rows.append({"trial": r.path.rstrip("/").split("/")[-1], t.metric: best,
+                     "epochs": int(df["epoch"].max()) + 1 if df is not None and "epoch" in df else 0,
+                     "dev_ccc": float(df["dev_ccc"].max()) if df is not None and "dev_ccc" in df else None,
+                     "error": str(r.error)[:200] if r.error else "", **conf,
+                     "checkpoint": (r.metrics or {}).get("checkpoint_path", "")})
+    rows.sort(key=lambda x: (x[t.metric] is None, (x[t.metric] or 0) * (1 if t.mode == "min" else -1)))
+    with open(os.path.join(out, "trials.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    best = rows[0]
+    best_cfg = trial_config(cfg.to_dict(), {k: best[k] for k in space})
+    best_cfg.save(os.path.join(out, "best_config.yaml"))
+    with open(os.path.join(out, "best_checkpoint.txt"), "w") as f:
+        f.write(best["checkpoint"] + "\n")
+    return rows
+
+
+def format_table(rows: List[dict], metric: str) -> str:
+    keys = ["trial", metric, "dev_ccc", "epochs"] + [k for k in rows[0] if "." in k]
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = [" | ".join(keys), " | ".join("---" for _ in keys)]
+    lines += [" | ".join(fmt(r.get(k)) for k in keys) for r in rows]
+    return "\n".join(lines)

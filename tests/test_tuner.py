@@ -1,0 +1,32 @@
+"""A 4-trial Ray Tune search with tiny models on the test corpus."""
+import csv
+import os
+
+import pytest
+
+from dec_ray.config import load_config
+from dec_ray.tuner import run_tune
+
+pytestmark = pytest.mark.slow
+
+
+def test_four_trial_search_with_asha(tables, tiny_cfg, tmp_path, ray_local):
+    out, _ = tables
+    cfg = tiny_cfg("train.epochs=4", "scale.workers=1", "tune.samples=4", "tune.grace_period=1",
+                   "tune.scheduler=asha")
+    # lr 0 for half of the trials: they cannot improve, so ASHA has something to stop
+    space = {"train.lr": {"choice": [0.0, 0.01]}, "cluster.k": {"choice": [3, 5]},
+             "train.lambda_ce": {"loguniform": [0.1, 10.0]}}
+    run = str(tmp_path / "tune")
+    rows = run_tune(out, run, cfg, space)
+    assert len(rows) == 4 and not any(r["error"] for r in rows)
+    losses = [r["dev_loss"] for r in rows]
+    assert losses == sorted(losses)
+    table = list(csv.DictReader(open(os.path.join(run, "trials.csv"))))
+    assert [float(r["dev_loss"]) for r in table] == pytest.approx(losses)
+    assert {"train.lr", "cluster.k", "train.lambda_ce", "checkpoint"} <= set(table[0])
+    best = load_config(os.path.join(run, "best_config.yaml"))
+    assert best.cluster.k == rows[0]["cluster.k"] and best.train.lr == rows[0]["train.lr"]
+    assert os.path.exists(rows[0]["checkpoint"])
+    # ASHA stopped at least one trial before the last epoch (max_t = epochs + final report)
+    assert min(r["epochs"] for r in rows) < 4, rows
