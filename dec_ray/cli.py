@@ -75,6 +75,13 @@ def cmd_tune(args) -> int:
     return 1 if any(r["error"] for r in rows) else 0
 
 
+def cmd_predict(args) -> int:
+    from dec_ray.batch_predict import run_predict
+    info = run_predict(args.run, args.audio, args.out, args.actors, args.gpu)
+    print(f"predicted {info['predicted']} files -> {info['out']}; rejected {info['rejected']} -> {info['rejects']}")
+    return 1 if info["rejected"] else 0
+
+
 def cmd_demo(args) -> int:
     from dec_ray.demo import run_demo
     run_demo(args.out, args.labeled, args.unlabeled, args.seed, args.overrides)
@@ -121,6 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="resume an interrupted search in --out")
     _add_config_args(p)
     p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("predict", help="batch inference with Ray Data over audio files")
+    p.add_argument("--run", required=True, help="a finished training run folder (with model.pt)")
+    p.add_argument("--audio", required=True, nargs="+", help="folders or globs of audio files")
+    p.add_argument("--out", required=True, help="output .parquet or .csv")
+    p.add_argument("--actors", type=int, default=0, help="model replicas (default: one per free CPU/GPU)")
+    p.add_argument("--gpu", action="store_true")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("demo", help="synth corpus -> ingest -> train DeepEmoCluster and the CNN baseline")
     p.add_argument("--out", default="demo_out")

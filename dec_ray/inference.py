@@ -1,0 +1,83 @@
+"""Inference with a trained run: same decoding, features, float16 storage cast and normalisation as
+training; sentence prediction = mean over its chunks, on the 1..7 scale; the sentence's cluster
+is the cluster head's arg-max of the mean chunk logits (DeepEmoCluster only).
+
+    import dec_ray
+    dec_ray.predict("runs/r1", "clip.wav")            # or a (samples, sample_rate) tuple, or a list of paths
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from dec_ray.audio import load_audio
+from dec_ray.config import config_from_dict
+from dec_ray.features import make_chunks, mel_spectrogram
+from dec_ray.featurize import FLOAT16_MAX
+from dec_ray.models import model_from_config
+from dec_ray.normalization import Stats
+
+
+class Predictor:
+    """A trained model from RUN/model.pt, ready for files or arrays."""
+
+    def __init__(self, run: str, device: str = "cpu"):
+        state = torch.load(os.path.join(run, "model.pt"), map_location="cpu", weights_only=True)
+        self.cfg = config_from_dict(state["config"])
+        self.stats = Stats(**state["stats"])
+        self.device = torch.device(device)
+        self.model = model_from_config(self.cfg)
+        self.model.load_state_dict(state["model"])
+        self.model.to(self.device).eval()
+        self.attributes = self.cfg.model.attributes
+
+    def chunks_of(self, y: np.ndarray) -> np.ndarray:
+        f = self.cfg.features
+        mel = mel_spectrogram(y, f.sample_rate, f.n_fft, f.hop_length, f.n_mels)
+        c = make_chunks(mel, f.chunk_frames, f.num_chunks, f.short_clip_policy)
+        if f.storage_dtype == "float16":          # exactly what training read from the tables
+            c = np.minimum(c, FLOAT16_MAX).astype(np.float16)
+        return c
+
+    @torch.no_grad()
+    def predict_chunks(self, chunks: np.ndarray) -> List[Dict]:
+        """(n_sentences, C, m, F) raw chunks -> one dict per sentence."""
+        n, c = chunks.shape[:2]
+        x = self.stats.normalize_features(chunks.reshape(n * c, *chunks.shape[2:]))
+        out = self.model(torch.from_numpy(x).to(self.device))
+        pred = out["pred"].float().cpu().numpy().reshape(n, c, -1).mean(1)
+        pred = self.stats.denormalize_labels(pred, self.attributes)
+        clusters = [-1] * n                       # -1: the model has no cluster head
+        if "logits" in out:
+            clusters = out["logits"].float().cpu().numpy().reshape(n, c, -1).mean(1).argmax(1).tolist()
+        return [{**{a: float(pred[i, j]) for j, a in enumerate(self.attributes)}, "cluster": clusters[i]}
+                for i in range(n)]
+
+    def predict_audio(self, y: np.ndarray, sample_rate: int) -> Dict:
+        import librosa
+        f = self.cfg.features
+        y = np.asarray(y, dtype=np.float32)
+        if y.ndim == 2:
+            y = y.mean(axis=1)
+        if sample_rate != f.sample_rate:
+            y = librosa.resample(y, orig_sr=sample_rate, target_sr=f.sample_rate, res_type="soxr_hq")
+        y = y / max(float(np.max(np.abs(y))), 1e-12)
+        return self.predict_chunks(self.chunks_of(y)[None])[0]
+
+    def predict_file(self, path: str) -> Dict:
+        f = self.cfg.features
+        y = load_audio(path, f.sample_rate, f.silence_peak, f.min_duration_s)
+        return self.predict_chunks(self.chunks_of(y)[None])[0]
+
+
+def predict(run: str, audio: Union[str, Sequence[str], Tuple[np.ndarray, int]]):
+    """Notebook API: one file, a list of files, or (samples, sample_rate)."""
+    p = Predictor(run)
+    if isinstance(audio, tuple):
+        return p.predict_audio(*audio)
+    if isinstance(audio, str):
+        return p.predict_file(audio)
+    return [p.predict_file(a) for a in audio]
