@@ -24,7 +24,7 @@ import torch
 from dec_ray.config import ATTRIBUTES, Config, config_from_dict, load_config
 from dec_ray.ingest import is_complete, split_files
 from dec_ray.normalization import Stats
-from dec_ray.raycluster import ensure_ray
+from dec_ray.raycluster import check_room_for_data, ensure_ray
 from dec_ray.training import Learner, Pool, is_better, run_epoch
 
 DATASETS = ("train", "unlabeled")          # streamed through Ray Data, split between workers
@@ -284,5 +284,6 @@ def run_training(tables: str, out: str, cfg: Optional[Config] = None, resume: bo
     with open(os.path.join(out, "tables.txt"), "w") as f:
         f.write(os.path.abspath(tables))
     ensure_ray(cfg.scale.workers * cfg.scale.cpus_per_worker)
+    check_room_for_data(cfg.scale.workers * cfg.scale.cpus_per_worker)
     result = build_trainer(os.path.abspath(tables), out, cfg, stats).fit()
     return finalize(out, cfg, stats, result)
