@@ -203,6 +203,8 @@ def build_trainer(tables: str, out: str, cfg: Config, stats: Stats, name: str = 
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    # The workers print one line per epoch; the streaming split's bars would bury them.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     datasets = {}
     eval_files = {s: split_files(tables, s) for s in EVAL_SPLITS}
     for split in ("train", "dev"):
