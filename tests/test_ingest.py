@@ -1,5 +1,4 @@
 """Ingest on real files with Ray Data: chunks, stats, rejects, resume."""
-import glob
 import json
 import os
 

@@ -4,7 +4,6 @@ import socket
 
 import faiss
 import numpy as np
-import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 

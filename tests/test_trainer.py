@@ -1,11 +1,9 @@
 """Ray Train end to end on a local Ray with 2 CPU workers and a tiny network."""
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import time
 
 import pyarrow.parquet as pq
 import pytest

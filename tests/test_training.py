@@ -6,7 +6,7 @@ import torch
 from dec_ray.ingest import split_files
 from dec_ray.normalization import Stats
 from dec_ray.trainer import load_eval_pool
-from dec_ray.training import Learner, Pool, run_epoch
+from dec_ray.training import Learner, run_epoch
 
 
 @pytest.fixture(scope="module")
