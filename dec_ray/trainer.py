@@ -151,6 +151,10 @@ def train_loop_per_worker(config: dict) -> None:
     kill_at = int(config.get("kill_at_epoch", -1))
     marker = os.path.join(out, ".test_killed")
 
+    def payload(epoch: int) -> dict:
+        return {"learner": learner.state(), "epoch": epoch, "best_loss": best_loss, "best_epoch": best_epoch,
+                "bad_epochs": bad, "best_model": best_model}
+
     epoch = start - 1
     for epoch in range(start, cfg.train.epochs):
         t0 = time.time()
@@ -169,10 +173,9 @@ def train_loop_per_worker(config: dict) -> None:
                    "epoch_time_s": time.time() - t0, "done": 0}
         checkpoint = None
         if rank == 0:
-            checkpoint = _save_checkpoint({"learner": learner.state(), "epoch": epoch, "best_loss": best_loss,
-                                           "best_epoch": best_epoch, "bad_epochs": bad, "best_model": best_model})
+            checkpoint = _save_checkpoint(payload(epoch))
             log.write(metrics)
-        ray.train.report(metrics, checkpoint=checkpoint)
+        ray.train.report(metrics, checkpoint=checkpoint, delete_local_checkpoint_after_upload=True)
         if stop:
             if rank == 0:
                 print(f"[dec-ray] early stop: no dev improvement for {bad} epochs", flush=True)
@@ -188,12 +191,8 @@ def train_loop_per_worker(config: dict) -> None:
         test = learner.evaluate(pools["test"], "test")
         final.update(test["metrics"])
         tables["test_predictions.parquet"] = _predictions_table(test, cfg.model.attributes)
-    checkpoint = None
-    if rank == 0:
-        checkpoint = _save_checkpoint({"learner": learner.state(), "epoch": max(epoch, 0), "best_loss": best_loss,
-                                       "best_epoch": best_epoch, "bad_epochs": bad, "best_model": best_model,
-                                       "finished": True}, tables)
-    ray.train.report(final, checkpoint=checkpoint)
+    checkpoint = _save_checkpoint(dict(payload(max(epoch, 0)), finished=True), tables) if rank == 0 else None
+    ray.train.report(final, checkpoint=checkpoint, delete_local_checkpoint_after_upload=True)
 
 
 def build_trainer(tables: str, out: str, cfg: Config, stats: Stats, name: str = "train",
