@@ -43,8 +43,8 @@ def odd_files(corpus, tmp_path_factory):
 @pytest.fixture(scope="session")
 def ray_local():
     import ray
-    from dec_ray.raycluster import ensure_ray
-    ensure_ray(2)
+    # A Ray of its own (never one found on the machine), with the spare CPU that ensure_ray gives.
+    ray.init(num_cpus=(os.cpu_count() or 1) + 1)
     yield ray
     ray.shutdown()
 
