@@ -112,10 +112,9 @@ def _run_parts(parts: List[dict], out: str, cfg: Config) -> None:
         return {"split": part["split"], "name": part["name"], "rows": sidecar["rows"]}
 
     ds = ray.data.from_items([{"part": p} for p in parts], override_num_blocks=len(parts))
-    # One CPU per task and one BLAS/OpenMP thread per task: all cores busy, none oversubscribed.
-    ds = ds.map(process, num_cpus=cfg.ingest.num_cpus_per_task,
-                runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-                                          "OPENBLAS_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}})
+    # One CPU per task; Ray sets OMP_NUM_THREADS to a task's CPUs, so BLAS/OpenMP pools do not
+    # oversubscribe the cores. (A per-task runtime_env would cost a fresh worker process per part.)
+    ds = ds.map(process, num_cpus=cfg.ingest.num_cpus_per_task)
     for _ in ds.iter_rows():
         pass
 
@@ -182,9 +181,13 @@ def run_ingest(corpus: Optional[str], out: str, cfg: Config, unlabeled: Sequence
         rows[p["split"]] += side["rows"]
         all_rejects += side["rejects"]
 
-    stats = compute_stats(out, cfg.features)
-    stats.save(os.path.join(out, "stats.json.tmp"))
-    os.replace(os.path.join(out, "stats.json.tmp"), os.path.join(out, "stats.json"))
+    if rows["train"]:
+        stats = compute_stats(out, cfg.features)
+        stats.save(os.path.join(out, "stats.json.tmp"))
+        os.replace(os.path.join(out, "stats.json.tmp"), os.path.join(out, "stats.json"))
+    else:
+        print("ingest: warning: no Train sentence, so no stats.json (normalisation comes from Train "
+              "only); train on tables that include the labeled corpus")
     pq.write_table(pa.table({k: pa.array([r[k] for r in all_rejects], pa.string())
                              for k in ("path", "split", "reason")}), os.path.join(out, "rejects.parquet"))
     reasons: Dict[str, int] = {}
