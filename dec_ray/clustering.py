@@ -33,7 +33,8 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _comm_device() -> torch.device:
+def comm_device() -> torch.device:
+    """Where collectives need their tensors: the GPU under NCCL, else the CPU."""
     if _distributed() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -43,7 +44,7 @@ def _all_reduce(a: np.ndarray) -> np.ndarray:
     """Sum a float64/int64 array over ranks (identity without a process group)."""
     if not _distributed():
         return a
-    t = torch.from_numpy(np.ascontiguousarray(a)).to(_comm_device())
+    t = torch.from_numpy(np.ascontiguousarray(a)).to(comm_device())
     dist.all_reduce(t)
     return t.cpu().numpy()
 
@@ -51,7 +52,7 @@ def _all_reduce(a: np.ndarray) -> np.ndarray:
 def _broadcast(a: np.ndarray) -> np.ndarray:
     if not _distributed():
         return a
-    t = torch.from_numpy(np.ascontiguousarray(a)).to(_comm_device())
+    t = torch.from_numpy(np.ascontiguousarray(a)).to(comm_device())
     dist.broadcast(t, src=0)
     return t.cpu().numpy()
 
@@ -88,7 +89,7 @@ def _initial_centroids(x: np.ndarray, k: int, rng: np.random.Generator) -> np.nd
         pool = offer[:take]
     else:
         world = dist.get_world_size()
-        dev = _comm_device()
+        dev = comm_device()
         counts = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(world)]
         dist.all_gather(counts, torch.tensor([take], dtype=torch.int64, device=dev))
         rows = [torch.zeros(k, d, dtype=torch.float32, device=dev) for _ in range(world)]

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dec_ray.clustering import kmeans
+from dec_ray.clustering import comm_device, kmeans
 from dec_ray.config import Config
 from dec_ray.losses import ccc, ccc_loss, sentence_means, vae_kl
 from dec_ray.models import model_from_config
@@ -70,15 +70,9 @@ def world() -> tuple:
 def _min_over_ranks(n: int) -> int:
     if world()[1] == 1:
         return n
-    t = torch.tensor([n], dtype=torch.int64, device=_comm_device())
+    t = torch.tensor([n], dtype=torch.int64, device=comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t.item())
-
-
-def _comm_device() -> torch.device:
-    if dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def gather_objects(obj):
