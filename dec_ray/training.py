@@ -43,10 +43,6 @@ class Pool:
     def n_chunks(self) -> int:
         return self.chunks.shape[0] * self.chunks.shape[1]
 
-    @property
-    def labeled(self) -> bool:
-        return len(self.labels) > 0 and bool(np.isfinite(self.labels).all())
-
     def chunk_inputs(self, idx: np.ndarray, stats: Stats) -> np.ndarray:
         c = self.chunks.shape[1]
         return stats.normalize_features(self.chunks[idx // c, idx % c])
@@ -115,14 +111,18 @@ class Learner:
 
     # --- clustering ---
     @torch.no_grad()
-    def embed(self, pool: Pool) -> np.ndarray:
-        """Chunk-level embeddings of the whole pool in eval mode (the feature loader never shuffles)."""
+    def _eval_pass(self, pool: Pool, key: str, width: int) -> np.ndarray:
+        """One output of every chunk of the pool, in order, in eval mode (never shuffled)."""
         self.net.eval()
         out = []
         for s in range(0, pool.n_chunks, self.batch_chunks):
             idx = np.arange(s, min(s + self.batch_chunks, pool.n_chunks))
-            out.append(self._forward(pool.chunk_inputs(idx, self.stats), self.net)["embedding"].float().cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.cfg.model.hidden_dim), np.float32)
+            out.append(self._forward(pool.chunk_inputs(idx, self.stats), self.net)[key].float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, width), np.float32)
+
+    def embed(self, pool: Pool) -> np.ndarray:
+        """Chunk-level embeddings of the whole pool (the clustering input)."""
+        return self._eval_pass(pool, "embedding", self.cfg.model.hidden_dim)
 
     def pseudo_labels(self, name: str, pool: Pool, seed: int):
         """Embeddings (fresh pass, or the memory bank) -> K-means -> per-chunk pseudo-labels."""
@@ -190,15 +190,9 @@ class Learner:
 
     # --- evaluation ---
     @torch.no_grad()
-    def predict(self, pool: Pool) -> Dict[str, np.ndarray]:
-        """Chunk predictions (n*C, A) of the pool in eval mode, z-scored scale."""
-        self.net.eval()
-        preds = []
-        for s in range(0, pool.n_chunks, self.batch_chunks):
-            idx = np.arange(s, min(s + self.batch_chunks, pool.n_chunks))
-            preds.append(self._forward(pool.chunk_inputs(idx, self.stats), self.net)["pred"].float().cpu().numpy())
-        a = len(self.cfg.model.attributes)
-        return np.concatenate(preds) if preds else np.zeros((0, a), np.float32)
+    def predict(self, pool: Pool) -> np.ndarray:
+        """Chunk predictions (n*C, A) of the pool, z-scored scale."""
+        return self._eval_pass(pool, "pred", len(self.cfg.model.attributes))
 
     def evaluate(self, pool: Pool, prefix: str) -> Dict:
         """Each rank predicts its own part of an evaluation split; results are gathered everywhere."""
