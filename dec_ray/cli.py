@@ -82,9 +82,33 @@ def cmd_predict(args) -> int:
     return 1 if info["rejected"] else 0
 
 
+def cmd_evaluate(args) -> int:
+    from dec_ray.evaluation import evaluate_runs, repeated_runs
+    runs = list(args.runs or [])
+    if args.tables:
+        runs += repeated_runs(args.tables, args.out, args.models, args.repeats, args.config, args.overrides)
+    if not runs:
+        raise ValueError("give finished runs (--runs RUN ...) or --tables to train --models --repeats times")
+    res = evaluate_runs(runs, args.out, args.subsets, args.seed, args.reference, args.alpha)
+    print(res["table"])
+    print("\nwritten: " + ", ".join(res["files"]))
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    from dec_ray.analysis import analyze_run
+    res = analyze_run(args.run, args.out, args.split, args.max_sentences, args.seed)
+    dep = res["dependence"]
+    for r in dep.itertuples():
+        print(f"{r.attribute}: eta^2 {r.eta2:.3f} (random {r.eta2_random_mean:.3f}), "
+              f"MI {r.mi_bits:.3f} bits (random {r.mi_random_mean:.3f})")
+    print(f"{res['k']} clusters of {res['chunks']} chunks; report: {args.out}/analysis.md, plots: {args.out}/*.png")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from dec_ray.demo import run_demo
-    run_demo(args.out, args.labeled, args.unlabeled, args.seed, args.overrides)
+    run_demo(args.out, args.labeled, args.unlabeled, args.seed, args.overrides, args.repeats)
     return 0
 
 
@@ -137,11 +161,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", action="store_true")
     p.set_defaults(func=cmd_predict)
 
+    p = sub.add_parser("evaluate", help="the paper's protocol: 4 test subsets x R runs, mean/std, t-test, plot")
+    p.add_argument("--runs", nargs="+", help="finished run folders (any mix of models)")
+    p.add_argument("--tables", help="train the runs first: each of --models, --repeats times (seeds 0..R-1)")
+    p.add_argument("--models", nargs="+", default=["deepemocluster", "cnn"],
+                   choices=["deepemocluster", "cnn", "ae", "vae"])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", required=True, help="report folder (evaluation.md/.csv/.png; runs/ when training)")
+    p.add_argument("--subsets", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random test subsets")
+    p.add_argument("--reference", default="deepemocluster", help="the model each baseline is tested against")
+    p.add_argument("--alpha", type=float, default=0.05)
+    _add_config_args(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("analyze", help="cluster analysis of a run: per-cluster attributes, dependence, plots")
+    p.add_argument("--run", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--split", default="train", choices=["train", "dev", "test"])
+    p.add_argument("--max-sentences", type=int, default=5000, help="even subsample of larger splits")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_analyze)
+
     p = sub.add_parser("demo", help="synth corpus -> ingest -> train DeepEmoCluster and the CNN baseline")
     p.add_argument("--out", default="demo_out")
     p.add_argument("--labeled", type=int, default=240)
     p.add_argument("--unlabeled", type=int, default=120)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=1, help="training runs per model for the evaluation")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_demo)
     return parser

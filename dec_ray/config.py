@@ -91,6 +91,7 @@ class ScaleConfig:
     cpus_per_worker: float = 1.0
     max_failures: int = 2
     num_to_keep: int = 2            # checkpoints kept on storage
+    placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_SPREAD (one worker per node)
 
 
 @dataclass
@@ -205,6 +206,7 @@ def validate(cfg: Config) -> None:
         "cluster.mode": (cfg.cluster.mode, ("separate", "joint")),
         "tune.scheduler": (cfg.tune.scheduler, ("asha", "none")),
         "tune.search": (cfg.tune.search, ("random", "optuna")),
+        "scale.placement_strategy": (cfg.scale.placement_strategy, ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:

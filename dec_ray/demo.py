@@ -1,11 +1,11 @@
 """`dec-ray demo`: the whole pipeline on the embedded synthetic corpus, resumable step by step.
 
-synth corpus -> Ray Data ingest -> Ray Train: DeepEmoCluster and the CNN-regressor baseline ->
-test CCC side by side (OUT/summary.md).
+synth corpus -> Ray Data ingest -> Ray Train: DeepEmoCluster and the CNN-regressor baseline
+(R runs each, default 1) -> the evaluation protocol (4 test subsets x R, t-test) and the cluster
+analysis of the first DeepEmoCluster run -> OUT/summary.md.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from importlib import resources
@@ -19,40 +19,37 @@ def preset_path(name: str) -> str:
     return str(resources.files("dec_ray") / "presets" / f"{name}.yaml")
 
 
-def run_demo(out: str, labeled: int = 240, unlabeled: int = 120, seed: int = 0, overrides=()) -> dict:
+def run_demo(out: str, labeled: int = 240, unlabeled: int = 120, seed: int = 0, overrides=(),
+             repeats: int = 1) -> dict:
+    from dec_ray.analysis import analyze_run
+    from dec_ray.evaluation import evaluate_runs, repeated_runs
     from dec_ray.ingest import is_complete, run_ingest
     from dec_ray.synth import synth_corpus
-    from dec_ray.trainer import run_training
 
     t0 = time.time()
     corpus, tables = os.path.join(out, "corpus"), os.path.join(out, "tables")
     cfg_path = preset_path("demo")
     if not os.path.exists(os.path.join(corpus, ".done")):
-        print(f"[demo] 1/3 writing the synthetic corpus ({labeled} labeled, {unlabeled} unlabeled) to {corpus}")
+        print(f"[demo] 1/4 writing the synthetic corpus ({labeled} labeled, {unlabeled} unlabeled) to {corpus}")
         synth_corpus(corpus, labeled=labeled, unlabeled=unlabeled, seed=seed)
         open(os.path.join(corpus, ".done"), "w").close()
     if not is_complete(tables):
-        print(f"[demo] 2/3 ingest with Ray Data -> {tables}")
+        print(f"[demo] 2/4 ingest with Ray Data -> {tables}")
         summary = run_ingest(corpus, tables, load_config(cfg_path, list(overrides)),
                              [os.path.join(corpus, "Unlabeled")])
         print(summary.line())
-    results = {}
-    for model in MODELS:
-        run = os.path.join(out, "runs", model)
-        if os.path.exists(os.path.join(run, "result.json")):
-            with open(os.path.join(run, "result.json")) as f:
-                results[model] = json.load(f)
-            continue
-        print(f"[demo] 3/3 training {model} with Ray Train -> {run}")
-        cfg = load_config(cfg_path, [f"model.name={model}", *overrides])
-        results[model] = run_training(tables, run, cfg)
-    lines = ["| model | best epoch | dev CCC | test CCC |", "|---|---|---|---|"]
-    for model, r in results.items():
-        for a in r["attributes"]:
-            lines.append(f"| {model} | {r['best_epoch']} | {r['dev_ccc'][a]:.3f} | {r['test_ccc'][a]:.3f} |")
-    table = "\n".join(lines)
+    print(f"[demo] 3/4 training {', '.join(MODELS)} with Ray Train ({repeats} run(s) each) -> {out}/runs")
+    runs = repeated_runs(tables, out, MODELS, repeats, cfg_path, overrides)
+    print("[demo] 4/4 evaluation (4 test subsets x runs, t-test) and cluster analysis")
+    ev = evaluate_runs(runs, os.path.join(out, "evaluation"))
+    an = analyze_run(runs[0], os.path.join(out, "analysis"))
+    dep = "\n".join(f"- {r.attribute}: eta^2 {r.eta2:.3f} (random assignment {r.eta2_random_mean:.3f}), "
+                    f"MI {r.mi_bits:.3f} bits (random {r.mi_random_mean:.3f})" for r in an["dependence"].itertuples())
     with open(os.path.join(out, "summary.md"), "w") as f:
-        f.write(f"# dec-ray demo\n\nTest CCC ({results[MODELS[0]]['attributes'][0]}), sentence level, "
-                f"labels on the 1..7 scale.\n\n{table}\n")
-    print(f"\n{table}\n\n[demo] done in {time.time() - t0:.0f}s; outputs under {out}/ (summary.md, runs/*/result.json)")
-    return results
+        f.write(f"# dec-ray demo\n\nTest CCC, sentence level, labels on the 1..7 scale "
+                f"(`dec-ray evaluate`; details in evaluation/evaluation.md).\n\n{ev['table']}\n\n"
+                f"![test CCC](evaluation/evaluation.png)\n\n## Clusters of {runs[0]}\n\n{dep}\n\n"
+                f"![clusters](analysis/cluster_attributes.png)\n")
+    print(f"\n{ev['table']}\n\nclusters vs emotion ({MODELS[0]}):\n{dep}\n\n[demo] done in {time.time() - t0:.0f}s; "
+          f"outputs under {out}/ (summary.md, evaluation/, analysis/*.png, runs/*/*/result.json)")
+    return {"runs": runs, "evaluation": ev["summary"], "dependence": an["dependence"]}

@@ -1,8 +1,9 @@
 """Ray Train layer: a TorchTrainer whose workers load their shards and run dec_ray.training.
 
 RUN/ holds: config.yaml, stats.json, ray/ (Ray Train storage: checkpoints, per-epoch results),
-metrics.jsonl, tensorboard/, model.pt (best weights + config + stats), test_predictions.parquet
-and result.json (best epoch, dev and test CCC per attribute, de-normalised labels).
+metrics.jsonl, placement.jsonl (the node of each rank, per start), tensorboard/, model.pt (best
+weights + config + stats), dev/test_predictions.parquet and result.json (best epoch, dev and test
+CCC per attribute, de-normalised labels).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from dec_ray.config import ATTRIBUTES, Config, config_from_dict, load_config
 from dec_ray.ingest import is_complete, split_files
 from dec_ray.normalization import Stats
 from dec_ray.raycluster import check_room_for_data, ensure_ray
-from dec_ray.training import Learner, Pool, is_better, run_epoch
+from dec_ray.training import Learner, Pool, gather_objects, is_better, run_epoch
 
 DATASETS = ("train", "unlabeled")          # streamed through Ray Data, split between workers
 EVAL_SPLITS = ("dev", "test")              # read by each worker, its stride only
@@ -117,6 +118,7 @@ def _predictions_table(ev: Dict, attrs) -> pa.Table:
 
 
 def train_loop_per_worker(config: dict) -> None:
+    import ray
     import ray.data
     import ray.train
     import ray.train.torch
@@ -148,6 +150,10 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             print(f"[dec-ray] resumed from checkpoint after epoch {st['epoch']}", flush=True)
     log = MetricsLog(out) if rank == 0 else None
+    nodes = gather_objects(ray.get_runtime_context().get_node_id())
+    if rank == 0:       # where each rank runs, once per (re)start: the multi-node test reads it
+        with open(os.path.join(out, "placement.jsonl"), "a") as f:
+            f.write(json.dumps({"time": time.time(), "start_epoch": start, "nodes": nodes}) + "\n")
     kill_at = int(config.get("kill_at_epoch", -1))
     marker = os.path.join(out, ".test_killed")
 
@@ -227,7 +233,8 @@ def build_trainer(tables: str, out: str, cfg: Config, stats: Stats, name: str = 
                            "datasets": sorted(datasets), "eval_files": eval_files,
                            "kill_at_epoch": int(os.environ.get(KILL_ENV, "-1"))},
         scaling_config=ScalingConfig(num_workers=s.workers, use_gpu=s.use_gpu,
-                                     resources_per_worker={"CPU": s.cpus_per_worker}),
+                                     resources_per_worker={"CPU": s.cpus_per_worker},
+                                     placement_strategy=s.placement_strategy),
         run_config=RunConfig(name=name, storage_path=os.path.join(out, "ray"),
                              checkpoint_config=CheckpointConfig(num_to_keep=s.num_to_keep),
                              failure_config=FailureConfig(max_failures=s.max_failures),

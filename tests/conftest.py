@@ -72,3 +72,12 @@ def copy_tree(tmp_path):
         shutil.copytree(src, dst)
         return dst
     return make
+
+
+@pytest.fixture(scope="session")
+def trained_runs(tables, tmp_path_factory):
+    """One tiny DeepEmoCluster and one CNN run (1 epoch each), trained through the evaluate launcher."""
+    from dec_ray.evaluation import repeated_runs
+    out = str(tmp_path_factory.mktemp("evaluate"))
+    runs = repeated_runs(tables[0], out, ["deepemocluster", "cnn"], 1, None, TINY + ["train.epochs=1"])
+    return dict(zip(["deepemocluster", "cnn"], runs))

@@ -11,15 +11,13 @@ import soundfile as sf
 import dec_ray
 from dec_ray.batch_predict import run_predict
 from dec_ray.ingest import split_files
-from dec_ray.trainer import run_training
 
 pytestmark = pytest.mark.slow
 
 
-def test_predict_matches_the_trainers_test_predictions(tables, tiny_cfg, tmp_path, ray_local):
+def test_predict_matches_the_trainers_test_predictions(tables, trained_runs, tmp_path, ray_local):
     out, _ = tables
-    run = str(tmp_path / "run")
-    run_training(out, run, tiny_cfg("train.epochs=1"))
+    run = trained_runs["deepemocluster"]
     trainer_preds = pq.read_table(os.path.join(run, "test_predictions.parquet")).to_pandas()
     test = pads.dataset(split_files(out, "test"), format="parquet").to_table(columns=["row_id", "path"]).to_pandas()
     expected = trainer_preds.merge(test, on="row_id").set_index("path")["pred_arousal"]

@@ -1,0 +1,87 @@
+"""The evaluation protocol (subsets, CCC, t-test) and the cluster analysis, on real tiny runs."""
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as sps
+
+from dec_ray.analysis import dependence, eta_squared, mutual_information
+from dec_ray.cli import main
+from dec_ray.evaluation import split_test_set, subset_cccs, summarize, t_test
+from dec_ray.losses import ccc
+
+
+def test_t_test_matches_the_pooled_formula_and_scipy():
+    a = np.array([0.61, 0.65, 0.58, 0.66, 0.63, 0.60, 0.64, 0.62])
+    b = np.array([0.55, 0.59, 0.57, 0.52, 0.60, 0.56, 0.54, 0.58])
+    na, nb = len(a), len(b)
+    pooled = ((na - 1) * a.var(ddof=1) + (nb - 1) * b.var(ddof=1)) / (na + nb - 2)
+    t = (a.mean() - b.mean()) / np.sqrt(pooled * (1 / na + 1 / nb))
+    p = 2 * sps.t.sf(abs(t), na + nb - 2)                  # two-tailed
+    got_t, got_p = t_test(a, b)
+    assert np.isclose(got_t, t) and np.isclose(got_p, p)
+    assert np.isclose(got_t, 4.4956, atol=1e-3) and 1e-4 < got_p < 1e-3   # worked by hand: 0.06 / 0.013346
+    assert np.isclose(t_test(b, a)[0], -t)                  # sign: reference minus baseline
+
+
+def test_test_subsets_are_a_seeded_equal_partition():
+    ids = np.arange(103) * 7
+    subs = split_test_set(ids, 4, seed=1)
+    assert sorted(len(s) for s in subs) == [25, 26, 26, 26]
+    assert np.array_equal(np.sort(np.concatenate(subs)), ids)
+    assert all(np.array_equal(x, y) for x, y in zip(subs, split_test_set(ids[::-1], 4, seed=1)))
+    assert not all(np.array_equal(x, y) for x, y in zip(subs, split_test_set(ids, 4, seed=2)))
+
+
+def test_summary_marks_significance_against_the_reference():
+    rng = np.random.default_rng(0)
+    rows = [{"model": m, "run": f"{m}{r}", "subset": s, "attribute": "arousal", "ccc": mu + 0.01 * rng.normal()}
+            for m, mu in (("deepemocluster", 0.65), ("cnn", 0.60), ("ae", 0.65)) for r in range(5) for s in range(4)]
+    summary = summarize(pd.DataFrame(rows)).set_index("model")
+    assert list(summary.index) == ["deepemocluster", "ae", "cnn"]
+    assert summary.loc["cnn", "significant"] == "yes" and summary.loc["cnn", "n"] == 20
+    assert summary.loc["ae", "significant"] == "no" and np.isnan(summary.loc["deepemocluster", "p"])
+
+
+def test_dependence_measures_on_known_cases():
+    y = np.repeat([1.0, 4.0, 7.0], 50)
+    exact = np.repeat([0, 1, 2], 50)
+    assert np.isclose(eta_squared(exact, y), 1.0)
+    assert np.isclose(mutual_information(exact, exact), np.log2(3))
+    assert np.isclose(mutual_information(np.tile([0, 1], 75), exact), 0.0)
+    dep = dependence(exact, {"arousal": y + np.random.default_rng(0).normal(scale=0.1, size=150)}, n_bins=3)
+    assert dep.loc[0, "eta2"] > 0.95 and dep.loc[0, "eta2_random_p95"] < 0.1
+
+
+@pytest.mark.slow
+def test_evaluate_runs_end_to_end(trained_runs, tmp_path):
+    out = str(tmp_path / "eval")
+    runs = [trained_runs["deepemocluster"], trained_runs["cnn"]]
+    assert main(["evaluate", "--runs", *runs, "--out", out]) == 0
+    for name in ("evaluation.md", "evaluation.csv", "ccc_values.csv", "evaluation.png"):
+        assert os.path.getsize(os.path.join(out, name)) > 0
+    values = pd.read_csv(os.path.join(out, "ccc_values.csv"))
+    assert len(values) == 2 * 4                              # 2 runs x 4 subsets x 1 attribute
+    # one value recomputed from the run's own test predictions
+    preds = pd.read_parquet(os.path.join(runs[1], "test_predictions.parquet")).set_index("row_id")
+    sub = split_test_set(preds.index.to_numpy(), 4, seed=0)[2]
+    row = values[(values["model"] == "cnn") & (values["subset"] == 2)].iloc[0]
+    assert np.isclose(row["ccc"], ccc(preds.loc[sub, "pred_arousal"], preds.loc[sub, "gold_arousal"]))
+    summary = pd.read_csv(os.path.join(out, "evaluation.csv")).set_index("model")
+    ref = values[values["model"] == "deepemocluster"]["ccc"]
+    assert np.isclose(summary.loc["cnn", "p"], t_test(ref, values[values["model"] == "cnn"]["ccc"])[1])
+    assert subset_cccs(runs, 4, 0)["ccc"].tolist() == pytest.approx(values["ccc"].tolist())
+
+
+@pytest.mark.slow
+def test_analyze_shows_clusters_that_follow_the_emotion(trained_runs, tmp_path):
+    out = str(tmp_path / "analysis")
+    assert main(["analyze", "--run", trained_runs["deepemocluster"], "--out", out]) == 0
+    clusters = pd.read_csv(os.path.join(out, "clusters.csv"))
+    dep = pd.read_csv(os.path.join(out, "dependence.csv")).set_index("attribute")
+    assert clusters["chunks"].sum() % 11 == 0 and len(clusters) == 4
+    assert dep.loc["arousal", "eta2"] > dep.loc["arousal", "eta2_random_p95"]
+    assert dep.loc["arousal", "mi_bits"] > dep.loc["arousal", "mi_random_p95"]
+    for name in ("analysis.md", "cluster_attributes.png", "embedding_2d.png"):
+        assert os.path.getsize(os.path.join(out, name)) > 0
