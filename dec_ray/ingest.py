@@ -70,10 +70,10 @@ def make_plan(items: List[Item], per_part: int, min_parts: int = 8) -> dict:
     row_id = 0
     for split in SPLITS:
         these = sorted((it for it in items if it.split == split), key=lambda it: it.path)
-        per_part = max(1, min(per_part, -(-len(these) // min_parts)))
-        for start in range(0, len(these), per_part):
-            chunk = these[start:start + per_part]
-            plan["parts"].append({"split": split, "name": f"part-{start // per_part:05d}.parquet",
+        size = max(1, min(per_part, -(-len(these) // min_parts)))    # this split's part size
+        for start in range(0, len(these), size):
+            chunk = these[start:start + size]
+            plan["parts"].append({"split": split, "name": f"part-{start // size:05d}.parquet",
                                   "items": [_item_dict(it, row_id + i) for i, it in enumerate(chunk)]})
             row_id += len(chunk)
     return plan

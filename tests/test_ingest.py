@@ -102,3 +102,17 @@ def test_resume_after_interruption(tables, copy_tree, capsys, ray_local):
     assert summary.rows == json.load(open(os.path.join(src, "_SUCCESS")))["rows"]
     with pytest.raises(ValueError, match="other feature settings"):
         run_ingest(None, out, load_config(None, ["features.n_mels=64"]))
+
+
+def test_plan_sizes_each_split_on_its_own():
+    """An empty or small split must not shrink the parts of the next one (a part per file)."""
+    from dec_ray.corpus import Item
+    from dec_ray.ingest import make_plan
+    items = [Item(f"/a/u{i:04d}.wav", "unlabeled", f"u{i}") for i in range(1000)]
+    items += [Item(f"/a/d{i}.wav", "dev", f"d{i}", arousal=4.0) for i in range(3)]
+    plan = make_plan(items, per_part=300, min_parts=8)
+    sizes = {s: [len(p["items"]) for p in plan["parts"] if p["split"] == s] for s in ("dev", "unlabeled")}
+    assert sizes["dev"] == [1, 1, 1]
+    assert sizes["unlabeled"] == [125] * 8
+    ids = [it["row_id"] for p in plan["parts"] for it in p["items"]]
+    assert sorted(ids) == list(range(1003))
