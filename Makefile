@@ -28,7 +28,7 @@ test: install
 	$(PY) -m pytest
 
 bench: install
-	$(PY) bench/ingest.py && $(PY) bench/kmeans.py && $(PY) bench/train.py
+	$(PY) bench/ingest.py && $(PY) bench/kmeans.py && $(PY) bench/train.py && $(PY) bench/predict.py
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache

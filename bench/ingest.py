@@ -43,6 +43,18 @@ def plain_loop(files, out):
     pq.write_table(pa.table({"path": files, "chunks": col}), os.path.join(out, "plain.parquet"), compression="zstd")
 
 
+def disk_per_segment(originals, work):
+    """Bytes per segment of a part made of distinct clips only: in the timed tables, hard-linked
+    copies of one clip share a part and zstd would fold the repeats."""
+    from dec_ray.config import load_config
+    from dec_ray.featurize import write_part
+    items = [{"row_id": i, "segment_id": str(i), "split": "unlabeled", "speaker": "", "path": p}
+             for i, p in enumerate(originals)]
+    part = os.path.join(work, "disk.parquet")
+    write_part(items, part, part + ".json", load_config(None).features)
+    return os.path.getsize(part) / len(originals)
+
+
 def ray_ingest(unlabeled_dir, out, cpus):
     """`dec-ray ingest` on a fresh local Ray with ``cpus`` CPUs; Ray's start is not timed."""
     code = f"""
@@ -65,14 +77,15 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--files", type=int, default=96)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--replicate", type=int, default=32,
+    ap.add_argument("--replicate", type=int, default=48,
                     help="hard-link each synthetic clip this many times, so that per-file work dominates")
     args = ap.parse_args()
     from dec_ray.synth import synth_corpus
     work = tempfile.mkdtemp(prefix="bench_ingest_")
     synth_corpus(os.path.join(work, "corpus"), labeled=0, unlabeled=args.files, seed=11)
     udir = os.path.join(work, "corpus", "Unlabeled")
-    for src in sorted(glob.glob(os.path.join(udir, "*.wav"))):
+    originals = sorted(glob.glob(os.path.join(udir, "*.wav")))
+    for src in originals:
         for i in range(1, args.replicate):
             os.link(src, src.replace(".wav", f"_r{i:03d}.wav"))
     files = sorted(glob.glob(os.path.join(udir, "*.wav")))
@@ -91,8 +104,7 @@ def main():
     n = len(files)
     med = {k: statistics.median(v) for k, v in (("plain", plain), ("ray1", ray1), ("ray2", ray2))}
     rate = {k: n / v for k, v in med.items()}
-    parts = glob.glob(os.path.join(work, "tables_2_0", "unlabeled", "*.parquet"))
-    bytes_per_seg = sum(os.path.getsize(p) for p in parts) / n
+    bytes_per_seg = disk_per_segment(originals, work)
     per_core_500k_h = 500_000 / rate["ray1"] / 3600
     lines = [
         f"{n} clips ({args.files} synthetic clips x {args.replicate} hard links, {audio_s / n:.1f} s mean), "
@@ -105,7 +117,8 @@ def main():
         f"| `dec-ray ingest`, 1 CPU | {rate['ray1']:.1f} | {rate['ray1'] / rate['plain']:.2f} |",
         f"| `dec-ray ingest`, 2 CPUs | {rate['ray2']:.1f} | {rate['ray2'] / rate['plain']:.2f} |",
         "",
-        f"Disk: {bytes_per_seg / 1024:.0f} KiB per segment (float16 chunks, zstd) -> "
+        f"Disk: {bytes_per_seg / 1024:.0f} KiB per segment (float16 chunks, zstd; measured on the "
+        f"{len(originals)} distinct clips) -> "
         f"{bytes_per_seg * 500_000 / 2 ** 30:.0f} GiB for 500K segments.",
         f"Projection for 500K segments: {per_core_500k_h:.1f} core-hours "
         f"({per_core_500k_h / 32:.2f} h on 32 cores, assuming linear scaling as measured from 1 to 2 CPUs: "
