@@ -206,7 +206,8 @@ def validate(cfg: Config) -> None:
         "cluster.mode": (cfg.cluster.mode, ("separate", "joint")),
         "tune.scheduler": (cfg.tune.scheduler, ("asha", "none")),
         "tune.search": (cfg.tune.search, ("random", "optuna")),
-        "scale.placement_strategy": (cfg.scale.placement_strategy, ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")),
+        "scale.placement_strategy": (cfg.scale.placement_strategy,
+                                     ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
