@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict
@@ -78,6 +79,14 @@ def load_eval_pool(files, cfg: Config, stats: Stats, rank: int, world_size: int)
     return _pool_from_batches(batches(), cfg, stats)
 
 
+def say(line: str) -> None:
+    """One console line from a worker. Ray Train V2 patches ``print`` in its workers to both
+    print and log each message, so the driver would show every line twice; writing to the
+    stream directly shows it once."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 class MetricsLog:
     """Rank 0's per-epoch line, metrics.jsonl and TensorBoard scalars."""
 
@@ -94,8 +103,8 @@ class MetricsLog:
                 self.tb.add_scalar(k, v, m["epoch"])
         self.tb.flush()
         ccc = " ".join(f"{k[8:]}={v:.3f}" for k, v in m.items() if k.startswith("dev_ccc_"))
-        print(f"[dec-ray] epoch {m['epoch']:3d}  dev_loss={m['dev_loss']:.4f}  dev CCC {ccc}  "
-              f"best={m['best_dev_loss']:.4f}@{m['best_epoch']}  {m['epoch_time_s']:.1f}s", flush=True)
+        say(f"[dec-ray] epoch {m['epoch']:3d}  dev_loss={m['dev_loss']:.4f}  dev CCC {ccc}  "
+            f"best={m['best_dev_loss']:.4f}@{m['best_epoch']}  {m['epoch_time_s']:.1f}s")
 
 
 def _save_checkpoint(payload: dict, extra_files: Optional[Dict[str, pa.Table]] = None):
@@ -148,7 +157,7 @@ def train_loop_per_worker(config: dict) -> None:
         start, best_loss, best_epoch, bad = st["epoch"] + 1, st["best_loss"], st["best_epoch"], st["bad_epochs"]
         best_model = st["best_model"]
         if rank == 0:
-            print(f"[dec-ray] resumed from checkpoint after epoch {st['epoch']}", flush=True)
+            say(f"[dec-ray] resumed from checkpoint after epoch {st['epoch']}")
     log = MetricsLog(out) if rank == 0 else None
     nodes = gather_objects(ray.get_runtime_context().get_node_id())
     if rank == 0:       # where each rank runs, once per (re)start: the multi-node test reads it
@@ -184,7 +193,7 @@ def train_loop_per_worker(config: dict) -> None:
         ray.train.report(metrics, checkpoint=checkpoint, delete_local_checkpoint_after_upload=True)
         if stop:
             if rank == 0:
-                print(f"[dec-ray] early stop: no dev improvement for {bad} epochs", flush=True)
+                say(f"[dec-ray] early stop: no dev improvement for {bad} epochs")
             break
 
     # Final: best weights on dev and test; the last report carries them (done=1).
