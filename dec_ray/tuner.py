@@ -107,7 +107,9 @@ def run_tune(tables: str, out: str, cfg: Config, space_spec: Optional[Dict[str, 
     for r in grid:
         conf = {k: v for k, v in (r.config or {}).items() if not k.startswith("_")}
         df = r.metrics_dataframe
-        best = float(df[t.metric].min() if t.mode == "min" else df[t.metric].max()) if df is not None and t.metric in df else None
+        best = None
+        if df is not None and t.metric in df:
+            best = float(df[t.metric].min() if t.mode == "min" else df[t.metric].max())
         rows.append({"trial": r.path.rstrip("/").split("/")[-1], t.metric: best,
                      "epochs": int(df["epoch"].max()) + 1 if df is not None and "epoch" in df else 0,
                      "dev_ccc": float(df["dev_ccc"].max()) if df is not None and "dev_ccc" in df else None,

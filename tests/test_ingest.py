@@ -28,7 +28,8 @@ def test_tables_rows_and_schema(tables, corpus):
     assert chunks.dtype == np.float16 and chunks.shape[1:] == (11, 62, 128)
     u = _table(out, "unlabeled", ["row_id", "arousal", "path"])
     assert u["arousal"].null_count == u.num_rows
-    ids = np.concatenate([_table(out, s, ["row_id"])["row_id"].to_numpy() for s in ("train", "dev", "test", "unlabeled")])
+    ids = np.concatenate([_table(out, s, ["row_id"])["row_id"].to_numpy()
+                          for s in ("train", "dev", "test", "unlabeled")])
     assert len(np.unique(ids)) == len(ids)
     assert is_complete(out)
 
