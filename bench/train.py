@@ -69,7 +69,7 @@ def main():
     work = tempfile.mkdtemp(prefix="bench_train_")
     corpus, tables = os.path.join(work, "corpus"), os.path.join(work, "tables")
     synth_corpus(corpus, labeled=args.labeled, unlabeled=args.unlabeled, seed=5, max_duration=6)
-    ray.init(num_cpus=os.cpu_count() + 1, include_dashboard=False)
+    ray.init(num_cpus=os.cpu_count() + 1)   # Train V2 cleans up through the State API (dashboard)
     run_ingest(corpus, tables, load_config(None), [os.path.join(corpus, "Unlabeled")])
     cpus = os.cpu_count()
     rows = ["| mode | plain loop s/epoch | Ray Train s/epoch | overhead | embed+cluster share (Ray) | "
