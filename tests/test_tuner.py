@@ -1,5 +1,6 @@
 """A 4-trial Ray Tune search with tiny models on the test corpus."""
 import csv
+import glob
 import os
 
 import pytest
@@ -30,3 +31,21 @@ def test_four_trial_search_with_asha(tables, tiny_cfg, tmp_path, ray_local):
     assert os.path.exists(rows[0]["checkpoint"])
     # ASHA stopped at least one trial before the last epoch (max_t = epochs + final report)
     assert min(r["epochs"] for r in rows) < 4, rows
+
+
+def test_optuna_search_then_resume_of_the_finished_search(tables, tiny_cfg, tmp_path, ray_local):
+    """The optuna searcher runs its trials; `tune --resume` on a finished search restores it
+    (Tuner.restore) and gives the same trials without training again."""
+    out, _ = tables
+    cfg = tiny_cfg("train.epochs=1", "scale.workers=1", "tune.samples=2", "tune.scheduler=none",
+                   "tune.search=optuna")
+    space = {"train.lr": {"loguniform": [1e-3, 1e-2]}, "cluster.k": {"choice": [3, 5]}}
+    run = str(tmp_path / "tune")
+    rows = run_tune(out, run, cfg, space)
+    assert len(rows) == 2 and not any(r["error"] for r in rows), rows
+    assert all(1e-3 <= r["train.lr"] <= 1e-2 and r["cluster.k"] in (3, 5) for r in rows)
+    assert glob.glob(os.path.join(run, "tune", "searcher-state-*.pkl"))    # the optuna searcher's state
+    trial_dirs = sorted(os.listdir(os.path.join(run, "trials")))
+    again = run_tune(out, run, cfg, space, resume=True)
+    assert [(r["trial"], r["dev_loss"]) for r in again] == [(r["trial"], r["dev_loss"]) for r in rows]
+    assert sorted(os.listdir(os.path.join(run, "trials"))) == trial_dirs    # nothing trained again
