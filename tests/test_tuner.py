@@ -1,4 +1,4 @@
-"""A 4-trial Ray Tune search with tiny models on the test corpus."""
+"""Ray Tune searches with tiny models on the test corpus: random + ASHA, optuna + resume."""
 import csv
 import glob
 import os
