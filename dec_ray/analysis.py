@@ -66,6 +66,12 @@ def dependence(clusters: np.ndarray, labels: Dict[str, np.ndarray], n_bins: int 
     return pd.DataFrame(rows)
 
 
+def dependence_lines(dep: pd.DataFrame) -> str:
+    """One console line per attribute: eta^2 and MI against the random assignments."""
+    return "\n".join(f"- {r.attribute}: eta^2 {r.eta2:.3f} (random assignment {r.eta2_random_mean:.3f}), "
+                     f"MI {r.mi_bits:.3f} bits (random {r.mi_random_mean:.3f})" for r in dep.itertuples())
+
+
 def cluster_table(clusters: np.ndarray, labels: Dict[str, np.ndarray]) -> pd.DataFrame:
     df = pd.DataFrame({"cluster": clusters, **labels})
     g = df.groupby("cluster")
@@ -92,13 +98,12 @@ def analyze_run(run: str, out: str, split: str = "train", max_sentences: int = 5
                 n_bins: int = 5) -> Dict:
     """Write OUT/clusters.csv, dependence.csv, analysis.md, cluster_attributes.png, embedding_2d.png."""
     from dec_ray.plots import cluster_boxplots, embedding_scatter
-    from dec_ray.trainer import load_eval_pool
+    from dec_ray.trainer import load_eval_pool, run_tables
     from dec_ray.training import Learner
 
     state = torch.load(os.path.join(run, "model.pt"), map_location="cpu", weights_only=True)
     cfg, stats = config_from_dict(state["config"]), Stats(**state["stats"])
-    with open(os.path.join(run, "tables.txt")) as f:
-        tables = f.read().strip()
+    tables = run_tables(run)
     files = split_files(tables, split)
     if not files:
         raise ValueError(f"{tables}: no {split} split to analyze")

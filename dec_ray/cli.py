@@ -96,12 +96,9 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_analyze(args) -> int:
-    from dec_ray.analysis import analyze_run
+    from dec_ray.analysis import analyze_run, dependence_lines
     res = analyze_run(args.run, args.out, args.split, args.max_sentences, args.seed)
-    dep = res["dependence"]
-    for r in dep.itertuples():
-        print(f"{r.attribute}: eta^2 {r.eta2:.3f} (random {r.eta2_random_mean:.3f}), "
-              f"MI {r.mi_bits:.3f} bits (random {r.mi_random_mean:.3f})")
+    print(dependence_lines(res["dependence"]))
     print(f"{res['k']} clusters of {res['chunks']} chunks; report: {args.out}/analysis.md, plots: {args.out}/*.png")
     return 0
 

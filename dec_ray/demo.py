@@ -21,7 +21,7 @@ def preset_path(name: str) -> str:
 
 def run_demo(out: str, labeled: int = 240, unlabeled: int = 120, seed: int = 0, overrides=(),
              repeats: int = 1) -> dict:
-    from dec_ray.analysis import analyze_run
+    from dec_ray.analysis import analyze_run, dependence_lines
     from dec_ray.evaluation import evaluate_runs, repeated_runs
     from dec_ray.ingest import is_complete, run_ingest
     from dec_ray.synth import synth_corpus
@@ -43,8 +43,7 @@ def run_demo(out: str, labeled: int = 240, unlabeled: int = 120, seed: int = 0, 
     print("[demo] 4/4 evaluation (4 test subsets x runs, t-test) and cluster analysis")
     ev = evaluate_runs(runs, os.path.join(out, "evaluation"))
     an = analyze_run(runs[0], os.path.join(out, "analysis"))
-    dep = "\n".join(f"- {r.attribute}: eta^2 {r.eta2:.3f} (random assignment {r.eta2_random_mean:.3f}), "
-                    f"MI {r.mi_bits:.3f} bits (random {r.mi_random_mean:.3f})" for r in an["dependence"].itertuples())
+    dep = dependence_lines(an["dependence"])
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(f"# dec-ray demo\n\nTest CCC, sentence level, labels on the 1..7 scale "
                 f"(`dec-ray evaluate`; details in evaluation/evaluation.md).\n\n{ev['table']}\n\n"

@@ -33,11 +33,7 @@ def read_run(run: str) -> Dict:
         raise ValueError(f"{run}: not a finished run with test predictions (result.json, test_predictions.parquet)")
     with open(os.path.join(run, "result.json")) as f:
         result = json.load(f)
-    tables = ""
-    if os.path.exists(os.path.join(run, "tables.txt")):
-        with open(os.path.join(run, "tables.txt")) as f:
-            tables = f.read().strip()
-    return {"run": run, "model": result["model"], "attributes": result["attributes"], "tables": tables,
+    return {"run": run, "model": result["model"], "attributes": result["attributes"],
             "predictions": pd.read_parquet(path)}
 
 

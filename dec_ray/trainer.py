@@ -281,6 +281,12 @@ def finalize(out: str, cfg: Config, stats: Stats, result) -> dict:
     return summary
 
 
+def run_tables(run: str) -> str:
+    """The tables folder a run was trained on (RUN/tables.txt)."""
+    with open(os.path.join(run, "tables.txt")) as f:
+        return f.read().strip()
+
+
 def run_training(tables: str, out: str, cfg: Optional[Config] = None, resume: bool = False) -> dict:
     """Train one model end to end; returns the content of RUN/result.json."""
     out = os.path.abspath(out)
@@ -288,8 +294,7 @@ def run_training(tables: str, out: str, cfg: Optional[Config] = None, resume: bo
         if not os.path.exists(os.path.join(out, "config.yaml")):
             raise ValueError(f"{out}: nothing to resume (no config.yaml)")
         cfg = load_config(os.path.join(out, "config.yaml"))
-        with open(os.path.join(out, "tables.txt")) as f:
-            tables = f.read().strip()
+        tables = run_tables(out)
     elif os.path.exists(os.path.join(out, "ray")):
         raise ValueError(f"{out} already holds a run; use --resume {out} or a new folder")
     if not is_complete(tables):
