@@ -21,7 +21,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from bench_results import write_section  # noqa: E402
+from bench_results import on_fresh_ray, replicated_clips, write_section  # noqa: E402
 
 
 def cpu_counters():
@@ -104,21 +104,16 @@ def disk_per_segment(originals, work):
 def ray_ingest(unlabeled_dir, out, cpus):
     """`dec-ray ingest` on a fresh local Ray with ``cpus`` CPUs; Ray's start is not timed."""
     code = f"""
-import sys, time, ray, json
+import sys, time, json
 sys.path.insert(0, {HERE!r})
 from ingest import cpu_counters
-ray.init(num_cpus={cpus}, include_dashboard=False)
 from dec_ray.config import load_config
 from dec_ray.ingest import run_ingest
 c0, t = cpu_counters(), time.perf_counter()
 run_ingest(None, {out!r}, load_config(None), [{unlabeled_dir!r}])
 print(json.dumps([time.perf_counter() - t, c0, cpu_counters()]))
 """
-    env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    if res.returncode:
-        raise RuntimeError(res.stderr[-3000:])
-    seconds, c0, c1 = json.loads(res.stdout.strip().splitlines()[-1])
+    seconds, c0, c1 = on_fresh_ray(code, cpus)
     return seconds, cores_busy(c0, c1), steady_rate(out, cpus)
 
 
@@ -140,15 +135,8 @@ def main():
     ap.add_argument("--replicate", type=int, default=48,
                     help="hard-link each synthetic clip this many times, so that per-file work dominates")
     args = ap.parse_args()
-    from dec_ray.synth import synth_corpus
     work = tempfile.mkdtemp(prefix="bench_ingest_")
-    synth_corpus(os.path.join(work, "corpus"), labeled=0, unlabeled=args.files, seed=11)
-    udir = os.path.join(work, "corpus", "Unlabeled")
-    originals = sorted(glob.glob(os.path.join(udir, "*.wav")))
-    for src in originals:
-        for i in range(1, args.replicate):
-            os.link(src, src.replace(".wav", f"_r{i:03d}.wav"))
-    files = sorted(glob.glob(os.path.join(udir, "*.wav")))
+    udir, originals, files = replicated_clips(work, args.files, args.replicate, seed=11)
     audio_s = sum(__import__("soundfile").info(f).duration for f in files)
 
     plain_loop(files[:1], tempfile.mkdtemp(dir=work))   # warm: librosa's import is not timed

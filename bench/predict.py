@@ -10,12 +10,9 @@ section of bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import glob
-import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,7 +20,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from bench_results import write_section  # noqa: E402
+from bench_results import on_fresh_ray, replicated_clips, write_section  # noqa: E402
 
 
 def make_run(files, run):
@@ -59,18 +56,13 @@ def plain_loop(run, files):
 def ray_predict(run, audio_dir, out, cpus):
     """`dec-ray predict` on a fresh local Ray with ``cpus`` CPUs (one actor per CPU); Ray's start is not timed."""
     code = f"""
-import time, ray, json
-ray.init(num_cpus={cpus}, include_dashboard=False)
+import time, json
 from dec_ray.batch_predict import run_predict
 t = time.perf_counter()
 info = run_predict({run!r}, [{audio_dir!r}], {out!r}, actors={cpus})
 print(json.dumps({{"seconds": time.perf_counter() - t, "predicted": info["predicted"]}}))
 """
-    env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    if res.returncode:
-        raise RuntimeError(res.stderr[-3000:])
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return on_fresh_ray(code, cpus)
 
 
 def main():
@@ -79,14 +71,8 @@ def main():
     ap.add_argument("--replicate", type=int, default=8, help="hard links per synthetic clip")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    from dec_ray.synth import synth_corpus
     work = tempfile.mkdtemp(prefix="bench_predict_")
-    synth_corpus(os.path.join(work, "corpus"), labeled=0, unlabeled=args.files, seed=12)
-    udir = os.path.join(work, "corpus", "Unlabeled")
-    for src in sorted(glob.glob(os.path.join(udir, "*.wav"))):
-        for i in range(1, args.replicate):
-            os.link(src, src.replace(".wav", f"_r{i:03d}.wav"))
-    files = sorted(glob.glob(os.path.join(udir, "*.wav")))
+    udir, _, files = replicated_clips(work, args.files, args.replicate, seed=12)
     run = os.path.join(work, "run")
     make_run(files, run)
 
