@@ -32,7 +32,7 @@ def make_run(files, run):
 
     from dec_ray.audio import load_audio
     from dec_ray.config import load_config
-    from dec_ray.demo import preset_path
+    from dec_ray.config import preset_path
     from dec_ray.features import mel_spectrogram
     from dec_ray.models import model_from_config
     from dec_ray.normalization import FrameSums, Stats

@@ -3,7 +3,7 @@
 Each rank holds only its own embeddings. Per iteration: E-step with a faiss flat index over the
 centroids on the rank's rows (a GPU index when the rank has one); M-step from an all-reduce of
 per-cluster sums and counts (DeepCluster-v2's scheme, swav main_deepclusterv2.py). Initial
-centroids are drawn on rank 0 from a pool that every rank contributes to, then broadcast. Empty
+centroids are k rows drawn by global row index, the same rows for any number of ranks. Empty
 clusters are re-seeded by splitting a large one, as faiss' Clustering.cpp does. Optional
 PCA-whitening and L2 normalisation (DeepCluster's preprocessing) use an all-reduced covariance.
 """
@@ -49,14 +49,6 @@ def _all_reduce(a: np.ndarray) -> np.ndarray:
     return t.cpu().numpy()
 
 
-def _broadcast(a: np.ndarray) -> np.ndarray:
-    if not _distributed():
-        return a
-    t = torch.from_numpy(np.ascontiguousarray(a)).to(comm_device())
-    dist.broadcast(t, src=0)
-    return t.cpu().numpy()
-
-
 def _as_float32(x: Union[np.ndarray, torch.Tensor]) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().float().cpu().numpy()
@@ -80,24 +72,23 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
 
 
 def _initial_centroids(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """Every rank offers up to k random rows; rank 0 draws k of the pool and broadcasts them."""
-    d = x.shape[1]
-    take = min(k, x.shape[0])
-    offer = np.zeros((k, d), dtype=np.float32)
-    offer[:take] = x[rng.choice(x.shape[0], take, replace=False)]
-    if not _distributed():
-        pool = offer[:take]
-    else:
-        world = dist.get_world_size()
-        dev = comm_device()
-        counts = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(world)]
-        dist.all_gather(counts, torch.tensor([take], dtype=torch.int64, device=dev))
-        rows = [torch.zeros(k, d, dtype=torch.float32, device=dev) for _ in range(world)]
-        dist.all_gather(rows, torch.from_numpy(offer).to(dev))
-        pool = np.concatenate([r.cpu().numpy()[:int(c.item())] for r, c in zip(rows, counts)])
-    if len(pool) < k:
-        raise ValueError(f"k-means: {len(pool)} points for k={k}")
-    return _broadcast(np.ascontiguousarray(pool[rng.choice(len(pool), k, replace=False)]))
+    """k distinct rows drawn over the global row order (rank 0's rows, then rank 1's, ...): every
+    rank draws the same global indices, fills in the rows it holds, and a sum over ranks gives
+    each rank all of them. The same rows as a single process drawing from the concatenation."""
+    n_local, d = x.shape
+    counts = np.array([n_local], dtype=np.int64)
+    if _distributed():
+        counts = np.zeros(dist.get_world_size(), dtype=np.int64)
+        counts[dist.get_rank()] = n_local
+        counts = _all_reduce(counts)
+    offset = int(counts[:dist.get_rank()].sum()) if _distributed() else 0
+    if counts.sum() < k:
+        raise ValueError(f"k-means: {int(counts.sum())} points for k={k}")
+    picks = rng.choice(int(counts.sum()), k, replace=False) - offset
+    mine = (picks >= 0) & (picks < n_local)
+    init = np.zeros((k, d), dtype=np.float64)
+    init[mine] = x[picks[mine]]
+    return _all_reduce(init).astype(np.float32)
 
 
 def _split_empty(centroids: np.ndarray, counts: np.ndarray, rng: np.random.Generator) -> int:

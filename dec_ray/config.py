@@ -52,6 +52,9 @@ class ModelConfig:
     dropout: float = 0.5
     attributes: List[str] = field(default_factory=lambda: ["arousal"])
     latent_beta: float = 1.0        # weight of the KL term (vae)
+    # official: the official code's _initialize_weights (conv N(0, sqrt(2/(9*out))), linear
+    # N(0, 0.01), biases 0) | torch: PyTorch's default (Kaiming-uniform) initialisation
+    init: str = "official"
 
 
 @dataclass
@@ -59,7 +62,6 @@ class ClusterConfig:
     k: int = 10
     niter: int = 20
     mode: str = "separate"          # separate: unlabeled and labeled clustered apart (paper) | joint
-    reuse_embeddings: bool = False  # DeepCluster-v2: reuse last training pass's embeddings
     pca_dim: int = 0                # 0: no PCA (as the official code)
     l2_normalize: bool = False
     max_points_per_centroid: int = 10_000_000
@@ -69,18 +71,19 @@ class ClusterConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 50
-    batch_sentences: int = 64       # x num_chunks chunks per batch
+    batch_sentences: int = 64       # global batch (x num_chunks chunks), shared by the workers
+    # the batch shrinks when an epoch over Train would make fewer optimiser steps (0: never)
+    min_steps_per_epoch: int = 20
     lr: float = 1e-3                # SGD, encoder + classifier
-    momentum: float = 0.9
-    weight_decay: float = 1e-5
+    momentum: float = 0.0           # official code: plain SGD. DeepCluster's: 0.9 (preset deepcluster_sgd)
+    weight_decay: float = 0.0       # official code: none. DeepCluster's: 1e-5 (preset deepcluster_sgd)
     lr_regressor: float = 5e-4      # Adam, regressor
     lr_top: float = 0.05            # fresh SGD for each new top layer
     lambda_ce: float = 1.0          # CCC-loss + lambda * CE in stage (b)
-    patience: int = 10              # early stopping on dev loss; 0 disables
+    patience: int = 0               # early stopping on dev loss; 0: every epoch (official), best kept
     seed: int = 0
-    unlabeled_limit: int = -1       # use at most this many unlabeled sentences; -1: all, 0: none
+    unlabeled_limit: int = -1       # a random subset (seeded by train.seed) of this many; -1: all, 0: none
     amp: bool = True                # bf16/fp16 autocast on GPU only
-    freeze_regressor_in_unlabeled: bool = True
     log_every: int = 0              # batches between progress lines; 0: epoch lines only
 
 
@@ -128,9 +131,21 @@ class ConfigError(ValueError):
     """A config file or override that does not match the schema."""
 
 
+# Keys that older runs' config.yaml may hold, and why they went.
+REMOVED = {
+    "cluster.reuse_embeddings": "the memory bank refreshed only the rows the sampler drew (not DeepCluster-v2's); "
+                                "every epoch now embeds each pool in a fresh eval-mode pass",
+    "train.freeze_regressor_in_unlabeled": "the regressor has no loss in the unlabeled stage and is never "
+                                           "stepped there; frozen and not frozen were the same model",
+}
+
+
 def _build(cls, data: dict, where: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(data) - set(fields)
+    gone = [f"{where}{k}" for k in sorted(unknown) if f"{where}{k}" in REMOVED]
+    if gone:
+        raise ConfigError("; ".join(f"{k} was removed: {REMOVED[k]}" for k in gone))
     if unknown:
         raise ConfigError(f"unknown key(s) in {where or 'config'}: {sorted(unknown)}; "
                           f"known: {sorted(fields)}")
@@ -180,6 +195,8 @@ def apply_overrides(data: dict, overrides: Optional[List[str]]) -> dict:
 def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> Config:
     """Defaults <- YAML file <- overrides. Unknown keys and wrong types are errors."""
     data: dict = {}
+    if path and not os.path.exists(path) and os.path.exists(preset_path(path)):
+        path = preset_path(path)
     if path:
         with open(path) as f:
             data = yaml.safe_load(f) or {}
@@ -189,6 +206,12 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
     cfg = _build(Config, data, "")
     validate(cfg)
     return cfg
+
+
+def preset_path(name: str) -> str:
+    """A config shipped with the package (dec_ray/presets/NAME.yaml): ``--config NAME``."""
+    from importlib import resources
+    return str(resources.files("dec_ray") / "presets" / f"{name}.yaml")
 
 
 def config_from_dict(data: dict) -> Config:
@@ -203,6 +226,7 @@ def validate(cfg: Config) -> None:
         "features.storage_dtype": (cfg.features.storage_dtype, ("float16", "float32")),
         "model.name": (cfg.model.name, ("deepemocluster", "cnn", "ae", "vae")),
         "model.encoder": (cfg.model.encoder, ("compact", "vgg16")),
+        "model.init": (cfg.model.init, ("official", "torch")),
         "cluster.mode": (cfg.cluster.mode, ("separate", "joint")),
         "tune.scheduler": (cfg.tune.scheduler, ("asha", "none")),
         "tune.search": (cfg.tune.search, ("random", "optuna")),

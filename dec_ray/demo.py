@@ -8,15 +8,10 @@ from __future__ import annotations
 
 import os
 import time
-from importlib import resources
 
-from dec_ray.config import load_config
+from dec_ray.config import load_config, preset_path
 
 MODELS = ("deepemocluster", "cnn")
-
-
-def preset_path(name: str) -> str:
-    return str(resources.files("dec_ray") / "presets" / f"{name}.yaml")
 
 
 def run_demo(out: str, labeled: int = 240, unlabeled: int = 120, seed: int = 0, overrides=(),

@@ -158,21 +158,41 @@ class CNNAutoEncoder(nn.Module):
                 "mu": mu, "logvar": logvar}
 
 
+@torch.no_grad()
+def official_init(model: nn.Module) -> nn.Module:
+    """The official code's _initialize_weights: conv (and transposed conv) weights
+    N(0, sqrt(2 / (9 * out_channels))), linear N(0, 0.01), BatchNorm weight 1, every bias 0."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            m.weight.normal_(0, (2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)) ** 0.5)
+        elif isinstance(m, nn.BatchNorm2d):
+            m.weight.fill_(1)
+        elif isinstance(m, nn.Linear):
+            m.weight.normal_(0, 0.01)
+        else:
+            continue
+        if m.bias is not None:
+            m.bias.zero_()
+    return model
+
+
 def build_model(name: str, encoder: str = "compact", width: float = 1.0, k: int = 10, n_outputs: int = 1,
-                embed_dim: int = 256, hidden: int = 256, dropout: float = 0.5) -> nn.Module:
+                embed_dim: int = 256, hidden: int = 256, dropout: float = 0.5, init: str = "official") -> nn.Module:
     enc = Encoder(encoder, width, embed_dim, dropout)
     if name == "deepemocluster":
-        return DeepEmoCluster(enc, k, n_outputs, embed_dim, hidden)
-    if name == "cnn":
-        return CNNRegressor(enc, n_outputs, embed_dim, hidden)
-    if name in ("ae", "vae"):
+        model = DeepEmoCluster(enc, k, n_outputs, embed_dim, hidden)
+    elif name == "cnn":
+        model = CNNRegressor(enc, n_outputs, embed_dim, hidden)
+    elif name in ("ae", "vae"):
         if encoder != "compact":
             raise ValueError("the AE/VAE decoders mirror the compact encoder only")
-        return CNNAutoEncoder(enc, n_outputs, embed_dim, hidden, width, variational=name == "vae")
-    raise ValueError(f"unknown model {name!r}")
+        model = CNNAutoEncoder(enc, n_outputs, embed_dim, hidden, width, variational=name == "vae")
+    else:
+        raise ValueError(f"unknown model {name!r}")
+    return official_init(model) if init == "official" else model
 
 
 def model_from_config(cfg) -> nn.Module:
     m = cfg.model
     return build_model(m.name, m.encoder, m.width, cfg.cluster.k, len(m.attributes), m.embed_dim,
-                       m.hidden_dim, m.dropout)
+                       m.hidden_dim, m.dropout, m.init)

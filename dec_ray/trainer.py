@@ -27,13 +27,13 @@ from dec_ray.config import ATTRIBUTES, Config, config_from_dict, load_config
 from dec_ray.ingest import is_complete, split_files
 from dec_ray.normalization import Stats
 from dec_ray.raycluster import check_room_for_data, ensure_ray
-from dec_ray.training import Learner, Pool, gather_objects, is_better, run_epoch
+from dec_ray.training import (MIN_SENTENCES_PER_WORKER_BATCH, Learner, LoopState, Pool, batch_sentences, fit,
+                              gather_objects)
 
 DATASETS = ("train", "unlabeled")          # streamed through Ray Data, split between workers
 EVAL_SPLITS = ("dev", "test")              # read by each worker, its stride only
 COLUMNS = ["row_id", "chunks", *ATTRIBUTES]
 STATE_FILE = "state.pt"
-KILL_ENV = "DEC_RAY_TEST_KILL_AT_EPOCH"   # tests: kill the last worker process once, mid-epoch
 
 
 def _pool_from_batches(batches, cfg: Config, stats: Stats) -> Pool:
@@ -41,7 +41,7 @@ def _pool_from_batches(batches, cfg: Config, stats: Stats) -> Pool:
     for b in batches:
         chunks.append(b["chunks"])
         y = np.stack([np.asarray(b[a], dtype=np.float32) for a in cfg.model.attributes], axis=1)
-        labels.append(stats.normalize_labels(y, cfg.model.attributes) if np.isfinite(y).all() else y)
+        labels.append(stats.normalize_labels(y, cfg.model.attributes))     # row by row; NaN stays NaN
         ids.append(np.asarray(b["row_id"]))
     if not ids:
         f = cfg.features
@@ -127,6 +127,7 @@ def _predictions_table(ev: Dict, attrs) -> pa.Table:
 
 
 def train_loop_per_worker(config: dict) -> None:
+    """One Ray Train worker: load its shards, restore the loop state, run ``training.fit``."""
     import ray
     import ray.data
     import ray.train
@@ -136,78 +137,72 @@ def train_loop_per_worker(config: dict) -> None:
     stats = Stats(**config["stats"])
     out = config["out"]
     ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
-    torch.manual_seed(cfg.train.seed)
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(cfg.scale.cpus_per_worker)))
     if cfg.cluster.faiss_threads == 0:
         cfg.cluster.faiss_threads = max(1, int(cfg.scale.cpus_per_worker))
-    device = ray.train.torch.get_device()
     ray.data.DataContext.get_current().enable_progress_bars = False   # one progress line per epoch instead
     pools = {n: load_pool(ray.train.get_dataset_shard(n), cfg, stats) for n in config["datasets"]}
     for n in EVAL_SPLITS:
-        pools[n] = load_eval_pool(config["eval_files"].get(n), cfg, stats, rank, ctx.get_world_size())
-    learner = Learner(cfg, stats, device, wrap=ray.train.torch.prepare_model)
+        pools[n] = load_eval_pool(config["eval_files"].get(n), cfg, stats, rank, world_size)
+    learner = Learner(cfg, stats, ray.train.torch.get_device(), wrap=ray.train.torch.prepare_model)
 
-    start, best_loss, best_epoch, bad, best_model = 0, float("inf"), -1, 0, learner.model_copy()
+    state = LoopState()
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
             st = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
         learner.load_state(st["learner"])
-        start, best_loss, best_epoch, bad = st["epoch"] + 1, st["best_loss"], st["best_epoch"], st["bad_epochs"]
-        best_model = st["best_model"]
+        state = LoopState(**st["loop"])
         if rank == 0:
-            say(f"[dec-ray] resumed from checkpoint after epoch {st['epoch']}")
+            say(f"[dec-ray] resumed from checkpoint after epoch {state.epoch}")
     log = MetricsLog(out) if rank == 0 else None
-    nodes = gather_objects(ray.get_runtime_context().get_node_id())
-    if rank == 0:       # where each rank runs, once per (re)start: the multi-node test reads it
+    placement = gather_objects({"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()})
+    if rank == 0:       # where each rank runs, once per (re)start: the failure tests read it
         with open(os.path.join(out, "placement.jsonl"), "a") as f:
-            f.write(json.dumps({"time": time.time(), "start_epoch": start, "nodes": nodes}) + "\n")
-    kill_at = int(config.get("kill_at_epoch", -1))
-    marker = os.path.join(out, ".test_killed")
+            f.write(json.dumps({"time": time.time(), "start_epoch": state.epoch + 1,
+                                "nodes": [p["node"] for p in placement],
+                                "pids": [p["pid"] for p in placement]}) + "\n")
 
-    def payload(epoch: int) -> dict:
-        return {"learner": learner.state(), "epoch": epoch, "best_loss": best_loss, "best_epoch": best_epoch,
-                "bad_epochs": bad, "best_model": best_model}
-
-    epoch = start - 1
-    for epoch in range(start, cfg.train.epochs):
-        t0 = time.time()
-        logs = run_epoch(learner, epoch, pools["train"], pools.get("unlabeled"))
-        if epoch == kill_at and rank == ctx.get_world_size() - 1 and not os.path.exists(marker):
-            open(marker, "w").close()
-            time.sleep(5)             # let the controller register the last report (it polls workers)
-            os._exit(1)               # a worker process dies mid-epoch
-        ev = learner.evaluate(pools["dev"], "dev")["metrics"]
-        if is_better(ev["dev_loss"], best_loss):
-            best_loss, best_epoch, bad, best_model = ev["dev_loss"], epoch, 0, learner.model_copy()
-        else:
-            bad += 1
-        stop = cfg.train.patience > 0 and bad >= cfg.train.patience
-        metrics = {"epoch": epoch, **logs, **ev, "best_dev_loss": best_loss, "best_epoch": best_epoch,
-                   "epoch_time_s": time.time() - t0, "done": 0}
+    def report(metrics: Dict, st: LoopState, tables: Optional[Dict[str, pa.Table]] = None) -> None:
         checkpoint = None
         if rank == 0:
-            checkpoint = _save_checkpoint(payload(epoch))
-            log.write(metrics)
+            checkpoint = _save_checkpoint({"learner": learner.state(), "loop": st.to_dict()}, tables)
+            if not metrics["done"]:
+                log.write(metrics)
         ray.train.report(metrics, checkpoint=checkpoint, delete_local_checkpoint_after_upload=True)
-        if stop:
-            if rank == 0:
-                say(f"[dec-ray] early stop: no dev improvement for {bad} epochs")
-            break
 
-    # Final: best weights on dev and test; the last report carries them (done=1).
-    learner.net.load_state_dict(best_model)
-    final = {"epoch": max(epoch, 0), "best_epoch": best_epoch, "best_dev_loss": best_loss, "done": 1}
-    dev = learner.evaluate(pools["dev"], "dev")
-    final.update(dev["metrics"])
-    tables = {"dev_predictions.parquet": _predictions_table(dev, cfg.model.attributes)}
-    if pools.get("test") is not None and len(pools["test"].row_ids):
-        test = learner.evaluate(pools["test"], "test")
-        final.update(test["metrics"])
-        tables["test_predictions.parquet"] = _predictions_table(test, cfg.model.attributes)
-    checkpoint = _save_checkpoint(dict(payload(max(epoch, 0)), finished=True), tables) if rank == 0 else None
-    ray.train.report(final, checkpoint=checkpoint, delete_local_checkpoint_after_upload=True)
+    result = fit(learner, pools, state, report)
+    if state.epoch + 1 < cfg.train.epochs and rank == 0:
+        say(f"[dec-ray] early stop: no dev improvement for {state.bad_epochs} epochs")
+    report(result["metrics"], state, {f"{split}_predictions.parquet": _predictions_table(ev, cfg.model.attributes)
+                                      for split, ev in result["evals"].items()})
+
+
+def unlabeled_subset(files, n: int, seed: int) -> np.ndarray:
+    """Row ids of a random ``n`` of the unlabeled rows, seeded: the same rows on every run and for
+    any number of workers (the official code draws a random 40K with a fixed seed)."""
+    ids = np.sort(pads.dataset(files, format="parquet").to_table(columns=["row_id"])["row_id"].to_numpy())
+    if n >= len(ids):
+        return ids
+    return np.sort(np.random.default_rng(seed).choice(ids, n, replace=False))
+
+
+def _keep_rows(batch: pa.Table, keep: np.ndarray) -> pa.Table:
+    return batch.filter(pc.is_in(batch["row_id"], value_set=pa.array(keep)))
+
+
+def resolve_batch(cfg: Config, n_train: int) -> str:
+    """Shrink ``train.batch_sentences`` when an epoch would make too few steps; returns the line
+    that says what was chosen."""
+    t, workers = cfg.train, cfg.scale.workers
+    chosen = batch_sentences(n_train, workers, t.batch_sentences, t.min_steps_per_epoch)
+    why = "" if chosen == t.batch_sentences else (
+        f" (configured {t.batch_sentences} would make {n_train // max(t.batch_sentences, 1)} steps per epoch; "
+        f"train.min_steps_per_epoch={t.min_steps_per_epoch})")
+    t.batch_sentences = chosen
+    return (f"batch {chosen} sentences x {cfg.features.num_chunks} chunks = {chosen // workers} sentences per "
+            f"worker x {workers} workers, {n_train // chosen} steps per epoch over {n_train} Train sentences{why}")
 
 
 def build_trainer(tables: str, out: str, cfg: Config, stats: Stats, name: str = "train",
@@ -224,6 +219,11 @@ def build_trainer(tables: str, out: str, cfg: Config, stats: Stats, name: str = 
     for split in ("train", "dev"):
         if not split_files(tables, split):
             raise ValueError(f"{tables}: the {split} split is empty; training needs train and dev")
+    n_train = pads.dataset(split_files(tables, "train"), format="parquet").count_rows()
+    if n_train < MIN_SENTENCES_PER_WORKER_BATCH * cfg.scale.workers:
+        raise ValueError(f"{tables}: {n_train} Train sentences for {cfg.scale.workers} workers; each worker "
+                         f"needs at least {MIN_SENTENCES_PER_WORKER_BATCH}")
+    lines = [resolve_batch(cfg, n_train)]
     for split in DATASETS:
         files = split_files(tables, split)
         if not files:
@@ -233,14 +233,20 @@ def build_trainer(tables: str, out: str, cfg: Config, stats: Stats, name: str = 
             if cfg.train.unlabeled_limit == 0 or cfg.model.name == "cnn":
                 continue
             if cfg.train.unlabeled_limit > 0:
-                ds = ds.limit(cfg.train.unlabeled_limit)
+                keep = unlabeled_subset(files, cfg.train.unlabeled_limit, cfg.train.seed)
+                ds = ds.map_batches(_keep_rows, fn_kwargs={"keep": keep}, batch_format="pyarrow")
+                lines.append(f"unlabeled: a random {len(keep)} sentences (train.unlabeled_limit, seed "
+                             f"{cfg.train.seed})")
         datasets[split] = ds
+    m = cfg.model
+    print(f"[dec-ray] {m.name} ({m.encoder} encoder, width {m.width:g}, init {m.init}), K={cfg.cluster.k}, "
+          f"{cfg.train.epochs} epochs, SGD lr {cfg.train.lr:g} momentum {cfg.train.momentum:g}, "
+          f"Adam lr {cfg.train.lr_regressor:g}; " + "; ".join(lines), flush=True)
     s = cfg.scale
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "stats": asdict(stats), "out": out,
-                           "datasets": sorted(datasets), "eval_files": eval_files,
-                           "kill_at_epoch": int(os.environ.get(KILL_ENV, "-1"))},
+                           "datasets": sorted(datasets), "eval_files": eval_files},
         scaling_config=ScalingConfig(num_workers=s.workers, use_gpu=s.use_gpu,
                                      resources_per_worker={"CPU": s.cpus_per_worker},
                                      placement_strategy=s.placement_strategy),
@@ -263,13 +269,14 @@ def finalize(out: str, cfg: Config, stats: Stats, result) -> dict:
         for f in ("dev_predictions.parquet", "test_predictions.parquet"):
             if os.path.exists(os.path.join(d, f)):
                 shutil.copy(os.path.join(d, f), os.path.join(out, f))
-    torch.save({"config": cfg.to_dict(), "stats": asdict(stats), "model": st["best_model"]},
+    torch.save({"config": cfg.to_dict(), "stats": asdict(stats), "model": st["loop"]["best_model"]},
                os.path.join(out, "model.pt"))
     m = result.metrics or {}
     attrs = cfg.model.attributes
+    loop = st["loop"]
     summary = {
-        "model": cfg.model.name, "attributes": attrs, "best_epoch": st["best_epoch"],
-        "epochs_run": st["epoch"] + 1, "best_dev_loss": st["best_loss"],
+        "model": cfg.model.name, "attributes": attrs, "best_epoch": loop["best_epoch"],
+        "epochs_run": loop["epoch"] + 1, "best_dev_loss": loop["best_loss"], "batch_sentences": cfg.train.batch_sentences,
         "dev_ccc": {a: m.get(f"dev_ccc_{a}") for a in attrs},
         "test_ccc": {a: m.get(f"test_ccc_{a}") for a in attrs},
         "model_path": os.path.join(out, "model.pt"),
@@ -300,12 +307,12 @@ def run_training(tables: str, out: str, cfg: Optional[Config] = None, resume: bo
     if not is_complete(tables):
         raise ValueError(f"{tables}: not a finished ingest (no _SUCCESS); run `dec-ray ingest` first")
     stats = Stats.load(os.path.join(tables, "stats.json"))
+    ensure_ray(cfg.scale.workers * cfg.scale.cpus_per_worker)
+    check_room_for_data(cfg.scale.workers * cfg.scale.cpus_per_worker)
     os.makedirs(out, exist_ok=True)
-    cfg.save(os.path.join(out, "config.yaml"))
+    trainer = build_trainer(os.path.abspath(tables), out, cfg, stats)     # settles the batch size
+    cfg.save(os.path.join(out, "config.yaml"))                            # as run, for --resume
     stats.save(os.path.join(out, "stats.json"))
     with open(os.path.join(out, "tables.txt"), "w") as f:
         f.write(os.path.abspath(tables))
-    ensure_ray(cfg.scale.workers * cfg.scale.cpus_per_worker)
-    check_room_for_data(cfg.scale.workers * cfg.scale.cpus_per_worker)
-    result = build_trainer(os.path.abspath(tables), out, cfg, stats).fit()
-    return finalize(out, cfg, stats, result)
+    return finalize(out, cfg, stats, trainer.fit())

@@ -1,15 +1,20 @@
-"""The DeepEmoCluster epoch and its baselines, in torch (+ torch.distributed). No Ray here.
+"""The DeepEmoCluster epoch, its baselines and the epoch loop, in torch (+ torch.distributed). No Ray.
 
 A worker holds its shard of each dataset as a ``Pool`` of sentences (raw float16 chunks + labels)
-and trains on chunks: chunk index i is sentence i // C, chunk i % C, so pseudo-labels, sampler
-draws and the embedding memory bank are all plain arrays indexed by chunk and stay aligned
-however the sampler shuffles.
+and trains on chunks: chunk index i is sentence i // C, chunk i % C, so pseudo-labels and sampler
+draws are plain arrays indexed by chunk and stay aligned however the sampler shuffles.
 
 Epoch (deepemocluster, cluster.mode=separate):
   (a) embed the unlabeled pool (eval mode) -> distributed K-means -> fresh top layer ->
-      uniform-over-clusters sample -> cross-entropy; the regressor is frozen (no gradient, no step)
+      uniform-over-clusters sample -> cross-entropy; the regressor has no loss and is not stepped
   (b) the same on the labeled Train pool, then CCC-loss + lambda * CE through the whole model
   (c) validation on dev: chunk-level CCC loss and sentence-level CCC
+
+Under data parallelism every rank must read the same model wherever the method reads it
+(embedding passes, K-means, dev/test scoring, the kept best weights). DDP keeps the parameters
+equal; BatchNorm's running statistics it only copies from rank 0 at each training forward, after
+which each rank updates them with its own batch. ``Learner.sync_buffers`` therefore broadcasts
+rank 0's buffers after every training stage (see README, "Distributed training").
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -30,6 +35,8 @@ from dec_ray.losses import ccc, ccc_loss, sentence_means, vae_kl
 from dec_ray.models import model_from_config
 from dec_ray.normalization import Stats
 from dec_ray.sampler import uniform_cluster_indices
+
+MIN_SENTENCES_PER_WORKER_BATCH = 2      # the CCC loss needs label variance within a batch
 
 
 @dataclass
@@ -52,7 +59,7 @@ class Pool:
 
     @staticmethod
     def concat(pools: List["Pool"]) -> "Pool":
-        pools = [p for p in pools if p is not None and len(p.row_ids)]
+        pools = [p for p in pools if p is not None]
         return Pool(np.concatenate([p.chunks for p in pools]), np.concatenate([p.labels for p in pools]),
                     np.concatenate([p.row_ids for p in pools]))
 
@@ -63,12 +70,20 @@ def world() -> tuple:
     return 0, 1
 
 
-def _min_over_ranks(n: int) -> int:
+def _reduce_int(n: int, op) -> int:
     if world()[1] == 1:
         return n
     t = torch.tensor([n], dtype=torch.int64, device=comm_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    dist.all_reduce(t, op=op)
     return int(t.item())
+
+
+def min_over_ranks(n: int) -> int:
+    return _reduce_int(n, dist.ReduceOp.MIN)
+
+
+def sum_over_ranks(n: int) -> int:
+    return _reduce_int(n, dist.ReduceOp.SUM)
 
 
 def gather_objects(obj):
@@ -81,23 +96,45 @@ def gather_objects(obj):
     return out
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """An independent, reproducible random stream per (seed, rank)."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
+def batch_sentences(n_train: int, workers: int, batch: int, min_steps: int) -> int:
+    """The global batch (sentences): the configured one, shrunk when an epoch over ``n_train``
+    Train sentences would make fewer than ``min_steps`` optimiser steps (0: never shrink). Never
+    below 2 sentences per worker, and a multiple of ``workers`` so every rank gets the same share."""
+    floor = MIN_SENTENCES_PER_WORKER_BATCH * workers
+    if min_steps > 0 and n_train // max(batch, 1) < min_steps:
+        batch = n_train // min_steps
+    return max(floor, batch // workers * workers)
+
+
 class Learner:
-    """Model, optimisers and the stage routines, identical on every rank."""
+    """Model, optimisers and the stage routines, identical on every rank.
+
+    The weights are initialised from ``train.seed`` alone (the same on every rank, and the same
+    for any number of ranks); afterwards torch's global generator is re-seeded per rank, so
+    dropout masks differ between ranks but are reproducible."""
 
     def __init__(self, cfg: Config, stats: Stats, device: torch.device, wrap=None):
         self.cfg, self.stats, self.device = cfg, stats, device
+        rank, size = world()
+        torch.manual_seed(cfg.train.seed)
         self.net = model_from_config(cfg).to(device)
+        torch.manual_seed(rank_seed(cfg.train.seed, rank))
         self.model = wrap(self.net) if wrap else self.net      # DDP wrapper under Ray Train
         t = cfg.train
-        reg = list(self.net.regressor.parameters())
-        reg_ids = {id(p) for p in reg}
+        self.regressor_params = list(self.net.regressor.parameters())
+        reg_ids = {id(p) for p in self.regressor_params}
         top_ids = {id(p) for p in self.net.top.parameters()} if self.clusters else set()
         body = [p for p in self.net.parameters() if id(p) not in reg_ids | top_ids]
         self.sgd = torch.optim.SGD(body, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-        self.adam = torch.optim.Adam(reg, lr=t.lr_regressor)
+        self.adam = torch.optim.Adam(self.regressor_params, lr=t.lr_regressor)
         self.top_opt: Optional[torch.optim.Optimizer] = None
-        self.banks: Dict[str, np.ndarray] = {}
-        self.batch_chunks = t.batch_sentences * cfg.features.num_chunks
+        # train.batch_sentences is the global batch; each rank takes its share of it
+        self.batch_chunks = max(1, t.batch_sentences // size) * cfg.features.num_chunks
         self.amp = t.amp and device.type == "cuda"
 
     @property
@@ -108,6 +145,16 @@ class Learner:
         xt = torch.from_numpy(x).to(self.device, non_blocking=True)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
             return model(xt)
+
+    def sync_buffers(self) -> None:
+        """Every rank takes rank 0's BatchNorm running statistics (what model.pt saves)."""
+        if world()[1] == 1:
+            return
+        dev = comm_device()
+        for buf in self.net.buffers():
+            t = buf.data.to(dev)
+            dist.broadcast(t, src=0)
+            buf.data.copy_(t)
 
     # --- clustering ---
     @torch.no_grad()
@@ -124,16 +171,11 @@ class Learner:
         """Chunk-level embeddings of the whole pool (the clustering input)."""
         return self._eval_pass(pool, "embedding", self.cfg.model.hidden_dim)
 
-    def pseudo_labels(self, name: str, pool: Pool, seed: int):
-        """Embeddings (fresh pass, or the memory bank) -> K-means -> per-chunk pseudo-labels."""
+    def pseudo_labels(self, pool: Pool, seed: int):
+        """A fresh eval-mode embedding pass -> distributed K-means -> per-chunk pseudo-labels."""
         c = self.cfg.cluster
-        emb = self.banks.get(name) if c.reuse_embeddings else None
-        if emb is None:
-            emb = self.embed(pool)
-        res = kmeans(emb, c.k, niter=c.niter, seed=seed, pca_dim=c.pca_dim, l2=c.l2_normalize,
-                     use_gpu=self.device.type == "cuda", threads=c.faiss_threads)
-        self.banks[name] = emb
-        return res
+        return kmeans(self.embed(pool), c.k, niter=c.niter, seed=seed, pca_dim=c.pca_dim, l2=c.l2_normalize,
+                      use_gpu=self.device.type == "cuda", threads=c.faiss_threads)
 
     def reset_top(self, seed: int) -> None:
         """Fresh top layer (same on all ranks) and a fresh SGD for it."""
@@ -142,13 +184,13 @@ class Learner:
 
     # --- one pass over sampled chunks ---
     def train_stage(self, pool: Pool, indices: np.ndarray, pseudo: Optional[np.ndarray] = None,
-                    supervised: bool = False, bank: Optional[str] = None) -> Dict[str, float]:
+                    supervised: bool = False) -> Dict[str, float]:
         """Train on ``indices`` (chunk ids of this pool). CE on ``pseudo`` when given; CCC when
         ``supervised``; reconstruction for ae/vae. The regressor steps only when supervised."""
         self.model.train()
         t = self.cfg.train
-        n_batches = _min_over_ranks(len(indices) // self.batch_chunks if len(indices) >= self.batch_chunks
-                                    else int(len(indices) > 0))
+        n_batches = min_over_ranks(len(indices) // self.batch_chunks if len(indices) >= self.batch_chunks
+                                   else int(len(indices) > 0))
         sums: Dict[str, float] = {}
         for b in range(n_batches):
             idx = indices[b * self.batch_chunks:(b + 1) * self.batch_chunks]
@@ -169,8 +211,7 @@ class Learner:
                 parts["recon"] = rec * (t.lambda_ce if supervised else 1.0)
             loss = sum(parts.values())
             if not supervised:
-                # stage (a): the regressor gets no gradient (frozen); DDP needs every parameter
-                # to take part in the graph, so it joins with weight zero.
+                # DDP needs every parameter in the graph: the regressor joins with weight zero
                 loss = loss + 0.0 * out["pred"].sum()
             self.sgd.zero_grad(set_to_none=True)
             self.adam.zero_grad(set_to_none=True)
@@ -180,12 +221,11 @@ class Learner:
             self.sgd.step()
             if pseudo is not None and self.top_opt is not None:
                 self.top_opt.step()
-            if supervised or not t.freeze_regressor_in_unlabeled:
+            if supervised:      # unsupervised stages have no regression loss: no Adam step on zeros
                 self.adam.step()
-            if bank and bank in self.banks:
-                self.banks[bank][idx] = out["embedding"].detach().float().cpu().numpy()
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
+        self.sync_buffers()
         return {k: v / max(n_batches, 1) for k, v in sums.items()}
 
     # --- evaluation ---
@@ -195,7 +235,8 @@ class Learner:
         return self._eval_pass(pool, "pred", len(self.cfg.model.attributes))
 
     def evaluate(self, pool: Pool, prefix: str) -> Dict:
-        """Each rank predicts its own part of an evaluation split; results are gathered everywhere."""
+        """Each rank predicts its own part of an evaluation split (possibly none of it); the
+        results are gathered everywhere. A collective: every rank calls it."""
         parts = gather_objects((pool.row_ids, self.predict(pool), pool.labels))
         row_ids = np.concatenate([p[0] for p in parts])
         chunk_pred = np.concatenate([p[1] for p in parts])
@@ -234,7 +275,7 @@ def run_epoch(learner: Learner, epoch: int, train: Pool, unlabeled: Optional[Poo
     rank, _ = world()
     seed = cfg.train.seed * 100_003 + epoch * 4
     logs: Dict[str, float] = {}
-    has_unl = unlabeled is not None and _min_over_ranks(len(unlabeled.row_ids)) > 0
+    has_unl = unlabeled is not None and sum_over_ranks(len(unlabeled.row_ids)) > 0
 
     def sample(n: int, s: int) -> np.ndarray:
         return np.random.default_rng([s, rank]).permutation(n)
@@ -249,37 +290,86 @@ def run_epoch(learner: Learner, epoch: int, train: Pool, unlabeled: Optional[Poo
         logs.update(learner.train_stage(train, sample(train.n_chunks, seed + 1), supervised=True))
         return logs
 
-    def clustered_stage(name: str, pool: Pool, s: int, supervised: bool) -> None:
+    def cluster(name: str, pool: Pool, s: int):
         t0 = time.perf_counter()
-        res = learner.pseudo_labels(name, pool, s)
+        res = learner.pseudo_labels(pool, s)
         logs[f"{name}_cluster_s"] = time.perf_counter() - t0          # embedding pass + K-means
-        learner.reset_top(s)
-        idx = uniform_cluster_indices(res.assignment, seed=s, rank=rank)
-        out = learner.train_stage(pool, idx, res.assignment, supervised=supervised, bank=name)
-        logs.update({f"{name}_{k}": v for k, v in out.items()})
         logs[f"{name}_kmeans_obj"] = res.objective
         logs[f"{name}_nonempty"] = int((res.sizes > 0).sum())
+        learner.reset_top(s)
+        return res.assignment, uniform_cluster_indices(res.assignment, seed=s, rank=rank)
 
     if cfg.cluster.mode == "joint" and has_unl:
-        # one clustering over labeled + unlabeled; CE on all, CCC on the labeled chunks of a batch
+        # one clustering over labeled + unlabeled; CE on all, CCC on the labeled chunks
         both = Pool.concat([train, unlabeled])
-        t0 = time.perf_counter()
-        res = learner.pseudo_labels("joint", both, seed)
-        logs["joint_cluster_s"] = time.perf_counter() - t0
-        learner.reset_top(seed)
-        idx = uniform_cluster_indices(res.assignment, seed=seed, rank=rank)
-        idx_l = idx[idx < train.n_chunks]
-        out_u = learner.train_stage(both, idx[idx >= train.n_chunks], res.assignment, bank="joint")
-        out_l = learner.train_stage(both, idx_l, res.assignment, supervised=True, bank="joint")
+        assignment, idx = cluster("joint", both, seed)
+        out_u = learner.train_stage(both, idx[idx >= train.n_chunks], assignment)
+        out_l = learner.train_stage(both, idx[idx < train.n_chunks], assignment, supervised=True)
         logs.update({f"joint_unl_{k}": v for k, v in out_u.items()})
         logs.update({f"joint_{k}": v for k, v in out_l.items()})
-        logs["joint_kmeans_obj"] = res.objective
         return logs
     if has_unl:
-        clustered_stage("unlabeled", unlabeled, seed, supervised=False)
-    clustered_stage("train", train, seed + 1, supervised=True)
+        assignment, idx = cluster("unlabeled", unlabeled, seed)
+        logs.update({f"unlabeled_{k}": v for k, v in learner.train_stage(unlabeled, idx, assignment).items()})
+    assignment, idx = cluster("train", train, seed + 1)
+    logs.update({f"train_{k}": v for k, v in learner.train_stage(train, idx, assignment, supervised=True).items()})
     return logs
+
+
+@dataclass
+class LoopState:
+    """What the epoch loop carries from epoch to epoch (and through a checkpoint)."""
+    epoch: int = -1                       # last finished epoch
+    best_loss: float = float("inf")
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    best_model: Optional[dict] = None
+    finished: bool = False
+
+    def to_dict(self) -> dict:
+        return {"epoch": self.epoch, "best_loss": self.best_loss, "best_epoch": self.best_epoch,
+                "bad_epochs": self.bad_epochs, "best_model": self.best_model, "finished": self.finished}
 
 
 def is_better(loss: float, best: float) -> bool:
     return math.isfinite(loss) and loss < best
+
+
+def fit(learner: Learner, pools: Dict[str, Optional[Pool]], state: Optional[LoopState] = None,
+        report: Optional[Callable[[Dict, LoopState], None]] = None) -> Dict:
+    """The epoch loop: train, score dev, keep the best weights by dev loss, stop after
+    ``train.patience`` epochs without improvement (0: run every epoch, as the official code), and
+    finally score the best weights on dev and test. ``report(metrics, state)`` is called after each
+    epoch (the Ray worker saves its checkpoint there). Every rank calls this; ``pools["test"]`` is
+    None only when there is no test split at all. Returns the final metrics (``done == 1``) and the
+    dev/test evaluations of the best weights."""
+    cfg = learner.cfg
+    state = state or LoopState()
+    if state.best_model is None:
+        state.best_model = learner.model_copy()
+    report = report or (lambda metrics, st: None)
+    for epoch in range(state.epoch + 1, cfg.train.epochs):
+        t0 = time.time()
+        logs = run_epoch(learner, epoch, pools["train"], pools.get("unlabeled"))
+        ev = learner.evaluate(pools["dev"], "dev")["metrics"]
+        state.epoch = epoch
+        if is_better(ev["dev_loss"], state.best_loss):
+            state.best_loss, state.best_epoch, state.bad_epochs = ev["dev_loss"], epoch, 0
+            state.best_model = learner.model_copy()
+        else:
+            state.bad_epochs += 1
+        report({"epoch": epoch, **logs, **ev, "best_dev_loss": state.best_loss, "best_epoch": state.best_epoch,
+                "epoch_time_s": time.time() - t0, "done": 0}, state)
+        if cfg.train.patience > 0 and state.bad_epochs >= cfg.train.patience:
+            break
+
+    learner.net.load_state_dict(state.best_model)
+    final = {"epoch": max(state.epoch, 0), "best_epoch": state.best_epoch, "best_dev_loss": state.best_loss,
+             "done": 1, "early_stopped": int(state.epoch + 1 < cfg.train.epochs)}
+    evals = {"dev": learner.evaluate(pools["dev"], "dev")}
+    if pools.get("test") is not None:
+        evals["test"] = learner.evaluate(pools["test"], "test")
+    for ev in evals.values():
+        final.update(ev["metrics"])
+    state.finished = True
+    return {"metrics": final, "evals": evals}

@@ -59,9 +59,9 @@ def run_trial(config: dict) -> None:
     ctx = tune.get_context()
     out = os.path.join(config["_out"], "trials", ctx.get_trial_id())
     os.makedirs(out, exist_ok=True)
-    cfg.save(os.path.join(out, "config.yaml"))
     trainer = build_trainer(config["_tables"], out, cfg, stats, name="train",
                             extra_callbacks=[TuneReportCallback()])
+    cfg.save(os.path.join(out, "config.yaml"))          # with the batch size build_trainer settled
     finalize(out, cfg, stats, trainer.fit())
 
 

@@ -47,7 +47,7 @@ def _rank_main(rank, world, port, x, init, q):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     part = np.array_split(x, world)[rank]
     res = kmeans(part, init.shape[0], seed=0, init_centroids=init, threads=1)
-    auto = kmeans(part, init.shape[0], seed=5, threads=1)     # rank-0 initialisation, broadcast
+    auto = kmeans(part, init.shape[0], seed=5, threads=1)     # its own initialisation (global row draw)
     q.put((rank, res.centroids, res.objective, res.sizes, auto.centroids))
     dist.destroy_process_group()
 
@@ -62,6 +62,7 @@ def test_two_gloo_ranks_give_the_one_rank_centroids():
     x = blobs(n=4000)
     init = x[np.random.default_rng(1).choice(len(x), 20, replace=False)]
     single = kmeans(x, 20, seed=0, init_centroids=init)
+    single_auto = kmeans(x, 20, seed=5)
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = _free_port()
@@ -75,7 +76,9 @@ def test_two_gloo_ranks_give_the_one_rank_centroids():
         np.testing.assert_allclose(centroids, single.centroids, rtol=1e-4, atol=1e-4)
         assert np.isclose(obj, single.objective, rtol=1e-5)
         assert np.array_equal(sizes, single.sizes)
-    np.testing.assert_array_equal(got[0][4], got[1][4])   # both ranks agree after the broadcast
+        # the initial centroids are the rows a single process draws: the same clustering
+        np.testing.assert_allclose(auto, single_auto.centroids, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(got[0][4], got[1][4])
 
 
 def test_sampler_is_uniform_over_nonempty_clusters():

@@ -1,21 +1,22 @@
-"""The epoch logic without Ray: frozen regressor, aligned pseudo-labels, modes."""
+"""The epoch logic without Ray: the regressor in each stage, aligned pseudo-labels, modes, the
+label normalisation, the batch rule and the epoch loop (best weights, early stopping, resume)."""
+import copy
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
-from dec_ray.ingest import split_files
-from dec_ray.normalization import Stats
-from dec_ray.trainer import load_eval_pool
-from dec_ray.training import Learner, run_epoch
+from dec_ray.config import ConfigError, load_config
+from dec_ray.sampler import uniform_cluster_indices
+from dec_ray.trainer import _pool_from_batches
+from dec_ray.training import Learner, LoopState, batch_sentences, fit, run_epoch
+from plain_pools import synth_pools
 
 
 @pytest.fixture(scope="module")
-def pools(tables):
-    from dec_ray.config import load_config
-    out, _ = tables
-    cfg = load_config(None)
-    stats = Stats.load(f"{out}/stats.json")
-    return stats, {s: load_eval_pool(split_files(out, s), cfg, stats, 0, 1) for s in ("train", "dev", "unlabeled")}
+def pools():
+    return synth_pools()
 
 
 def _params(module):
@@ -26,20 +27,49 @@ def _same(a, b):
     return all(torch.equal(x, y) for x, y in zip(a, b))
 
 
-def test_regressor_frozen_in_unlabeled_stage_and_trained_in_labeled_stage(pools, tiny_cfg):
+def _adam_state(learner):
+    return {i: {k: v.clone() for k, v in st.items()} for i, st in enumerate(learner.adam.state.values())}
+
+
+def test_unlabeled_stage_leaves_the_regressor_and_its_optimiser_alone(pools, tiny_cfg):
     stats, p = pools
     learner = Learner(tiny_cfg(), stats, torch.device("cpu"))
-    res = learner.pseudo_labels("unlabeled", p["unlabeled"], seed=0)
-    learner.reset_top(0)
-    reg, enc = _params(learner.net.regressor), _params(learner.net.encoder)
-    idx = np.arange(p["unlabeled"].n_chunks)
-    learner.train_stage(p["unlabeled"], idx, res.assignment, supervised=False)
-    assert _same(reg, _params(learner.net.regressor)), "stage (a) must not move the regressor"
-    assert not _same(enc, _params(learner.net.encoder))
-    res = learner.pseudo_labels("train", p["train"], seed=1)
+    # stage (b) first, so that Adam has momentum that a zero-gradient step would spend
+    res = learner.pseudo_labels(p["train"], seed=1)
     learner.reset_top(1)
+    reg = _params(learner.net.regressor)
     learner.train_stage(p["train"], np.arange(p["train"].n_chunks), res.assignment, supervised=True)
     assert not _same(reg, _params(learner.net.regressor)), "stage (b) must train the regressor"
+    reg, enc, adam = _params(learner.net.regressor), _params(learner.net.encoder), _adam_state(learner)
+    res = learner.pseudo_labels(p["unlabeled"], seed=0)
+    learner.reset_top(0)
+    learner.train_stage(p["unlabeled"], np.arange(p["unlabeled"].n_chunks), res.assignment, supervised=False)
+    assert _same(reg, _params(learner.net.regressor)), "stage (a) moved the regressor"
+    after = _adam_state(learner)
+    assert all(torch.equal(adam[i][k], after[i][k]) for i in adam for k in adam[i]), "Adam stepped in stage (a)"
+    assert not _same(enc, _params(learner.net.encoder))
+
+
+def test_the_removed_switches_say_why(tiny_cfg):
+    for key in ("cluster.reuse_embeddings=true", "train.freeze_regressor_in_unlabeled=false"):
+        with pytest.raises(ConfigError, match="was removed"):
+            tiny_cfg(key)
+
+
+def test_official_defaults():
+    t = load_config(None).train
+    assert (t.lr, t.momentum, t.weight_decay, t.lr_regressor, t.lr_top) == (1e-3, 0.0, 0.0, 5e-4, 0.05)
+    assert t.epochs == 50 and t.patience == 0 and t.batch_sentences == 64
+    dc = load_config("deepcluster_sgd").train                 # the named DeepCluster choice
+    assert (dc.momentum, dc.weight_decay) == (0.9, 1e-5)
+
+
+def test_official_initialisation(tiny_cfg):
+    net = Learner(tiny_cfg("model.width=1.0"), synth_pools(sizes=(("train", 2),))[0], torch.device("cpu")).net
+    conv = net.encoder.conv[3]                                  # 32 -> 32 channels
+    assert abs(conv.weight.std().item() - (2 / (9 * 32)) ** 0.5) < 0.005 and not conv.bias.any()
+    lin = net.encoder.fc[0]
+    assert abs(lin.weight.std().item() - 0.01) < 0.001 and not lin.bias.any()
 
 
 def test_pseudo_labels_stay_aligned_after_the_shuffle(pools):
@@ -48,28 +78,87 @@ def test_pseudo_labels_stay_aligned_after_the_shuffle(pools):
     c = pool.chunks.shape[1]
     rng = np.random.default_rng(0)
     assignment = rng.integers(0, 5, pool.n_chunks)
-    from dec_ray.sampler import uniform_cluster_indices
     idx = uniform_cluster_indices(assignment, seed=4)
     x = pool.chunk_inputs(idx, stats)
+    labels = pool.chunk_labels(idx)
     for j in rng.choice(len(idx), 20, replace=False):
         i = idx[j]
         np.testing.assert_array_equal(x[j], stats.normalize_features(pool.chunks[i // c, i % c]))
-        assert np.array_equal(pool.chunk_labels(idx)[j], pool.labels[i // c])
-    assert np.array_equal(assignment[idx], np.asarray(assignment)[idx])
+        assert labels[j] == pool.labels[i // c]
 
 
-@pytest.mark.parametrize("extra", [["cluster.mode=joint"], ["cluster.reuse_embeddings=true"],
-                                   ["model.encoder=vgg16", "model.width=0.0625"],
+def test_labels_are_normalised_row_by_row_with_a_nan_in_the_batch(pools, tiny_cfg):
+    stats, _ = pools
+    cfg = tiny_cfg()
+    batch = {"row_id": np.arange(3), "chunks": np.zeros((3, 11, 62, 128), np.float16),
+             "arousal": np.array([stats.label_mean["arousal"] + stats.label_std["arousal"], np.nan, 1.0])}
+    labels = _pool_from_batches([batch], cfg, stats).labels[:, 0]
+    assert labels[0] == pytest.approx(1.0) and np.isnan(labels[1])
+    assert labels[2] == pytest.approx((1.0 - stats.label_mean["arousal"]) / stats.label_std["arousal"])
+
+
+@pytest.mark.parametrize("extra", [["cluster.mode=joint"], ["model.encoder=vgg16", "model.width=0.0625"],
                                    ["model.attributes=[arousal, valence, dominance]"]])
-def test_epoch_modes_run(tables, tiny_cfg, extra):
-    out, _ = tables
+def test_epoch_modes_train_every_part_they_claim(pools, tiny_cfg, extra):
+    stats, p = pools
     cfg = tiny_cfg(*extra)
-    stats = Stats.load(f"{out}/stats.json")
-    p = {s: load_eval_pool(split_files(out, s), cfg, stats, 0, 1) for s in ("train", "dev", "unlabeled")}
+    if len(cfg.model.attributes) == 3:            # the plain pools label arousal only: repeat it
+        p = {k: type(v)(v.chunks, np.repeat(v.labels, 3, axis=1), v.row_ids) for k, v in p.items()}
+        stats = dataclasses.replace(stats, **{f: {a: getattr(stats, f)["arousal"] for a in cfg.model.attributes}
+                                              for f in ("label_mean", "label_std")})
     learner = Learner(cfg, stats, torch.device("cpu"))
-    for epoch in range(2):
-        logs = run_epoch(learner, epoch, p["train"], p["unlabeled"])
-        assert np.isfinite(list(logs.values())).all() and any(k.endswith("ccc") for k in logs)
+    before = {n: _params(getattr(learner.net, n)) for n in ("encoder", "cls_hidden", "regressor")}
+    logs = run_epoch(learner, 0, p["train"], p["unlabeled"])
+    stage = "joint" if "joint" in extra[0] else "train"
+    assert logs[f"{stage}_ccc"] > 0 and logs[f"{stage}_ce"] > 0 and logs[f"{stage}_nonempty"] >= 2
+    if stage == "joint":
+        assert logs["joint_unl_ce"] > 0
+    else:
+        assert logs["unlabeled_ce"] > 0 and "unlabeled_ccc" not in logs
+    for name, params in before.items():
+        assert not _same(params, _params(getattr(learner.net, name))), f"{name} did not train"
     ev = learner.evaluate(p["dev"], "dev")["metrics"]
-    assert np.isfinite(ev["dev_loss"])
-    assert {f"dev_ccc_{a}" for a in cfg.model.attributes} <= set(ev)
+    assert {f"dev_ccc_{a}" for a in cfg.model.attributes} <= set(ev) and ev["dev_loss"] > 0
+
+
+def test_batch_rule_keeps_the_paper_batch_at_scale_and_shrinks_it_on_small_corpora():
+    assert batch_sentences(34_000, 2, 64, 20) == 64                 # MSP-Podcast's Train: unchanged
+    assert batch_sentences(228, 2, 64, 20) == 10                    # 228 // 20 = 11, a multiple of 2
+    assert 228 // batch_sentences(228, 2, 64, 20) >= 20
+    assert batch_sentences(10, 4, 64, 20) == 8                      # never below 2 per worker
+    assert batch_sentences(228, 2, 64, 0) == 64                     # 0: never shrink
+
+
+def test_fit_keeps_the_best_epoch_and_stops_early(pools, tiny_cfg):
+    stats, p = pools
+    # learning rates of zero: only BatchNorm's running statistics move, so the dev loss wanders and
+    # stalls within a few epochs; the loop must stop at the first stalled epoch
+    cfg = tiny_cfg("train.epochs=8", "train.patience=1", "train.lr=0.0", "train.lr_regressor=0.0",
+                   "train.lr_top=0.0", "model.dropout=0.0")
+    learner = Learner(cfg, stats, torch.device("cpu"))
+    losses = []
+    out = fit(learner, p, report=lambda m, st: losses.append(m["dev_loss"]))
+    first_stall = next(e for e in range(1, 8) if losses[e] >= min(losses[:e]))
+    assert len(losses) == first_stall + 1 < 8, losses
+    best = int(np.argmin(losses))
+    assert out["metrics"]["best_epoch"] == best and out["metrics"]["early_stopped"] == 1
+    assert out["metrics"]["dev_loss"] == pytest.approx(losses[best])     # the kept weights are the best
+
+
+def test_fit_resumed_from_a_state_equals_the_uninterrupted_loop(pools, tiny_cfg):
+    stats, p = pools
+    cfg = tiny_cfg("train.epochs=3", "model.dropout=0.0")
+    full = fit(Learner(cfg, stats, torch.device("cpu")), p)["metrics"]
+    first = Learner(cfg, stats, torch.device("cpu"))
+    saved = {}
+
+    def checkpoint(metrics, st):          # what the Ray worker's checkpoint holds, after epoch 1
+        if metrics["epoch"] == 1:
+            saved.update(learner=copy.deepcopy(first.state()), loop=copy.deepcopy(st.to_dict()))
+    fit(first, p, report=checkpoint)
+    second = Learner(cfg, stats, torch.device("cpu"))
+    second.load_state(saved["learner"])
+    loop = LoopState(**saved["loop"])
+    resumed = fit(second, p, loop)["metrics"]
+    assert resumed["best_epoch"] == full["best_epoch"]
+    assert resumed["test_loss"] == pytest.approx(full["test_loss"], rel=1e-5)
