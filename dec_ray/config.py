@@ -23,6 +23,7 @@ class FeatureConfig:
     n_fft: int = 512
     hop_length: int = 256
     n_mels: int = 128
+    pad_mode: str = "reflect"       # ends of the signal: reflect (official code, librosa 0.7) | constant (librosa 0.11)
     chunk_frames: int = 62          # m: ~1 s at hop 256
     num_chunks: int = 11            # C = ceil(Tmax / wc)
     # Clips shorter than one chunk: "repeat" tiles the clip up to 62 frames, "reject" drops it.
@@ -224,6 +225,7 @@ def validate(cfg: Config) -> None:
     choices = {
         "features.short_clip_policy": (cfg.features.short_clip_policy, ("repeat", "reject")),
         "features.storage_dtype": (cfg.features.storage_dtype, ("float16", "float32")),
+        "features.pad_mode": (cfg.features.pad_mode, ("reflect", "constant")),
         "model.name": (cfg.model.name, ("deepemocluster", "cnn", "ae", "vae")),
         "model.encoder": (cfg.model.encoder, ("compact", "vgg16")),
         "model.init": (cfg.model.init, ("official", "torch")),

@@ -14,10 +14,12 @@ class ShortClipError(Exception):
 
 
 def mel_spectrogram(y: np.ndarray, sample_rate: int = 16000, n_fft: int = 512,
-                    hop_length: int = 256, n_mels: int = 128) -> np.ndarray:
+                    hop_length: int = 256, n_mels: int = 128, pad_mode: str = "reflect") -> np.ndarray:
+    """``pad_mode`` pads the signal's ends for the centred first and last frames: 'reflect' as
+    the official code's librosa 0.7 did, 'constant' (zeros) as librosa >= 0.10 does by default."""
     import librosa
-    mel = librosa.feature.melspectrogram(y=y, sr=sample_rate, n_fft=n_fft,
-                                         hop_length=hop_length, n_mels=n_mels, power=2.0)
+    mel = librosa.feature.melspectrogram(y=y, sr=sample_rate, n_fft=n_fft, hop_length=hop_length,
+                                         n_mels=n_mels, power=2.0, pad_mode=pad_mode)
     return mel.T.astype(np.float32)
 
 

@@ -25,7 +25,7 @@ FLOAT16_MAX = 65504.0
 def featurize_file(path: str, fc: FeatureConfig) -> Dict:
     """Raw (un-normalised) chunks and frame statistics of one file. Raises AudioError/ShortClipError."""
     y = load_audio(path, fc.sample_rate, fc.silence_peak, fc.min_duration_s)
-    mel = mel_spectrogram(y, fc.sample_rate, fc.n_fft, fc.hop_length, fc.n_mels)
+    mel = mel_spectrogram(y, fc.sample_rate, fc.n_fft, fc.hop_length, fc.n_mels, fc.pad_mode)
     chunks = make_chunks(mel, fc.chunk_frames, fc.num_chunks, fc.short_clip_policy)
     sums = FrameSums.of(mel)
     return {"chunks": chunks, "num_frames": mel.shape[0], "duration": len(y) / fc.sample_rate,

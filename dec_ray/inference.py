@@ -36,7 +36,7 @@ class Predictor:
 
     def chunks_of(self, y: np.ndarray) -> np.ndarray:
         f = self.cfg.features
-        mel = mel_spectrogram(y, f.sample_rate, f.n_fft, f.hop_length, f.n_mels)
+        mel = mel_spectrogram(y, f.sample_rate, f.n_fft, f.hop_length, f.n_mels, f.pad_mode)
         c = make_chunks(mel, f.chunk_frames, f.num_chunks, f.short_clip_policy)
         if f.storage_dtype == "float16":          # exactly what training read from the tables
             c = np.minimum(c, FLOAT16_MAX).astype(np.float16)

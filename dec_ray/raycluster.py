@@ -1,27 +1,53 @@
-"""Connecting to Ray: the running cluster if there is one (``ray job submit``, RAY_ADDRESS), else a
-local one with one logical CPU more than the machine has, so that Ray Data always has a CPU
-beside training workers that hold every core."""
+"""Connecting to Ray, by Ray's own conventions: the cluster named by ``--address`` or RAY_ADDRESS,
+else the one this user started with ``ray start`` (its address file), else a private local Ray
+with one logical CPU more than the machine has, so that Ray Data always has a CPU beside training
+workers that hold every core. Never a Ray found by scanning the machine's processes
+(``address="auto"``), which may be another user's, with another Python and another dec_ray."""
 from __future__ import annotations
 
 import os
+import tempfile
+from typing import Optional
+
+import dec_ray
 
 
-def ensure_ray(min_cpus_for_training: float = 0.0) -> None:
-    """Start or join Ray. Without the spare logical CPU, Ray Data could not schedule the reads
-    that feed workers holding every CPU (a deadlock, e.g. 2 workers on a 2-core laptop)."""
+def started_cluster_address() -> Optional[str]:
+    """The address `ray start` recorded for this user (Ray's ray_current_cluster file), if any."""
+    path = os.path.join(tempfile.gettempdir(), "ray", "ray_current_cluster")
+    try:
+        if os.stat(path).st_uid != os.getuid():
+            return None
+        with open(path) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def ensure_ray(min_cpus_for_training: float = 0.0, address: Optional[str] = None) -> None:
+    """Join or start Ray (see the module docstring). When joining from a shell (not from inside a
+    `ray job submit` job, which ships its working dir), this dec_ray goes with the driver as a
+    runtime_env py_module, so the cluster's workers run the driver's code, not whatever is there."""
     import ray
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-        return
-    try:
-        ray.init(address="auto")
-        return
-    except ConnectionError:
-        pass
+    address = address or os.environ.get("RAY_ADDRESS") or started_cluster_address()
+    if address:
+        runtime_env = None
+        if not os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):       # set in a `ray job submit` driver
+            runtime_env = {"py_modules": [os.path.dirname(os.path.abspath(dec_ray.__file__))]}
+        try:
+            ray.init(address=address, runtime_env=runtime_env)
+            print(f"[dec-ray] joined the Ray cluster at {address}", flush=True)
+            return
+        except ConnectionError:
+            if os.environ.get("RAY_ADDRESS"):
+                raise
+            print(f"[dec-ray] the cluster recorded by `ray start` ({address}) is gone; starting a local Ray",
+                  flush=True)
     cpus = max((os.cpu_count() or 1) + 1, int(min_cpus_for_training + 1.999))
-    ray.init(num_cpus=cpus)   # the dashboard also serves the State API that Ray Train uses for cleanup
+    ray.init(num_cpus=cpus, address="local")
+    print(f"[dec-ray] started a private local Ray ({cpus} logical CPUs)", flush=True)
 
 
 def check_room_for_data(training_cpus: float) -> None:

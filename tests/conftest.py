@@ -3,6 +3,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -81,3 +86,77 @@ def trained_runs(tables, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("evaluate"))
     runs = repeated_runs(tables[0], out, ["deepemocluster", "cnn"], 1, None, TINY + ["train.epochs=1"])
     return dict(zip(["deepemocluster", "cnn"], runs))
+
+
+BIN = os.path.dirname(sys.executable)
+RAY = os.path.join(BIN, "ray")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalCluster:
+    """A head and worker nodes started with the `ray` CLI on loopback, as on a real cluster. Each
+    node is a `ray start --block` in its own process group, so stopping or killing it ends only
+    its own processes (never `ray stop`, which ends every Ray on the machine)."""
+
+    def __init__(self, num_cpus: int = 2):
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        self.env["PATH"] = BIN + os.pathsep + self.env.get("PATH", "")
+        # Fast failure detection, so that a lost node is noticed in seconds, not half a minute.
+        self.env.update(RAY_health_check_period_ms="1000", RAY_health_check_failure_threshold="3",
+                        RAY_health_check_timeout_ms="1000")
+        # Ray 2.60 heads enable token authentication: every node and client must present the token.
+        self.env["RAY_AUTH_MODE"] = "token"
+        subprocess.run([RAY, "get-auth-token", "--generate"], check=True, env=self.env, capture_output=True)
+        self.num_cpus = num_cpus
+        self.port, self.dashboard_port = free_port(), free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.workers = []
+        self.head = self._start(["--head", f"--port={self.port}", f"--dashboard-port={self.dashboard_port}",
+                                 "--include-dashboard=true"])
+        self._wait_for(lambda: subprocess.run([RAY, "status", f"--address={self.address}"], env=self.env,
+                                              capture_output=True).returncode == 0, "the head to come up")
+
+    def _start(self, args):
+        return subprocess.Popen([RAY, "start", *args, f"--num-cpus={self.num_cpus}", "--block",
+                                 "--node-ip-address=127.0.0.1", "--disable-usage-stats"], env=self.env,
+                                start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    @staticmethod
+    def _wait_for(check, what, timeout=180):
+        t = time.time()
+        while not check():
+            assert time.time() - t < timeout, f"timed out waiting for {what}"
+            time.sleep(1)
+
+    def add_node(self):
+        p = self._start([f"--address={self.address}"])
+        self.workers.append(p)
+        return p
+
+    @staticmethod
+    def kill_node(p, sig=signal.SIGKILL):
+        """The node dies at once: raylet, object store and its Ray worker processes."""
+        try:
+            os.killpg(p.pid, sig)
+        except ProcessLookupError:
+            pass
+        p.wait(timeout=60)
+
+    def alive_nodes(self):
+        import ray
+        return [n for n in ray.nodes() if n["Alive"]]
+
+    def wait_nodes(self, n, timeout=120):
+        self._wait_for(lambda: len(self.alive_nodes()) == n, f"{n} nodes", timeout)
+
+    def stop(self):
+        import ray
+        ray.shutdown()
+        for p in self.workers + [self.head]:
+            if p.poll() is None:
+                self.kill_node(p)

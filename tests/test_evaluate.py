@@ -4,10 +4,17 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from scipy import stats as sps
 
 from dec_ray.analysis import dependence, eta_squared, mutual_information
 from dec_ray.cli import main
+from dec_ray.clustering import kmeans
+from dec_ray.config import config_from_dict
+from dec_ray.ingest import split_files
+from dec_ray.normalization import Stats
+from dec_ray.trainer import load_eval_pool
+from dec_ray.training import Learner
 from dec_ray.evaluation import split_test_set, subset_cccs, summarize, t_test
 from dec_ray.losses import ccc
 
@@ -75,12 +82,24 @@ def test_evaluate_runs_end_to_end(trained_runs, tmp_path):
 
 
 @pytest.mark.slow
-def test_analyze_shows_clusters_that_follow_the_emotion(trained_runs, tmp_path):
+def test_analyze_shows_clusters_that_follow_the_emotion(trained_runs, tables, tmp_path):
     out = str(tmp_path / "analysis")
     assert main(["analyze", "--run", trained_runs["deepemocluster"], "--out", out]) == 0
     clusters = pd.read_csv(os.path.join(out, "clusters.csv"))
     dep = pd.read_csv(os.path.join(out, "dependence.csv")).set_index("attribute")
     assert clusters["chunks"].sum() % 11 == 0 and len(clusters) == 4
+    # the clusters are those of the run's trained weights (an untrained network clusters too):
+    # recomputed from model.pt, the same sizes
+    run = trained_runs["deepemocluster"]
+    state = torch.load(os.path.join(run, "model.pt"), weights_only=True)
+    cfg, stats = config_from_dict(state["config"]), Stats(**state["stats"])
+    learner = Learner(cfg, stats, torch.device("cpu"))
+    untrained = learner.embed(load_eval_pool(split_files(tables[0], "train"), cfg, stats, 0, 1))
+    learner.net.load_state_dict(state["model"])
+    emb = learner.embed(load_eval_pool(split_files(tables[0], "train"), cfg, stats, 0, 1))
+    assert not np.allclose(emb, untrained, atol=1e-3)
+    sizes = np.sort(kmeans(emb, 4, niter=cfg.cluster.niter, seed=0).sizes)[::-1]
+    assert clusters["chunks"].tolist() == sizes.tolist()
     assert dep.loc["arousal", "eta2"] > dep.loc["arousal", "eta2_random_p95"]
     assert dep.loc["arousal", "mi_bits"] > dep.loc["arousal", "mi_random_p95"]
     for name in ("analysis.md", "cluster_attributes.png", "embedding_2d.png"):

@@ -34,10 +34,15 @@ def test_mel_matches_librosa_directly(corpus):
     y = load_audio(path)
     ref, _ = librosa.load(path, sr=16000)
     ref = ref / np.abs(ref).max()
-    direct = librosa.feature.melspectrogram(y=ref, sr=16000, n_fft=512, hop_length=256, n_mels=128).T
-    ours = mel_spectrogram(y)
-    assert ours.shape == direct.shape and ours.shape[1] == 128
-    np.testing.assert_allclose(ours, direct, rtol=1e-4, atol=1e-6)
+    for pad in ("reflect", "constant"):         # the official code's librosa 0.7, and librosa 0.11's default
+        direct = librosa.feature.melspectrogram(y=ref, sr=16000, n_fft=512, hop_length=256, n_mels=128,
+                                                pad_mode=pad).T
+        ours = mel_spectrogram(y, pad_mode=pad)
+        assert ours.shape == direct.shape and ours.shape[1] == 128
+        np.testing.assert_allclose(ours, direct, rtol=1e-4, atol=1e-6)
+    # the padding changes only the first and last frames (n_fft / 2 = 256 samples = one hop)
+    diff = np.abs(mel_spectrogram(y) - mel_spectrogram(y, pad_mode="constant")).max(1)
+    assert diff[0] > 0 and diff[-1] > 0 and not diff[2:-2].any()
 
 
 def test_audio_loader_rates_channels_and_errors(tmp_path):

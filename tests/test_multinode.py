@@ -4,89 +4,24 @@ mid-run and a new node joins (what the autoscaler does), the run resumes from it
 import glob
 import json
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
+from conftest import LocalCluster
 
 from dec_ray.trainer import run_training
 
 pytestmark = pytest.mark.slow
 
-BIN = os.path.dirname(sys.executable)
-RAY = os.path.join(BIN, "ray")
 SPREAD = ["scale.placement_strategy=STRICT_SPREAD", "scale.cpus_per_worker=1", "scale.max_failures=2"]
-
-
-def _free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LocalCluster:
-    """A head and worker nodes started with the `ray` CLI, as on a real cluster."""
-
-    def __init__(self):
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-        self.env["PATH"] = BIN + os.pathsep + self.env.get("PATH", "")
-        # Fast failure detection, so that a lost node is noticed in seconds, not half a minute.
-        self.env.update(RAY_health_check_period_ms="1000", RAY_health_check_failure_threshold="3",
-                        RAY_health_check_timeout_ms="1000")
-        # Ray 2.60 heads enable token authentication: every node and client must present the token.
-        self.env["RAY_AUTH_MODE"] = "token"
-        subprocess.run([RAY, "get-auth-token", "--generate"], check=True, env=self.env, capture_output=True)
-        self.port = _free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.workers = []
-        # 2 CPUs per node: one for the node's training worker, one for Ray Data reads
-        subprocess.run([RAY, "start", "--head", f"--port={self.port}", "--num-cpus=2",
-                        "--node-ip-address=127.0.0.1", f"--dashboard-port={_free_port()}", "--include-dashboard=true",
-                        "--disable-usage-stats"], check=True, env=self.env, capture_output=True, timeout=180)
-
-    def add_node(self):
-        """`ray start --address ... --block` in its own process group, so it can be killed alone."""
-        p = subprocess.Popen([RAY, "start", f"--address={self.address}", "--num-cpus=2", "--block",
-                              "--node-ip-address=127.0.0.1",
-                              "--disable-usage-stats"], env=self.env, start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.workers.append(p)
-        return p
-
-    @staticmethod
-    def kill_node(p):
-        """The node dies at once: raylet, object store and its Ray worker processes (SIGKILL)."""
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait(timeout=60)
-
-    def alive_nodes(self):
-        import ray
-        return [n for n in ray.nodes() if n["Alive"]]
-
-    def wait_nodes(self, n, timeout=120):
-        t = time.time()
-        while len(self.alive_nodes()) != n:
-            assert time.time() - t < timeout, f"{len(self.alive_nodes())} nodes alive, waiting for {n}"
-            time.sleep(1)
-
-    def stop(self):
-        import ray
-        ray.shutdown()
-        for p in self.workers:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-        subprocess.run([RAY, "stop", "--force"], env=self.env, capture_output=True, timeout=120)
 
 
 @pytest.fixture
 def cluster(monkeypatch):
     import ray
-    ray.shutdown()                      # the session's local Ray: `ray stop` below would end it anyway
-    c = LocalCluster()
+    ray.shutdown()                      # the driver joins the two-node cluster instead
+    c = LocalCluster(num_cpus=2)
     try:
         c.add_node()
         monkeypatch.setenv("RAY_ADDRESS", c.address)
