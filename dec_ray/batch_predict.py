@@ -33,13 +33,28 @@ class PredictActor:
         return out
 
 
+OUTPUT_FORMATS = (".parquet", ".csv")
+
+
+def check_output(out: str) -> None:
+    """Before any inference: a known format and a folder that exists."""
+    if os.path.splitext(out)[1].lower() not in OUTPUT_FORMATS:
+        raise ValueError(f"--out {out}: give a .parquet or .csv file")
+    if not os.path.isdir(os.path.dirname(out)):
+        raise FileNotFoundError(f"--out {out}: the folder {os.path.dirname(out)} does not exist")
+
+
 def run_predict(run: str, audio: Sequence[str], out: str, actors: int = 0, use_gpu: bool = False) -> Dict:
     import ray
+    from dec_ray.inference import model_file
     from dec_ray.raycluster import ensure_ray
-    ensure_ray()
-    paths = [it.path for it in list_unlabeled(audio)]
+    run, out = os.path.abspath(run), os.path.abspath(out)       # Ray workers run in other directories
+    model_file(run)
+    check_output(out)
+    paths = [it.path for it in list_unlabeled([os.path.abspath(a) for a in audio])]
     if not paths:
         raise ValueError(f"no audio files in {list(audio)}")
+    ensure_ray()
     actors = actors or max(1, int(ray.cluster_resources().get("GPU" if use_gpu else "CPU", 1)) - (0 if use_gpu else 1))
     ds = ray.data.from_items([{"path": p} for p in paths])
     ds = ds.map_batches(PredictActor, fn_constructor_kwargs={"run": run, "device": "cuda" if use_gpu else "cpu"},
@@ -51,7 +66,7 @@ def run_predict(run: str, audio: Sequence[str], out: str, actors: int = 0, use_g
     if (good["cluster"] < 0).all():
         good = good.drop(columns=["cluster"])
     tmp = out + ".tmp"
-    if out.endswith(".csv"):
+    if out.lower().endswith(".csv"):
         good.to_csv(tmp, index=False)
     else:
         good.to_parquet(tmp, index=False)

@@ -1,14 +1,21 @@
-"""`dec-ray` command line: one subcommand per use. Exit status 0 = success, 1 = finished with
-rejects or failures worth a look, 2 = bad usage or input that stopped the job before it began."""
+"""`dec-ray` command line: one subcommand per use.
+
+Exit status: 0 success; 1 finished, with rejects or failed trials worth a look; 2 bad usage or
+input that stopped the job before it began; 3 a crash (an unexpected error, traceback printed).
+Paths are made absolute here: Ray's workers run in other directories."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 from typing import List, Optional
 
 from dec_ray.config import ConfigError
 from dec_ray.corpus import CorpusError
+
+EXIT_OK, EXIT_REJECTS, EXIT_USAGE, EXIT_CRASH = 0, 1, 2, 3
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -32,7 +39,7 @@ def cmd_ingest(args) -> int:
     summary = run_ingest(args.corpus, args.out, cfg, args.unlabeled or ())
     print(summary.line())
     print(f"tables: {args.out}  (rejects: {args.out}/rejects.parquet)")
-    return 1 if summary.rejects else 0
+    return EXIT_REJECTS if summary.rejects else EXIT_OK
 
 
 def cmd_train(args) -> int:
@@ -72,14 +79,14 @@ def cmd_tune(args) -> int:
     print(format_table(rows, cfg.tune.metric))
     print(f"\nbest config: {args.out}/best_config.yaml  (dec-ray train --config it)\n"
           f"best checkpoint: {rows[0]['checkpoint']}\nall trials: {args.out}/trials.csv")
-    return 1 if any(r["error"] for r in rows) else 0
+    return EXIT_REJECTS if any(r["error"] for r in rows) else EXIT_OK
 
 
 def cmd_predict(args) -> int:
     from dec_ray.batch_predict import run_predict
     info = run_predict(args.run, args.audio, args.out, args.actors, args.gpu)
     print(f"predicted {info['predicted']} files -> {info['out']}; rejected {info['rejected']} -> {info['rejects']}")
-    return 1 if info["rejected"] else 0
+    return EXIT_REJECTS if info["rejected"] else EXIT_OK
 
 
 def cmd_evaluate(args) -> int:
@@ -110,8 +117,12 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dec-ray", description=__doc__)
+    parser = argparse.ArgumentParser(prog="dec-ray", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    ray_args = argparse.ArgumentParser(add_help=False)
+    ray_args.add_argument("--address", help="the Ray cluster to join (else RAY_ADDRESS, else the one `ray start` "
+                                            "started for this user, else a private local Ray)")
 
     p = sub.add_parser("synth", help="write a small emotional-speech corpus in the MSP-Podcast layout")
     p.add_argument("out")
@@ -122,14 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-duration", type=float, default=11.0)
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("ingest", help="featurise audio into Parquet chunk tables with Ray Data")
+    p = sub.add_parser("ingest", parents=[ray_args], help="featurise audio into Parquet chunk tables with Ray Data")
     p.add_argument("--corpus", help="MSP-Podcast folder or manifest .csv")
     p.add_argument("--out", required=True, help="output folder for the tables")
     p.add_argument("--unlabeled", nargs="*", help="folders or globs of unlabeled audio")
     _add_config_args(p)
     p.set_defaults(func=cmd_ingest)
 
-    p = sub.add_parser("train", help="train DeepEmoCluster or a baseline with Ray Train")
+    p = sub.add_parser("train", parents=[ray_args], help="train DeepEmoCluster or a baseline with Ray Train")
     p.add_argument("--tables", help="output folder of `dec-ray ingest`")
     p.add_argument("--out", help="run folder (checkpoints, metrics, result.json)")
     p.add_argument("--resume", metavar="RUN", help="resume an interrupted run from its folder")
@@ -140,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("tune", help="search lambda, K and learning rates with Ray Tune")
+    p = sub.add_parser("tune", parents=[ray_args], help="search lambda, K and learning rates with Ray Tune")
     p.add_argument("--tables", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--samples", type=int)
@@ -150,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_tune)
 
-    p = sub.add_parser("predict", help="batch inference with Ray Data over audio files")
+    p = sub.add_parser("predict", parents=[ray_args], help="batch inference with Ray Data over audio files")
     p.add_argument("--run", required=True, help="a finished training run folder (with model.pt)")
     p.add_argument("--audio", required=True, nargs="+", help="folders or globs of audio files")
     p.add_argument("--out", required=True, help="output .parquet or .csv")
@@ -158,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", action="store_true")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("evaluate", help="the paper's protocol: 4 test subsets x R runs, mean/std, t-test, plot")
+    p = sub.add_parser("evaluate", parents=[ray_args], help="the paper's protocol: 4 test subsets x R runs, mean/std, t-test, plot")
     p.add_argument("--runs", nargs="+", help="finished run folders (any mix of models)")
     p.add_argument("--tables", help="train the runs first: each of --models, --repeats times (seeds 0..R-1)")
     p.add_argument("--models", nargs="+", default=["deepemocluster", "cnn"],
@@ -180,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_analyze)
 
-    p = sub.add_parser("demo", help="synth corpus -> ingest -> train DeepEmoCluster and the CNN baseline")
+    p = sub.add_parser("demo", parents=[ray_args], help="synth corpus -> ingest -> train DeepEmoCluster and the CNN baseline")
     p.add_argument("--out", default="demo_out")
     p.add_argument("--labeled", type=int, default=240)
     p.add_argument("--unlabeled", type=int, default=120)
@@ -191,10 +202,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PATH_ARGS = ("corpus", "out", "tables", "unlabeled", "run", "audio", "runs", "resume", "config", "space")
+
+
+def absolute_paths(args: argparse.Namespace) -> None:
+    for name in PATH_ARGS:
+        value = getattr(args, name, None)
+        if isinstance(value, str) and not (name == "config" and not os.path.exists(value)):  # preset names
+            setattr(args, name, os.path.abspath(value))
+        elif isinstance(value, list):
+            setattr(args, name, [os.path.abspath(v) for v in value])
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    absolute_paths(args)
+    if getattr(args, "address", None):
+        os.environ["RAY_ADDRESS"] = args.address          # Ray's own convention, for every ray.init
     try:
         return args.func(args)
     except (ConfigError, CorpusError, FileNotFoundError, ValueError) as e:
         print(f"dec-ray {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        raise
+    except Exception:
+        traceback.print_exc()
+        print(f"dec-ray {args.command}: crashed (exit {EXIT_CRASH}); outputs are not marked complete", file=sys.stderr)
+        return EXIT_CRASH

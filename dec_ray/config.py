@@ -243,3 +243,5 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.attributes={cfg.model.attributes}; choose from {ATTRIBUTES}")
     if cfg.cluster.k < 2:
         raise ConfigError("cluster.k must be >= 2")
+    if cfg.scale.workers < 1:
+        raise ConfigError(f"scale.workers={cfg.scale.workers}; training needs at least 1 worker")

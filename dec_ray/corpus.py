@@ -43,6 +43,7 @@ class Item:
 class Reject:
     path: str
     reason: str
+    split: str = ""
 
 
 def _float(x: str) -> float:
@@ -72,15 +73,43 @@ def _read_csv(path: str, required: Sequence[str]) -> List[dict]:
         return list(reader)
 
 
+def _labels(it: Item) -> tuple:
+    return it.split, it.arousal, it.valence, it.dominance
+
+
+def _check_rows(items: List[Item], rejects: List[Reject]) -> List[Item]:
+    """One row per file. A file in two splits stops the ingest (it would leak test data into
+    training); a repeated identical row is rejected; rows of one file with different labels in
+    the same split are all rejected (which one is right is unknown)."""
+    by_path: Dict[str, List[Item]] = {}
+    for it in items:
+        by_path.setdefault(it.path, []).append(it)
+    leaks = [(p, sorted({it.split for it in rows})) for p, rows in by_path.items() if len({it.split for it in rows}) > 1]
+    if leaks:
+        shown = "; ".join(f"{os.path.basename(p)} in {'/'.join(s)}" for p, s in leaks[:5])
+        raise CorpusError(f"{len(leaks)} file(s) listed in more than one split, which would leak evaluation data "
+                          f"into training: {shown}{' ...' if len(leaks) > 5 else ''}. Fix the labels file.")
+    kept = []
+    for path, rows in by_path.items():
+        if len({_labels(it) for it in rows}) > 1:
+            rejects += [Reject(path, "contradictory labels: the file is listed with different labels", it.split)
+                        for it in rows]
+            continue
+        kept.append(rows[0])
+        rejects += [Reject(path, "duplicate row: the file is listed again with the same labels", it.split)
+                    for it in rows[1:]]
+    return kept
+
+
 def _finish(items: List[Item], rejects: List[Reject], low: float, high: float,
             ) -> Tuple[List[Item], List[Reject]]:
     good = []
-    for it in items:
+    for it in _check_rows(items, rejects):
         why = None if it.split == "unlabeled" else check_labels(it, low, high)
         if why is None and not os.path.isfile(it.path):
             why = "missing file"
         if why:
-            rejects.append(Reject(it.path, why))
+            rejects.append(Reject(it.path, why, it.split))
         else:
             good.append(it)
     return good, rejects
@@ -101,7 +130,7 @@ def read_msp_podcast(root: str, low: float = 1.0, high: float = 7.0) -> Tuple[Li
         path = os.path.join(audio_dir, row["FileName"])
         split = SPLIT_ALIASES.get(row["Split_Set"].strip().lower())
         if split is None or split == "unlabeled":
-            rejects.append(Reject(path, f"unknown split name {row['Split_Set']!r}"))
+            rejects.append(Reject(path, f"unknown split name {row['Split_Set']!r}", row["Split_Set"]))
             continue
         items.append(Item(path, split, os.path.splitext(row["FileName"])[0], row.get("SpkrID", "") or "",
                           _float(row["EmoAct"]), _float(row["EmoVal"]), _float(row["EmoDom"])))
@@ -116,7 +145,7 @@ def read_manifest(path: str, low: float = 1.0, high: float = 7.0) -> Tuple[List[
         p = row["path"] if os.path.isabs(row["path"]) else os.path.join(base, row["path"])
         split = SPLIT_ALIASES.get(row["split"].strip().lower())
         if split is None:
-            rejects.append(Reject(p, f"unknown split name {row['split']!r}"))
+            rejects.append(Reject(p, f"unknown split name {row['split']!r}", row["split"]))
             continue
         items.append(Item(p, split, os.path.splitext(os.path.basename(p))[0], row.get("speaker", "") or "",
                           _float(row["arousal"]), _float(row["valence"]), _float(row["dominance"])))
@@ -132,17 +161,26 @@ def read_corpus(spec: str, low: float = 1.0, high: float = 7.0) -> Tuple[List[It
     raise CorpusError(f"{spec}: neither an MSP-Podcast folder nor a manifest .csv")
 
 
+def is_audio_name(path: str) -> bool:
+    return path.lower().endswith(AUDIO_EXTENSIONS)       # UPPER.WAV too
+
+
 def list_unlabeled(specs: Sequence[str]) -> List[Item]:
-    """Audio files from folders (searched recursively) or glob patterns, sorted, de-duplicated."""
+    """Audio files from folders (searched recursively, names taken literally, extensions in any
+    case), single files, or glob patterns; sorted, de-duplicated. A named file is always taken
+    (a bad one is rejected later, with its reason), whatever its extension."""
     paths = set()
     for spec in specs:
         if os.path.isdir(spec):
-            for ext in AUDIO_EXTENSIONS:
-                paths.update(glob.glob(os.path.join(spec, "**", "*" + ext), recursive=True))
+            for d, _, files in os.walk(spec):
+                paths.update(os.path.join(d, f) for f in files if is_audio_name(f))
+        elif os.path.isfile(spec):
+            paths.add(spec)
         else:
             matched = glob.glob(spec, recursive=True)
             if not matched:
-                raise CorpusError(f"unlabeled audio {spec!r}: no folder or file matches")
-            paths.update(p for p in matched if p.lower().endswith(AUDIO_EXTENSIONS))
+                raise CorpusError(f"unlabeled audio {spec!r}: no folder or file of that name, and no file matches "
+                                  "it as a pattern")
+            paths.update(p for p in matched if os.path.isfile(p) and is_audio_name(p))
     return [Item(os.path.abspath(p), "unlabeled", os.path.splitext(os.path.basename(p))[0])
             for p in sorted(paths)]

@@ -57,9 +57,11 @@ def _hidden_tmp(path: str) -> str:
     return os.path.join(d, "." + name + ".tmp")
 
 
-def write_part(items: List[Dict], part_path: str, sidecar_path: str, fc: FeatureConfig) -> Dict:
+def write_part(items: List[Dict], part_path: str, sidecar_path: str, fc: FeatureConfig,
+               inputs_digest: str = "") -> Dict:
     """Featurise ``items`` (dicts with row_id, segment_id, split, speaker, path, labels) into one
-    Parquet file at ``part_path``; write and return the sidecar (rows, rejects) last."""
+    Parquet file at ``part_path``; write and return the sidecar last: rows, rejects, the digest of
+    the inputs it was made from and the size of the file written (a re-run verifies both)."""
     schema = table_schema(fc)
     np_dtype = np.float16 if fc.storage_dtype == "float16" else np.float32
     cols: Dict[str, list] = {name: [] for name in schema.names}
@@ -96,7 +98,9 @@ def write_part(items: List[Dict], part_path: str, sidecar_path: str, fc: Feature
         tmp = _hidden_tmp(part_path)
         pq.write_table(table, tmp, compression="zstd")
         os.replace(tmp, part_path)
-    sidecar = {"rows": len(chunk_list), "rejects": rejects, "float16_overflow": overflow}
+    sidecar = {"rows": len(chunk_list), "rejects": rejects, "float16_overflow": overflow,
+               "inputs_digest": inputs_digest,
+               "part_bytes": os.path.getsize(part_path) if chunk_list else 0}
     tmp = _hidden_tmp(sidecar_path)
     with open(tmp, "w") as fh:
         json.dump(sidecar, fh)

@@ -13,7 +13,7 @@ from typing import Dict, List, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from dec_ray.audio import load_audio
+from dec_ray.audio import load_audio, prepare_signal
 from dec_ray.config import config_from_dict
 from dec_ray.features import make_chunks, mel_spectrogram
 from dec_ray.featurize import FLOAT16_MAX
@@ -21,11 +21,20 @@ from dec_ray.models import model_from_config
 from dec_ray.normalization import Stats
 
 
+def model_file(run: str) -> str:
+    """RUN/model.pt, or a clear error (checked before any inference starts)."""
+    path = os.path.join(run, "model.pt")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{run}: no model.pt - not a finished training run (train it, or "
+                                f"`dec-ray train --resume {run}`)")
+    return path
+
+
 class Predictor:
     """A trained model from RUN/model.pt, ready for files or arrays."""
 
     def __init__(self, run: str, device: str = "cpu"):
-        state = torch.load(os.path.join(run, "model.pt"), map_location="cpu", weights_only=True)
+        state = torch.load(model_file(run), map_location="cpu", weights_only=True)
         self.cfg = config_from_dict(state["config"])
         self.stats = Stats(**state["stats"])
         self.device = torch.device(device)
@@ -57,14 +66,9 @@ class Predictor:
                 for i in range(n)]
 
     def predict_audio(self, y: np.ndarray, sample_rate: int) -> Dict:
-        import librosa
+        """Samples in any layout and rate, with the checks a file gets (AudioError, ShortClipError)."""
         f = self.cfg.features
-        y = np.asarray(y, dtype=np.float32)
-        if y.ndim == 2:
-            y = y.mean(axis=1)
-        if sample_rate != f.sample_rate:
-            y = librosa.resample(y, orig_sr=sample_rate, target_sr=f.sample_rate, res_type="soxr_hq")
-        y = y / max(float(np.max(np.abs(y))), 1e-12)
+        y = prepare_signal(y, sample_rate, f.sample_rate, f.silence_peak, f.min_duration_s)
         return self.predict_chunks(self.chunks_of(y)[None])[0]
 
     def predict_file(self, path: str) -> Dict:
@@ -75,7 +79,7 @@ class Predictor:
 
 def predict(run: str, audio: Union[str, Sequence[str], Tuple[np.ndarray, int]]):
     """Notebook API: one file, a list of files, or (samples, sample_rate)."""
-    p = Predictor(run)
+    p = Predictor(os.path.abspath(run))
     if isinstance(audio, tuple):
         return p.predict_audio(*audio)
     if isinstance(audio, str):

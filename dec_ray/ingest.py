@@ -1,19 +1,22 @@
 """Ray Data ingest: audio -> Parquet chunk tables, one dataset per split, plus Train-only stats.
 
 Layout of TABLES/:
-  plan.json               the files of every part (fixed on the first run, reused on re-runs)
-  features.yaml           the feature config the tables were made with
+  plan.json               the inputs and feature config, and the files of every part
   <split>/part-NNNNN.parquet   one row per sentence, its C chunks in one tensor
-  _meta/<split>/part-NNNNN.json  the part's sidecar: rows written, rejects (written last)
+  _meta/<split>/part-NNNNN.json  the part's sidecar (written last): rows written, rejects, the
+                          digest of its inputs (items + feature config), the size of its file
   stats.json              per-mel-bin mean/std over Train frames, label mean/std over Train
   rejects.parquet         path, split, reason of every file left out
   _SUCCESS                the whole ingest finished (written last)
 
-A part is written under a temporary name and renamed, then its sidecar; a re-run skips parts
-whose sidecar exists, so a killed ingest resumes where it stopped and nothing partial looks done.
+A part is written under a temporary name and renamed, then its sidecar. A re-run reads the inputs
+again and keeps only the parts it can verify (same inputs, file of the recorded size with a
+readable footer); the rest are rewritten. So a killed ingest resumes where it stopped, an added
+file or a damaged part is redone, and _SUCCESS (removed at the start) means all of it was checked.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -24,7 +27,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
-import yaml
 
 from dec_ray.config import Config, FeatureConfig
 from dec_ray.corpus import SPLITS, Item, Reject, list_unlabeled, read_corpus
@@ -108,7 +110,7 @@ def _run_parts(parts: List[dict], out: str, cfg: Config) -> None:
         fc = FeatureConfig(**fc_dict)
         part = row["part"]
         sidecar = write_part(part["items"], os.path.join(out, part["split"], part["name"]),
-                             sidecar_path(out, part), fc)
+                             sidecar_path(out, part), fc, part_digest(part, fc_dict))
         return {"split": part["split"], "name": part["name"], "rows": sidecar["rows"]}
 
     ds = ray.data.from_items([{"part": p} for p in parts], override_num_blocks=len(parts))
@@ -133,48 +135,90 @@ def compute_stats(out: str, fc: FeatureConfig) -> Stats:
     return Stats.from_sums(n, s, ss, labels, table.num_rows, asdict(fc))
 
 
-def run_ingest(corpus: Optional[str], out: str, cfg: Config, unlabeled: Sequence[str] = ()) -> IngestSummary:
-    """Plan (or reuse the plan), write missing parts, then stats, rejects and the success marker."""
-    os.makedirs(out, exist_ok=True)
-    plan_path = os.path.join(out, "plan.json")
-    feat_path = os.path.join(out, "features.yaml")
-    if os.path.exists(plan_path):
-        with open(feat_path) as f:
-            saved = yaml.safe_load(f)
-        if saved != asdict(cfg.features):
-            raise ValueError(f"{out} was made with other feature settings ({feat_path}); "
-                             "use a new output folder")
-        with open(plan_path) as f:
-            plan = json.load(f)
-        print(f"ingest: resuming {out}")
-    else:
-        items: List[Item] = []
-        rejects: List[Reject] = []
-        if corpus:
-            items, rejects = read_corpus(corpus, cfg.ingest.min_label, cfg.ingest.max_label)
-        if unlabeled:
-            items += list_unlabeled(unlabeled)
-        if not items:
-            raise ValueError("nothing to ingest: give --corpus and/or --unlabeled")
-        plan = make_plan(items, rows_per_part(cfg.features, cfg.ingest.target_shard_mb),
-                         cfg.ingest.min_parts_per_split)
-        plan["reader_rejects"] = [{"path": r.path, "split": "", "reason": r.reason} for r in rejects]
-        with open(feat_path, "w") as f:
-            yaml.safe_dump(asdict(cfg.features), f)
-        _write_json(plan_path, plan)
+def part_digest(part: dict, features: dict) -> str:
+    """What a part is made from: its items (files, row ids, labels) and the feature settings."""
+    blob = json.dumps({"items": part["items"], "features": features}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()
 
+
+def part_is_valid(out: str, part: dict, features: dict) -> bool:
+    """The part's sidecar says it was made from these inputs, and its file is all there (the size
+    the sidecar recorded, a readable footer with the recorded row count)."""
+    try:
+        with open(sidecar_path(out, part)) as f:
+            side = json.load(f)
+        path = os.path.join(out, part["split"], part["name"])
+        if side.get("inputs_digest") != part_digest(part, features):
+            return False
+        if side["rows"] == 0:
+            return not os.path.exists(path)
+        return (os.path.getsize(path) == side["part_bytes"]
+                and pq.ParquetFile(path).metadata.num_rows == side["rows"])
+    except (OSError, ValueError, KeyError, pa.ArrowException):
+        return False
+
+
+def _remove_stale(out: str, plan: dict) -> None:
+    """Files of an earlier plan that this plan does not have (a shorter split, say)."""
+    keep = {os.path.join(p["split"], p["name"]) for p in plan["parts"]}
+    for split in SPLITS:
+        for d, ext in ((split, ".parquet"), (os.path.join("_meta", split), ".json")):
+            for f in os.listdir(os.path.join(out, d)):
+                rel = os.path.join(split, f.replace(".json", ".parquet") if ext == ".json" else f)
+                if f.endswith(ext) and f[0] != "." and rel not in keep:
+                    os.remove(os.path.join(out, d, f))
+
+
+def run_ingest(corpus: Optional[str], out: str, cfg: Config, unlabeled: Sequence[str] = ()) -> IngestSummary:
+    """Read the inputs, plan, verify what an earlier run left in ``out`` against this command,
+    (re)write every part that is missing, stale or damaged, then stats, rejects and, last, the
+    success marker. An output made from other inputs or feature settings is refused."""
+    corpus = os.path.abspath(corpus) if corpus else None       # Ray workers run in other directories
+    unlabeled = [os.path.abspath(u) for u in unlabeled]
+    inputs = {"corpus": corpus, "unlabeled": sorted(unlabeled)}
+    features = asdict(cfg.features)
+    plan_path = os.path.join(out, "plan.json")
+    if os.path.exists(plan_path):
+        with open(plan_path) as f:
+            saved = json.load(f)
+        if saved.get("inputs") != inputs or saved.get("features") != features:
+            what = "inputs" if saved.get("inputs") != inputs else "feature settings"
+            raise ValueError(f"{out} was made from other {what} ({saved.get('inputs')}); use a new output folder")
+    items: List[Item] = []
+    rejects: List[Reject] = []
+    if corpus:
+        items, rejects = read_corpus(corpus, cfg.ingest.min_label, cfg.ingest.max_label)
+    if unlabeled:
+        items += list_unlabeled(unlabeled)
+    if not items:
+        raise ValueError("nothing to ingest: give --corpus and/or --unlabeled")
+    os.makedirs(out, exist_ok=True)
+    if os.path.exists(os.path.join(out, "_SUCCESS")):
+        os.remove(os.path.join(out, "_SUCCESS"))          # written again only once all is verified
+    plan = make_plan(items, rows_per_part(cfg.features, cfg.ingest.target_shard_mb),
+                     cfg.ingest.min_parts_per_split)
+    plan.update(inputs=inputs, features=features,
+                reader_rejects=[{"path": r.path, "split": r.split, "reason": r.reason} for r in rejects])
+    _write_json(plan_path, plan)
     for split in SPLITS:
         os.makedirs(os.path.join(out, split), exist_ok=True)
         os.makedirs(os.path.join(out, "_meta", split), exist_ok=True)
-    todo = [p for p in plan["parts"] if not os.path.exists(sidecar_path(out, p))]
-    done = len(plan["parts"]) - len(todo)
-    print(f"ingest: {len(plan['parts'])} parts, {done} already done, {len(todo)} to write")
+    _remove_stale(out, plan)
+    todo = [p for p in plan["parts"] if not part_is_valid(out, p, features)]
+    print(f"ingest: {len(plan['parts'])} parts, {len(plan['parts']) - len(todo)} verified, {len(todo)} to write")
     if todo:
+        for p in todo:                                      # unverified until rewritten
+            for path in (sidecar_path(out, p), os.path.join(out, p["split"], p["name"])):
+                if os.path.exists(path):
+                    os.remove(path)
         ensure_ray()
         _run_parts(todo, out, cfg)
+        bad = [p["name"] for p in todo if not part_is_valid(out, p, features)]
+        if bad:
+            raise RuntimeError(f"{len(bad)} part(s) failed verification after writing: {bad[:5]}")
 
     rows: Dict[str, int] = {s: 0 for s in SPLITS}
-    all_rejects = list(plan.get("reader_rejects", []))
+    all_rejects = list(plan["reader_rejects"])
     for p in plan["parts"]:
         with open(sidecar_path(out, p)) as f:
             side = json.load(f)

@@ -107,10 +107,12 @@ class MetricsLog:
             f"best={m['best_dev_loss']:.4f}@{m['best_epoch']}  {m['epoch_time_s']:.1f}s")
 
 
-def _save_checkpoint(payload: dict, extra_files: Optional[Dict[str, pa.Table]] = None):
-    """A Ray Checkpoint from a fresh temp dir; the state file is written then renamed (atomic)."""
+def _save_checkpoint(out: str, payload: dict, extra_files: Optional[Dict[str, pa.Table]] = None):
+    """A Ray Checkpoint from a fresh dir under RUN/ (Ray deletes it after the upload); the state
+    file is written then renamed (atomic)."""
     from ray.train import Checkpoint
-    d = tempfile.mkdtemp(prefix="dec_ray_ckpt_")
+    os.makedirs(os.path.join(out, ".checkpoint_tmp"), exist_ok=True)
+    d = tempfile.mkdtemp(prefix="ckpt_", dir=os.path.join(out, ".checkpoint_tmp"))
     torch.save(payload, os.path.join(d, STATE_FILE + ".tmp"))
     os.replace(os.path.join(d, STATE_FILE + ".tmp"), os.path.join(d, STATE_FILE))
     for name, table in (extra_files or {}).items():
@@ -167,7 +169,7 @@ def train_loop_per_worker(config: dict) -> None:
     def report(metrics: Dict, st: LoopState, tables: Optional[Dict[str, pa.Table]] = None) -> None:
         checkpoint = None
         if rank == 0:
-            checkpoint = _save_checkpoint({"learner": learner.state(), "loop": st.to_dict()}, tables)
+            checkpoint = _save_checkpoint(out, {"learner": learner.state(), "loop": st.to_dict()}, tables)
             if not metrics["done"]:
                 log.write(metrics)
         ray.train.report(metrics, checkpoint=checkpoint, delete_local_checkpoint_after_upload=True)

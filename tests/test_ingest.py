@@ -84,25 +84,66 @@ def test_cli_exit_status_reports_rejects(tables, tmp_path, corpus, odd_files, ra
     assert main(["ingest", "--corpus", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
 
 
-def test_resume_after_interruption(tables, copy_tree, capsys, ray_local):
+def _same_command(corpus, odd_files):
+    return corpus, [os.path.join(corpus, "Unlabeled"), odd_files]
+
+
+def test_rerun_verifies_what_it_finds(tables, copy_tree, capsys, corpus, odd_files, ray_local):
     src, _ = tables
     out = copy_tree(src)
-    # simulate a kill: the success marker, one finished part and its sidecar are gone, a temp file lingers
-    os.remove(os.path.join(out, "_SUCCESS"))
+    corpus_arg, unlabeled = _same_command(corpus, odd_files)
+    cfg = load_config(None, ["ingest.min_parts_per_split=3"])
+    # a kill: one finished part and its sidecar gone, a temp file lingers; a dev part truncated
     victim = split_files(out, "train")[0]
     name = os.path.basename(victim)
     os.remove(victim)
     os.remove(os.path.join(out, "_meta", "train", name.replace(".parquet", ".json")))
     open(os.path.join(out, "train", "." + name + ".tmp"), "w").write("partial")
-    assert not is_complete(out)
-    keep = {p: os.path.getmtime(p) for p in split_files(out, "dev")}
-    summary = run_ingest(None, out, load_config(None, ["ingest.min_parts_per_split=3"]))
-    assert "1 to write" in capsys.readouterr().out
-    assert is_complete(out) and os.path.exists(victim)
+    truncated = split_files(out, "dev")[0]
+    data = open(truncated, "rb").read()
+    open(truncated, "wb").write(data[: len(data) // 2])
+    keep = {p: os.path.getmtime(p) for p in split_files(out, "test")}
+    summary = run_ingest(corpus_arg, out, cfg, unlabeled)
+    assert "2 to write" in capsys.readouterr().out
+    assert is_complete(out) and os.path.exists(victim) and os.path.getsize(truncated) == len(data)
     assert all(os.path.getmtime(p) == t for p, t in keep.items())
     assert summary.rows == json.load(open(os.path.join(src, "_SUCCESS")))["rows"]
+    # another corpus, other unlabeled folders or other features into the same output: refused,
+    # and the finished output keeps its marker
     with pytest.raises(ValueError, match="other feature settings"):
-        run_ingest(None, out, load_config(None, ["features.n_mels=64"]))
+        run_ingest(corpus_arg, out, load_config(None, ["features.n_mels=64"]), unlabeled)
+    with pytest.raises(ValueError, match="other inputs"):
+        run_ingest(corpus_arg, out, cfg, unlabeled[:1])
+    assert is_complete(out)
+
+
+def test_a_truncated_train_part_loses_the_marker_until_repaired(tables, copy_tree, corpus, odd_files, ray_local):
+    src, _ = tables
+    out = copy_tree(src)
+    part = split_files(out, "train")[-1]
+    open(part, "r+b").truncate(100)
+    from dec_ray.ingest import part_is_valid
+    plan = json.load(open(os.path.join(out, "plan.json")))
+    bad = [p for p in plan["parts"] if not part_is_valid(out, p, plan["features"])]
+    assert [os.path.join(out, p["split"], p["name"]) for p in bad] == [part]
+    corpus_arg, unlabeled = _same_command(corpus, odd_files)
+    run_ingest(corpus_arg, out, load_config(None, ["ingest.min_parts_per_split=3"]), unlabeled)
+    assert is_complete(out) and pq.ParquetFile(part).metadata.num_rows > 0
+
+
+def test_an_added_file_is_ingested_on_rerun(corpus, tmp_path, ray_local):
+    import shutil
+    unl = tmp_path / "unl[1]"                     # brackets: a folder name, not a glob pattern
+    unl.mkdir()
+    files = sorted(os.listdir(os.path.join(corpus, "Unlabeled")))
+    for f in files[:2]:
+        shutil.copy(os.path.join(corpus, "Unlabeled", f), unl / f)
+    out = str(tmp_path / "tables")
+    cfg = load_config(None, ["ingest.min_parts_per_split=2"])
+    assert run_ingest(None, out, cfg, [str(unl)]).rows["unlabeled"] == 2
+    shutil.copy(os.path.join(corpus, "Unlabeled", files[2]), unl / "ADDED.WAV")   # upper-case extension
+    assert run_ingest(None, out, cfg, [str(unl)]).rows["unlabeled"] == 3
+    assert len(split_files(out, "unlabeled")) == 2      # re-planned: no stale part left behind
 
 
 def test_plan_sizes_each_split_on_its_own():
