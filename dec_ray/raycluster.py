@@ -6,22 +6,36 @@ workers that hold every core. Never a Ray found by scanning the machine's proces
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from typing import Optional
 
 import dec_ray
 
 
+ADDRESS_FILE = os.path.join(tempfile.gettempdir(), "ray", "ray_current_cluster")
+
+
 def started_cluster_address() -> Optional[str]:
     """The address `ray start` recorded for this user (Ray's ray_current_cluster file), if any."""
-    path = os.path.join(tempfile.gettempdir(), "ray", "ray_current_cluster")
     try:
-        if os.stat(path).st_uid != os.getuid():
+        if os.stat(ADDRESS_FILE).st_uid != os.getuid():
             return None
-        with open(path) as f:
+        with open(ADDRESS_FILE) as f:
             return f.read().strip() or None
     except OSError:
         return None
+
+
+def reachable(address: str, timeout_s: float = 2.0) -> bool:
+    """Whether anything listens at host:port. A cluster killed without `ray stop` leaves its
+    address file behind, and ray.init would wait minutes on it."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def ensure_ray(min_cpus_for_training: float = 0.0, address: Optional[str] = None) -> None:
@@ -31,20 +45,20 @@ def ensure_ray(min_cpus_for_training: float = 0.0, address: Optional[str] = None
     import ray
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS") or started_cluster_address()
+    address = address or os.environ.get("RAY_ADDRESS")
+    started = started_cluster_address()
+    if not address and started:
+        if reachable(started):
+            address = started
+        else:
+            print(f"[dec-ray] the cluster `ray start` recorded ({started}) is gone; starting a local Ray", flush=True)
     if address:
         runtime_env = None
         if not os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):       # set in a `ray job submit` driver
             runtime_env = {"py_modules": [os.path.dirname(os.path.abspath(dec_ray.__file__))]}
-        try:
-            ray.init(address=address, runtime_env=runtime_env)
-            print(f"[dec-ray] joined the Ray cluster at {address}", flush=True)
-            return
-        except ConnectionError:
-            if os.environ.get("RAY_ADDRESS"):
-                raise
-            print(f"[dec-ray] the cluster recorded by `ray start` ({address}) is gone; starting a local Ray",
-                  flush=True)
+        ray.init(address=address, runtime_env=runtime_env)
+        print(f"[dec-ray] joined the Ray cluster at {address}", flush=True)
+        return
     cpus = max((os.cpu_count() or 1) + 1, int(min_cpus_for_training + 1.999))
     ray.init(num_cpus=cpus, address="local")
     print(f"[dec-ray] started a private local Ray ({cpus} logical CPUs)", flush=True)

@@ -156,7 +156,11 @@ class LocalCluster:
 
     def stop(self):
         import ray
+        from dec_ray.raycluster import ADDRESS_FILE, started_cluster_address
         ray.shutdown()
         for p in self.workers + [self.head]:
             if p.poll() is None:
                 self.kill_node(p)
+        started = started_cluster_address()
+        if started and started.rpartition(":")[2] == str(self.port):    # what `ray stop` would clean up
+            os.remove(ADDRESS_FILE)

@@ -116,5 +116,5 @@ def test_manifest_reader(corpus, tmp_path):
 def test_unlabeled_glob_and_missing(corpus):
     got = list_unlabeled([os.path.join(corpus, "Unlabeled", "UNL_*.wav")])
     assert len(got) == 12 and all(it.split == "unlabeled" for it in got)
-    with pytest.raises(CorpusError, match="no folder or file matches"):
+    with pytest.raises(CorpusError, match="no folder or file of that name"):
         list_unlabeled([os.path.join(corpus, "nothing_*.wav")])
