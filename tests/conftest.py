@@ -118,8 +118,10 @@ class LocalCluster:
         self.workers = []
         self.head = self._start(["--head", f"--port={self.port}", f"--dashboard-port={self.dashboard_port}",
                                  "--include-dashboard=true"])
+        from dec_ray.raycluster import reachable
         self._wait_for(lambda: subprocess.run([RAY, "status", f"--address={self.address}"], env=self.env,
                                               capture_output=True).returncode == 0, "the head to come up")
+        self._wait_for(lambda: reachable(f"127.0.0.1:{self.dashboard_port}"), "the dashboard (job API)")
 
     def _start(self, args):
         return subprocess.Popen([RAY, "start", *args, f"--num-cpus={self.num_cpus}", "--block",

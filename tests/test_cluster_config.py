@@ -69,3 +69,11 @@ def test_every_job_config_loads_and_every_documented_file_exists():
     readme = open(os.path.join(jobs, "README.md")).read() + open(os.path.join(ROOT, "README.md")).read()
     for ref in set(re.findall(r"jobs/[\w./-]+\.(?:yaml|sh)", readme)):
         assert os.path.exists(os.path.join(ROOT, ref)), ref
+
+
+def test_operations_defaults_are_not_open_by_default():
+    head = " ".join(_cluster()["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head      # dashboard + job API
+    _, text = _dockerfile_args()
+    users = re.findall(r"^USER (\w+)", text, re.M)
+    assert users and users[-1] == "ray" and "/etc/sudoers" in text               # runs as ray, without sudo

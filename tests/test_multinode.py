@@ -75,3 +75,31 @@ def test_lost_node_recovers_from_checkpoint(cluster, tables, tiny_cfg, tmp_path)
     assert set(starts[0]["nodes"]) != set(starts[-1]["nodes"])  # one rank moved to the new node
     epochs = [json.loads(x)["epoch"] for x in open(os.path.join(run, "metrics.jsonl"))]
     assert epochs[-1] == 3 and sorted(set(epochs)) == [0, 1, 2, 3]
+
+
+def test_dec_ray_never_joins_a_ray_it_was_not_told_about(tmp_path):
+    """Another user's private head, on its own port and temp dir, runs on this machine: a dec_ray
+    driver with no address starts its own local Ray instead of attaching to it."""
+    import subprocess
+    import sys
+    from conftest import RAY, free_port
+    from dec_ray.raycluster import reachable
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    other_tmp = f"/tmp/rayo{os.getpid()}"                   # short: Ray's socket paths have a length limit
+    port = free_port()
+    head = subprocess.Popen([RAY, "start", "--head", f"--port={port}", f"--temp-dir={other_tmp}",
+                             "--num-cpus=1", "--include-dashboard=false", "--block", "--disable-usage-stats"],
+                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not reachable(f"127.0.0.1:{port}"):             # the other head is up before we look
+            assert head.poll() is None and time.time() < deadline, "the other head did not start"
+            time.sleep(0.5)
+        probe = ("import ray; from dec_ray.raycluster import ensure_ray; ensure_ray(); "
+                 "print('NODE_TEMP', ray.get_runtime_context().gcs_address)")
+        proc = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "started a private local Ray" in proc.stdout, proc.stdout
+    finally:
+        os.killpg(head.pid, 9)
+        head.wait(60)
