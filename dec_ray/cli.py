@@ -172,8 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", parents=[ray_args], help="the paper's protocol: 4 test subsets x R runs, mean/std, t-test, plot")
     p.add_argument("--runs", nargs="+", help="finished run folders (any mix of models)")
     p.add_argument("--tables", help="train the runs first: each of --models, --repeats times (seeds 0..R-1)")
-    p.add_argument("--models", nargs="+", default=["deepemocluster", "cnn"],
-                   choices=["deepemocluster", "cnn", "ae", "vae"])
+    p.add_argument("--models", nargs="+", default=["deepemocluster", "cnn", "ridge"],
+                   choices=["deepemocluster", "cnn", "ae", "vae", "ridge"],
+                   help="ridge: the linear reference on utterance statistics of the same mel features")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", required=True, help="report folder (evaluation.md/.csv/.png; runs/ when training)")
     p.add_argument("--subsets", type=int, default=4)

@@ -11,7 +11,7 @@ import time
 
 from dec_ray.config import load_config, preset_path
 
-MODELS = ("deepemocluster", "cnn")
+MODELS = ("deepemocluster", "cnn", "ridge")      # ridge: the linear reference, no Ray
 
 
 def run_demo(out: str, labeled: int = 240, unlabeled: int = 120, seed: int = 0, overrides=(),
@@ -33,7 +33,8 @@ def run_demo(out: str, labeled: int = 240, unlabeled: int = 120, seed: int = 0, 
         summary = run_ingest(corpus, tables, load_config(cfg_path, list(overrides)),
                              [os.path.join(corpus, "Unlabeled")])
         print(summary.line())
-    print(f"[demo] 3/4 training {', '.join(MODELS)} with Ray Train ({repeats} run(s) each) -> {out}/runs")
+    print(f"[demo] 3/4 training {', '.join(MODELS[:2])} with Ray Train ({repeats} run(s) each) and the ridge "
+          f"reference -> {out}/runs")
     runs = repeated_runs(tables, out, MODELS, repeats, cfg_path, overrides)
     print("[demo] 4/4 evaluation (4 test subsets x runs, t-test) and cluster analysis")
     ev = evaluate_runs(runs, os.path.join(out, "evaluation"))

@@ -115,11 +115,19 @@ def repeated_runs(tables: str, out: str, models: Sequence[str], repeats: int, cf
                   overrides: Sequence[str] = ()) -> List[str]:
     """Train each model ``repeats`` times (train.seed = 0..R-1) into OUT/runs/MODEL/seedR, one
     Ray Train run after the other; finished runs are kept and interrupted ones resumed, so the
-    command can be re-run after a failure."""
+    command can be re-run after a failure. ``ridge`` (the linear reference) is deterministic:
+    one fit, no Ray."""
     from dec_ray.config import load_config
+    from dec_ray.ridge import run_ridge
     from dec_ray.trainer import run_training
     runs = []
     for model in models:
+        if model == "ridge":
+            run = os.path.join(out, "runs", "ridge")
+            runs.append(run)
+            if not os.path.exists(os.path.join(run, "result.json")):
+                run_ridge(tables, run, load_config(cfg_path, list(overrides)).model.attributes)
+            continue
         for seed in range(repeats):
             run = os.path.join(out, "runs", model, f"seed{seed}")
             runs.append(run)

@@ -15,7 +15,7 @@ from dec_ray.ingest import split_files
 from dec_ray.normalization import Stats
 from dec_ray.trainer import load_eval_pool
 from dec_ray.training import Learner
-from dec_ray.evaluation import split_test_set, subset_cccs, summarize, t_test
+from dec_ray.evaluation import evaluate_runs, split_test_set, subset_cccs, summarize, t_test
 from dec_ray.losses import ccc
 
 
@@ -104,3 +104,17 @@ def test_analyze_shows_clusters_that_follow_the_emotion(trained_runs, tables, tm
     assert dep.loc["arousal", "mi_bits"] > dep.loc["arousal", "mi_random_p95"]
     for name in ("analysis.md", "cluster_attributes.png", "embedding_2d.png"):
         assert os.path.getsize(os.path.join(out, name)) > 0
+
+
+@pytest.mark.slow
+def test_the_linear_reference_is_scored_with_the_protocol(trained_runs, tables, tmp_path):
+    from dec_ray.ridge import run_ridge, utterance_features
+    run = str(tmp_path / "ridge")
+    result = run_ridge(tables[0], run)
+    preds = pd.read_parquet(os.path.join(run, "test_predictions.parquet"))
+    assert result["test_ccc"]["arousal"] == pytest.approx(ccc(preds["pred_arousal"], preds["gold_arousal"]))
+    assert 0 < result["dev_ccc"]["arousal"] and preds["gold_arousal"].between(1, 7).all()
+    x = utterance_features(np.exp(np.zeros((2, 11, 62, 128))) * np.array([1.0, np.e])[:, None, None, None])
+    assert np.allclose(x[:, :128], [[0.0], [1.0]]) and np.allclose(x[:, 128:], 0.0)     # log-mel mean, std
+    ev = evaluate_runs([trained_runs["deepemocluster"], run], str(tmp_path / "eval"))
+    assert set(ev["values"]["model"]) == {"deepemocluster", "ridge"} and len(ev["values"]) == 8

@@ -1,0 +1,87 @@
+"""The linear reference: ridge regression on utterance statistics of the same mel features.
+
+Per sentence, the log of its mel power frames (all frames of its C chunks) summarised as the
+per-bin mean and standard deviation (2 x 128 values), z-scored with Train statistics; a closed-form
+ridge per attribute, its strength chosen by dev CCC. It is the first question a reviewer asks of a
+deep model: is it worth it? A run folder in the trainer's format (result.json, dev/test
+predictions), so `dec-ray evaluate` scores it with the paper's protocol. No Ray here.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from dec_ray.ingest import split_files
+from dec_ray.losses import ccc
+
+ALPHAS = tuple(10.0 ** np.arange(-2, 5))
+
+
+def utterance_features(chunks: np.ndarray) -> np.ndarray:
+    """(n, C, m, F) raw mel power -> (n, 2F): per-bin mean and std of log-mel over the frames."""
+    logmel = np.log(chunks.astype(np.float32) + 1e-10).reshape(len(chunks), -1, chunks.shape[-1])
+    return np.concatenate([logmel.mean(1), logmel.std(1)], axis=1)
+
+
+def read_split(tables: str, split: str, attributes: Sequence[str]):
+    files = split_files(tables, split)
+    if not files:
+        return None
+    t = pads.dataset(files, format="parquet").to_table(columns=["row_id", "chunks", *attributes]).sort_by("row_id")
+    x = utterance_features(t["chunks"].combine_chunks().to_numpy_ndarray())
+    y = np.stack([t[a].to_numpy(zero_copy_only=False).astype(np.float64) for a in attributes], axis=1)
+    return t["row_id"].to_numpy(), x, y
+
+
+def fit_ridge(x: np.ndarray, y: np.ndarray, alpha: float):
+    """Closed-form ridge on centred data: (weights, intercept)."""
+    xm, ym = x.mean(0), y.mean(0)
+    xc = x - xm
+    w = np.linalg.solve(xc.T @ xc + alpha * np.eye(x.shape[1]), xc.T @ (y - ym))
+    return w, ym - xm @ w
+
+
+def _table(ids: np.ndarray, pred: np.ndarray, gold: np.ndarray, attributes: Sequence[str]) -> pa.Table:
+    cols = {"row_id": pa.array(ids)}
+    for j, a in enumerate(attributes):
+        cols[f"pred_{a}"] = pa.array(pred[:, j].astype(np.float32))
+        cols[f"gold_{a}"] = pa.array(gold[:, j].astype(np.float32))
+    return pa.table(cols)
+
+
+def run_ridge(tables: str, out: str, attributes: Sequence[str] = ("arousal",)) -> Dict:
+    """Fit on Train, choose alpha on dev (per attribute), score dev and test; write a run folder."""
+    attributes: List[str] = list(attributes)
+    data = {s: read_split(tables, s, attributes) for s in ("train", "dev", "test")}
+    if data["train"] is None or data["dev"] is None:
+        raise ValueError(f"{tables}: ridge needs the train and dev splits")
+    _, xtr, ytr = data["train"]
+    mean, std = xtr.mean(0), xtr.std(0) + 1e-8
+    norm = {s: (d[0], (d[1] - mean) / std, d[2]) for s, d in data.items() if d is not None}
+    preds = {s: np.zeros_like(d[2]) for s, d in norm.items()}
+    alphas = {}
+    for j, a in enumerate(attributes):
+        fits = {al: fit_ridge(norm["train"][1], norm["train"][2][:, j:j + 1], al) for al in ALPHAS}
+        dev_ccc = {al: ccc(norm["dev"][1] @ w + b, norm["dev"][2][:, j]) for al, (w, b) in fits.items()}
+        alphas[a] = float(max(dev_ccc, key=dev_ccc.get))
+        w, b = fits[alphas[a]]
+        for s, (_, x, _) in norm.items():
+            preds[s][:, j] = (x @ w + b)[:, 0]
+    os.makedirs(out, exist_ok=True)
+    result = {"model": "ridge", "attributes": attributes, "alpha": alphas,
+              "dev_ccc": {a: ccc(preds["dev"][:, j], norm["dev"][2][:, j]) for j, a in enumerate(attributes)}}
+    for s in ("dev", "test"):
+        if s in norm:
+            pq.write_table(_table(norm[s][0], preds[s], norm[s][2], attributes),
+                           os.path.join(out, f"{s}_predictions.parquet"))
+    if "test" in norm:
+        result["test_ccc"] = {a: ccc(preds["test"][:, j], norm["test"][2][:, j]) for j, a in enumerate(attributes)}
+    with open(os.path.join(out, "result.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    return result
