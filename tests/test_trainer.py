@@ -32,6 +32,9 @@ def test_two_epoch_run_of_each_model(model, tables, tiny_cfg, tmp_path, ray_loca
     run = str(tmp_path / model)
     result = run_training(out, run, tiny_cfg(f"model.name={model}"))
     assert result["epochs_run"] == 2 and result["model"] == model
+    assert result["checkpoint"].startswith(run + os.sep)             # everything the run writes is under RUN/
+    with pytest.raises(ValueError, match="already holds a run"):     # never silently over a finished run
+        run_training(out, run, tiny_cfg(f"model.name={model}"))
     for f in ("config.yaml", "stats.json", "model.pt", "result.json", "metrics.jsonl", "test_predictions.parquet"):
         assert os.path.exists(os.path.join(run, f)), f
     assert os.listdir(os.path.join(run, "tensorboard"))
