@@ -67,7 +67,7 @@ def _sync_rank(rank, port, q):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(1)
-    cfg = load_config(None, ["train.batch_sentences=64"])
+    cfg = load_config(None, ["train.batch_sentences=64", "model.name=cnn"])   # the same encoder and BatchNorms
     stats = Stats([0.0] * 128, [1.0] * 128, {"arousal": 0.0}, {"arousal": 1.0})
     learner = Learner(cfg, stats, torch.device("cpu"), wrap=torch.nn.parallel.DistributedDataParallel)
     rng = np.random.default_rng(rank)
