@@ -38,14 +38,14 @@ def reachable(address: str, timeout_s: float = 2.0) -> bool:
         return False
 
 
-def ensure_ray(min_cpus_for_training: float = 0.0, address: Optional[str] = None) -> None:
+def ensure_ray(min_cpus_for_training: float = 0.0) -> None:
     """Join or start Ray (see the module docstring). When joining from a shell (not from inside a
     `ray job submit` job, which ships its working dir), this dec_ray goes with the driver as a
     runtime_env py_module, so the cluster's workers run the driver's code, not whatever is there."""
     import ray
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
+    address = os.environ.get("RAY_ADDRESS")                 # `--address` sets it too
     started = started_cluster_address()
     if not address and started:
         if reachable(started):
