@@ -169,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", action="store_true")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("evaluate", parents=[ray_args], help="the paper's protocol: 4 test subsets x R runs, mean/std, t-test, plot")
+    p = sub.add_parser("evaluate", parents=[ray_args],
+                       help="the paper's protocol: 4 test subsets x R runs, mean/std, t-test, plot")
     p.add_argument("--runs", nargs="+", help="finished run folders (any mix of models)")
     p.add_argument("--tables", help="train the runs first: each of --models, --repeats times (seeds 0..R-1)")
     p.add_argument("--models", nargs="+", default=["deepemocluster", "cnn", "ridge"],
@@ -192,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_analyze)
 
-    p = sub.add_parser("demo", parents=[ray_args], help="synth corpus -> ingest -> train DeepEmoCluster and the CNN baseline")
+    p = sub.add_parser("demo", parents=[ray_args],
+                       help="synth corpus -> ingest -> train DeepEmoCluster and the CNN baseline")
     p.add_argument("--out", default="demo_out")
     p.add_argument("--labeled", type=int, default=240)
     p.add_argument("--unlabeled", type=int, default=120)

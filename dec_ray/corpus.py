@@ -84,7 +84,8 @@ def _check_rows(items: List[Item], rejects: List[Reject]) -> List[Item]:
     by_path: Dict[str, List[Item]] = {}
     for it in items:
         by_path.setdefault(it.path, []).append(it)
-    leaks = [(p, sorted({it.split for it in rows})) for p, rows in by_path.items() if len({it.split for it in rows}) > 1]
+    splits = {p: sorted({it.split for it in rows}) for p, rows in by_path.items()}
+    leaks = [(p, s) for p, s in splits.items() if len(s) > 1]
     if leaks:
         shown = "; ".join(f"{os.path.basename(p)} in {'/'.join(s)}" for p, s in leaks[:5])
         raise CorpusError(f"{len(leaks)} file(s) listed in more than one split, which would leak evaluation data "

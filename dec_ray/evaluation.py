@@ -26,6 +26,16 @@ def split_test_set(row_ids: np.ndarray, n_subsets: int = 4, seed: int = 0) -> Li
     return [np.sort(s) for s in np.array_split(np.random.default_rng(seed).permutation(ids), n_subsets)]
 
 
+def predictions_table(row_ids: np.ndarray, pred: np.ndarray, gold: np.ndarray, attributes: Sequence[str]):
+    """RUN/{dev,test}_predictions.parquet: row_id, pred_A and gold_A per attribute (1..7 scale)."""
+    import pyarrow as pa
+    cols = {"row_id": pa.array(row_ids)}
+    for j, a in enumerate(attributes):
+        cols[f"pred_{a}"] = pa.array(pred[:, j].astype(np.float32))
+        cols[f"gold_{a}"] = pa.array(gold[:, j].astype(np.float32))
+    return pa.table(cols)
+
+
 def read_run(run: str) -> Dict:
     """A finished run's model name, attributes and test predictions (de-normalised)."""
     path = os.path.join(run, "test_predictions.parquet")

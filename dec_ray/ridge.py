@@ -13,10 +13,10 @@ import os
 from typing import Dict, List, Sequence
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from dec_ray.evaluation import predictions_table
 from dec_ray.ingest import split_files
 from dec_ray.losses import ccc
 
@@ -47,14 +47,6 @@ def fit_ridge(x: np.ndarray, y: np.ndarray, alpha: float):
     return w, ym - xm @ w
 
 
-def _table(ids: np.ndarray, pred: np.ndarray, gold: np.ndarray, attributes: Sequence[str]) -> pa.Table:
-    cols = {"row_id": pa.array(ids)}
-    for j, a in enumerate(attributes):
-        cols[f"pred_{a}"] = pa.array(pred[:, j].astype(np.float32))
-        cols[f"gold_{a}"] = pa.array(gold[:, j].astype(np.float32))
-    return pa.table(cols)
-
-
 def run_ridge(tables: str, out: str, attributes: Sequence[str] = ("arousal",)) -> Dict:
     """Fit on Train, choose alpha on dev (per attribute), score dev and test; write a run folder."""
     attributes: List[str] = list(attributes)
@@ -78,7 +70,7 @@ def run_ridge(tables: str, out: str, attributes: Sequence[str] = ("arousal",)) -
               "dev_ccc": {a: ccc(preds["dev"][:, j], norm["dev"][2][:, j]) for j, a in enumerate(attributes)}}
     for s in ("dev", "test"):
         if s in norm:
-            pq.write_table(_table(norm[s][0], preds[s], norm[s][2], attributes),
+            pq.write_table(predictions_table(norm[s][0], preds[s], norm[s][2], attributes),
                            os.path.join(out, f"{s}_predictions.parquet"))
     if "test" in norm:
         result["test_ccc"] = {a: ccc(preds["test"][:, j], norm["test"][2][:, j]) for j, a in enumerate(attributes)}

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import torch
 
 from dec_ray.config import ATTRIBUTES, Config, config_from_dict, load_config
+from dec_ray.evaluation import predictions_table
 from dec_ray.ingest import is_complete, split_files
 from dec_ray.normalization import Stats
 from dec_ray.raycluster import check_room_for_data, ensure_ray
@@ -120,14 +121,6 @@ def _save_checkpoint(out: str, payload: dict, extra_files: Optional[Dict[str, pa
     return Checkpoint.from_directory(d)
 
 
-def _predictions_table(ev: Dict, attrs) -> pa.Table:
-    cols = {"row_id": pa.array(ev["row_ids"])}
-    for j, a in enumerate(attrs):
-        cols[f"pred_{a}"] = pa.array(ev["pred"][:, j].astype(np.float32))
-        cols[f"gold_{a}"] = pa.array(ev["gold"][:, j].astype(np.float32))
-    return pa.table(cols)
-
-
 def train_loop_per_worker(config: dict) -> None:
     """One Ray Train worker: load its shards, restore the loop state, run ``training.fit``."""
     import ray
@@ -177,8 +170,10 @@ def train_loop_per_worker(config: dict) -> None:
     result = fit(learner, pools, state, report)
     if state.epoch + 1 < cfg.train.epochs and rank == 0:
         say(f"[dec-ray] early stop: no dev improvement for {state.bad_epochs} epochs")
-    report(result["metrics"], state, {f"{split}_predictions.parquet": _predictions_table(ev, cfg.model.attributes)
-                                      for split, ev in result["evals"].items()})
+    attrs = cfg.model.attributes
+    tables = {f"{split}_predictions.parquet": predictions_table(ev["row_ids"], ev["pred"], ev["gold"], attrs)
+              for split, ev in result["evals"].items()}
+    report(result["metrics"], state, tables)
 
 
 def unlabeled_subset(files, n: int, seed: int) -> np.ndarray:
@@ -278,7 +273,8 @@ def finalize(out: str, cfg: Config, stats: Stats, result) -> dict:
     loop = st["loop"]
     summary = {
         "model": cfg.model.name, "attributes": attrs, "best_epoch": loop["best_epoch"],
-        "epochs_run": loop["epoch"] + 1, "best_dev_loss": loop["best_loss"], "batch_sentences": cfg.train.batch_sentences,
+        "epochs_run": loop["epoch"] + 1, "best_dev_loss": loop["best_loss"],
+        "batch_sentences": cfg.train.batch_sentences,
         "dev_ccc": {a: m.get(f"dev_ccc_{a}") for a in attrs},
         "test_ccc": {a: m.get(f"test_ccc_{a}") for a in attrs},
         "model_path": os.path.join(out, "model.pt"),

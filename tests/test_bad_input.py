@@ -93,7 +93,8 @@ def test_prediction_checks_before_it_works(tmp_path, capsys):
     run.mkdir()
     audio = tmp_path / "a.wav"
     sf.write(audio, np.ones(16000) * 0.1, 16000)
-    assert main(["predict", "--run", str(run), "--audio", str(audio), "--out", str(tmp_path / "p.parquet")]) == EXIT_USAGE
+    args = ["predict", "--run", str(run), "--audio", str(audio), "--out", str(tmp_path / "p.parquet")]
+    assert main(args) == EXIT_USAGE
     err = capsys.readouterr().err
     assert "no model.pt" in err and len(err.splitlines()) == 1
     (run / "model.pt").write_bytes(b"not a model")
