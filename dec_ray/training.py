@@ -150,11 +150,11 @@ class Learner:
         """Every rank takes rank 0's BatchNorm running statistics (what model.pt saves)."""
         if world()[1] == 1:
             return
-        dev = comm_device()
-        for buf in self.net.buffers():
-            t = buf.data.to(dev)
-            dist.broadcast(t, src=0)
-            buf.data.copy_(t)
+        bufs = list(self.net.buffers())          # float running stats and int64 batch counters
+        flat = torch.cat([b.detach().double().flatten() for b in bufs]).to(comm_device())
+        dist.broadcast(flat, src=0)               # one collective (float64 holds the counters exactly)
+        for b, v in zip(bufs, torch.split(flat, [b.numel() for b in bufs])):
+            b.copy_(v.view_as(b))                 # copy_ casts back to the buffer's dtype and device
 
     # --- clustering ---
     @torch.no_grad()
