@@ -160,13 +160,13 @@ def part_is_valid(out: str, part: dict, features: dict) -> bool:
 
 def _remove_stale(out: str, plan: dict) -> None:
     """Files of an earlier plan that this plan does not have (a shorter split, say)."""
-    keep = {os.path.join(p["split"], p["name"]) for p in plan["parts"]}
+    keep = {(p["split"], os.path.splitext(p["name"])[0]) for p in plan["parts"]}   # a part and its sidecar
     for split in SPLITS:
-        for d, ext in ((split, ".parquet"), (os.path.join("_meta", split), ".json")):
-            for f in os.listdir(os.path.join(out, d)):
-                rel = os.path.join(split, f.replace(".json", ".parquet") if ext == ".json" else f)
-                if f.endswith(ext) and f[0] != "." and rel not in keep:
-                    os.remove(os.path.join(out, d, f))
+        for d in (os.path.join(out, split), os.path.join(out, "_meta", split)):
+            for f in os.listdir(d):
+                stem, ext = os.path.splitext(f)
+                if ext in (".parquet", ".json") and f[0] != "." and (split, stem) not in keep:
+                    os.remove(os.path.join(d, f))
 
 
 def run_ingest(corpus: Optional[str], out: str, cfg: Config, unlabeled: Sequence[str] = ()) -> IngestSummary:
@@ -181,9 +181,11 @@ def run_ingest(corpus: Optional[str], out: str, cfg: Config, unlabeled: Sequence
     if os.path.exists(plan_path):
         with open(plan_path) as f:
             saved = json.load(f)
-        if saved.get("inputs") != inputs or saved.get("features") != features:
-            what = "inputs" if saved.get("inputs") != inputs else "feature settings"
-            raise ValueError(f"{out} was made from other {what} ({saved.get('inputs')}); use a new output folder")
+        if saved.get("inputs") != inputs:
+            raise ValueError(f"{out} was made from other inputs ({saved.get('inputs')}); use a new output folder")
+        if saved.get("features") != features:
+            raise ValueError(f"{out} was made with other feature settings ({saved.get('features')}); "
+                             "use a new output folder")
     items: List[Item] = []
     rejects: List[Reject] = []
     if corpus:

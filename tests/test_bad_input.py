@@ -45,9 +45,9 @@ def test_duplicate_and_contradictory_rows_are_rejected_with_their_split(tmp_path
 def test_upper_case_extensions_and_literal_folder_names(tmp_path):
     d = tmp_path / "unl[1]"
     (d / "sub").mkdir(parents=True)
-    for name in ("UPPER.WAV", "sub/lower.flac", "notes.txt"):
-        sf.write(d / name, np.ones(1600) * 0.1, 16000, format="WAV") if name != "notes.txt" else \
-            (d / name).write_text("x")
+    for name in ("UPPER.WAV", "sub/lower.flac"):
+        sf.write(d / name, np.ones(1600) * 0.1, 16000, format="WAV")
+    (d / "notes.txt").write_text("x")
     names = sorted(os.path.basename(it.path) for it in list_unlabeled([str(d)]))
     assert names == ["UPPER.WAV", "lower.flac"]
     assert [os.path.basename(it.path) for it in list_unlabeled([str(d / "notes.txt")])] == ["notes.txt"]
