@@ -110,6 +110,21 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def cmd_experiment(args) -> int:
+    from dec_ray.experiment import load_spec, run_experiment
+    spec = load_spec(args.spec)
+    if args.seeds is not None:
+        spec.seeds = args.seeds
+    res = run_experiment(args.tables, args.out, spec, args.overrides,
+                         command="dec-ray " + " ".join(sys.argv[1:]))
+    print(f"\nreport: {res['report']}")
+    if res["failed"]:
+        print(f"{len(res['failed'])} run(s) failed; re-run the same command to retry them: "
+              + ", ".join(res["failed"]), file=sys.stderr)
+        return EXIT_REJECTS
+    return EXIT_OK
+
+
 def cmd_demo(args) -> int:
     from dec_ray.demo import run_demo
     run_demo(args.out, args.labeled, args.unlabeled, args.seed, args.overrides, args.repeats)
@@ -193,6 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_analyze)
 
+    p = sub.add_parser("experiment", parents=[ray_args],
+                       help="the paper's studies (models, pool size, K) as one resumable Ray Tune grid + report.md")
+    p.add_argument("--tables", required=True, help="output folder of `dec-ray ingest`")
+    p.add_argument("--out", required=True, help="experiment folder: runs/, report.md; re-run to resume")
+    p.add_argument("--spec", default="experiment_laptop",
+                   help="experiment spec (YAML) or a preset name: experiment_laptop (default)")
+    p.add_argument("--seeds", type=int, help="runs per cell (overrides the spec's seeds)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the spec's training config for every run (repeatable)")
+    p.set_defaults(func=cmd_experiment)
+
     p = sub.add_parser("demo", parents=[ray_args],
                        help="synth corpus -> ingest -> train DeepEmoCluster and the CNN baseline")
     p.add_argument("--out", default="demo_out")
@@ -205,13 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-PATH_ARGS = ("corpus", "out", "tables", "unlabeled", "run", "audio", "runs", "resume", "config", "space")
+PATH_ARGS = ("corpus", "out", "tables", "unlabeled", "run", "audio", "runs", "resume", "config", "space", "spec")
 
 
 def absolute_paths(args: argparse.Namespace) -> None:
     for name in PATH_ARGS:
         value = getattr(args, name, None)
-        if isinstance(value, str) and not (name == "config" and not os.path.exists(value)):  # preset names
+        if isinstance(value, str) and not (name in ("config", "spec") and not os.path.exists(value)):  # presets
             setattr(args, name, os.path.abspath(value))
         elif isinstance(value, list):
             setattr(args, name, [os.path.abspath(v) for v in value])

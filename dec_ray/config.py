@@ -168,8 +168,11 @@ def _coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(f"{where} must be true/false, got {value!r}")
         return value
-    if isinstance(default, float) and isinstance(value, int):
-        return float(value)
+    if isinstance(default, float) and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:                        # YAML 1.1 reads 1e-5 (no dot) as a string
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{where} must be float, got {value!r}") from None
     if isinstance(default, list):
         return list(value) if isinstance(value, (list, tuple)) else [value]
     if default is not None and not isinstance(value, type(default)):

@@ -15,8 +15,9 @@ def test_defaults_are_the_method():
 def test_yaml_round_trip_and_overrides(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("train:\n  lambda_ce: 0.5\ncluster:\n  k: 30\n")
-    c = load_config(str(p), ["train.lambda_ce=2", "model.attributes=[arousal, valence]", "train.amp=false"])
-    assert c.train.lambda_ce == 2.0 and isinstance(c.train.lambda_ce, float)
+    c = load_config(str(p), ["train.lambda_ce=2", "model.attributes=[arousal, valence]", "train.amp=false",
+                             "train.weight_decay=1e-5"])           # YAML 1.1 reads 1e-5 as a string
+    assert c.train.lambda_ce == 2.0 and isinstance(c.train.lambda_ce, float) and c.train.weight_decay == 1e-5
     assert c.cluster.k == 30 and c.model.attributes == ["arousal", "valence"] and c.train.amp is False
     c.save(str(tmp_path / "saved.yaml"))
     assert load_config(str(tmp_path / "saved.yaml")) == c
@@ -26,6 +27,7 @@ def test_yaml_round_trip_and_overrides(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("train.lamda=1", "unknown key"),
     ("train.epochs=ten", "must be int"),
+    ("train.lr=fast", "must be float"),
     ("model.name=resnet", "model.name"),
     ("model.attributes=[joy]", "model.attributes"),
     ("nokeyvalue", "key=value"),

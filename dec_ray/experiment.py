@@ -1,0 +1,335 @@
+"""`dec-ray experiment`: the paper's studies as one resumable job (a Ray Tune grid of training runs).
+
+A spec (YAML, dataclasses below) names the studies: Table 2 (the models, supervised), Table 3
+(unlabeled pool sizes), Table 4 (K x pool size), and any grid over model, pool, K and lambda.
+Every cell of every study is trained ``seeds`` times; a cell shared by two studies (DeepEmoCluster
+without a pool is in Tables 2, 3 and 4) is trained once. Each run is an ordinary run folder,
+OUT/runs/CELL/seedR, so a restarted experiment skips finished runs and resumes interrupted ones
+from their last checkpoint. The CNN-regressor (the t-test reference) and the ridge reference are
+always in. The report (dec_ray/experiment_report.py) is computed from the runs' saved predictions.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Union
+
+import yaml
+
+from dec_ray.config import Config, ConfigError, load_config, preset_path
+
+MODELS = ("deepemocluster", "cnn", "ae", "vae")
+REFERENCE = "cnn"          # the paper's tests are against the CNN-regressor
+Size = Union[int, float, str]
+
+
+@dataclass
+class Study:
+    """A grid of cells: every combination of its axes. An axis left out keeps the base config's
+    value (pool: none). ``pool`` entries are sentence counts (int), fractions of the unlabeled
+    split (float <= 1.0) or "all"."""
+    name: str
+    title: str = ""
+    models: List[str] = field(default_factory=lambda: ["deepemocluster"])
+    pool: List[Size] = field(default_factory=lambda: [0])
+    k: List[int] = field(default_factory=list)
+    lambda_ce: List[float] = field(default_factory=list)
+
+
+@dataclass
+class ExperimentSpec:
+    config: str = "demo"                  # training config: a preset name or a YAML path
+    set: List[str] = field(default_factory=list)       # overrides of that config (KEY=VALUE)
+    seeds: int = 2                        # runs per cell (train.seed 0..seeds-1)
+    subsets: int = 4                      # random test subsets (the paper: 4)
+    alpha: float = 0.05                   # two-tailed t-test against the CNN-regressor
+    parallel_runs: int = 0                # runs at once; 0: as many as the cluster's CPUs/GPUs allow
+    studies: List[Study] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _fields(cls, data: dict, where: str) -> dict:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return data
+
+
+def spec_from_dict(data: dict) -> ExperimentSpec:
+    data = dict(_fields(ExperimentSpec, data or {}, "experiment spec"))
+    studies = []
+    for i, s in enumerate(data.pop("studies", None) or []):
+        s = dict(_fields(Study, s, f"experiment spec, study {i + 1}"))
+        study = Study(**s)
+        bad = [m for m in study.models if m not in MODELS]
+        if bad or not study.models:
+            raise ConfigError(f"study {study.name}: models must be among {', '.join(MODELS)} (got {study.models})")
+        studies.append(study)
+    if not studies:
+        raise ConfigError("experiment spec: no studies")
+    if len({s.name for s in studies}) != len(studies):
+        raise ConfigError("experiment spec: study names must be unique")
+    spec = ExperimentSpec(**data, studies=studies)
+    if spec.seeds < 1 or spec.subsets < 2:
+        raise ConfigError("experiment spec: seeds >= 1 and subsets >= 2")
+    return spec
+
+
+def load_spec(path: str) -> ExperimentSpec:
+    """A spec file, or the name of a preset in dec_ray/presets (experiment_laptop, ...). Its
+    ``config`` is a preset name or a path, relative to the working directory or to the spec."""
+    if not os.path.exists(path):
+        path = preset_path(path)
+        if not os.path.exists(path):
+            raise ConfigError(f"{os.path.basename(path)[:-5]}: neither an experiment spec file nor a preset")
+    with open(path) as f:
+        spec = spec_from_dict(yaml.safe_load(f))
+    beside = os.path.join(os.path.dirname(os.path.abspath(path)), spec.config)
+    if not os.path.exists(spec.config) and os.path.exists(beside):
+        spec.config = beside
+    return spec
+
+
+def config_path(spec: ExperimentSpec) -> str:
+    if os.path.exists(spec.config):
+        return os.path.abspath(spec.config)
+    path = preset_path(spec.config)
+    if not os.path.exists(path):
+        raise ConfigError(f"experiment spec: config {spec.config!r} is neither a file nor a preset")
+    return path
+
+
+def pool_count(size: Size, n_unlabeled: int) -> int:
+    """A pool entry as a number of unlabeled sentences."""
+    if size == "all":
+        return n_unlabeled
+    if isinstance(size, float):
+        if not 0.0 <= size <= 1.0:
+            raise ConfigError(f"pool size {size}: a float is a fraction of the unlabeled split (0..1)")
+        return int(round(size * n_unlabeled))
+    if isinstance(size, int) and size >= 0:
+        return min(size, n_unlabeled)
+    raise ConfigError(f"pool size {size!r}: a count (int), a fraction (float <= 1.0) or 'all'")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One trained configuration; fields that do not apply to the model are None."""
+    model: str
+    pool: Optional[int] = None
+    k: Optional[int] = None
+    lambda_ce: Optional[float] = None
+
+    @property
+    def name(self) -> str:
+        parts = [self.model]
+        if self.pool is not None:
+            parts.append(f"pool{self.pool}")
+        if self.k is not None:
+            parts.append(f"k{self.k}")
+        if self.lambda_ce is not None:
+            parts.append(f"lambda{self.lambda_ce:g}")
+        return "_".join(parts)
+
+    def overrides(self) -> List[str]:
+        out = [f"model.name={self.model}", f"train.unlabeled_limit={self.pool if self.pool is not None else 0}"]
+        if self.k is not None:
+            out.append(f"cluster.k={self.k}")
+        if self.lambda_ce is not None:
+            out.append(f"train.lambda_ce={self.lambda_ce}")
+        return out
+
+
+def make_cell(model: str, pool: int, k: int, lambda_ce: float) -> Cell:
+    if model == "cnn":                  # supervised only: no pool, no clusters, no second loss
+        return Cell("cnn")
+    if model in ("ae", "vae"):          # lambda weighs the reconstruction loss in the labeled stage
+        return Cell(model, pool, None, float(lambda_ce))
+    return Cell(model, pool, int(k), float(lambda_ce))
+
+
+def study_cells(study: Study, base: Config, n_unlabeled: int) -> List[Cell]:
+    cells = []
+    for model in study.models:
+        for size in study.pool:
+            for k in study.k or [base.cluster.k]:
+                for lam in study.lambda_ce or [base.train.lambda_ce]:
+                    cell = make_cell(model, pool_count(size, n_unlabeled), k, lam)
+                    if cell not in cells:
+                        cells.append(cell)
+    return cells
+
+
+def plan(spec: ExperimentSpec, base: Config, n_unlabeled: int) -> Dict[str, List[Cell]]:
+    """Cells per study, plus the reference cell (CNN) every table is tested against."""
+    cells = {s.name: study_cells(s, base, n_unlabeled) for s in spec.studies}
+    cells["_reference"] = [Cell(REFERENCE)]
+    return cells
+
+
+def all_runs(cells: Dict[str, List[Cell]], seeds: int, out: str) -> Dict[str, tuple]:
+    """Run folder -> (cell, seed) for every distinct cell of the plan."""
+    runs = {}
+    for group in cells.values():
+        for cell in group:
+            for seed in range(seeds):
+                runs[os.path.join(out, "runs", cell.name, f"seed{seed}")] = (cell, seed)
+    return runs
+
+
+def is_finished(run: str) -> bool:
+    return os.path.exists(os.path.join(run, "result.json"))
+
+
+def count_rows(tables: str, split: str) -> int:
+    import pyarrow.parquet as pq
+    from dec_ray.ingest import split_files
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in split_files(tables, split))
+
+
+# --- running (Ray) ---
+
+def train_one(config: dict) -> None:
+    """A Tune trial: one run folder, trained, resumed, or (finished already) left alone."""
+    from ray import tune
+    from dec_ray.trainer import run_training
+    i = config["i"]
+    run, t0 = config["_runs"][i], time.time()
+    if not is_finished(run):
+        if os.path.exists(os.path.join(run, "config.yaml")):
+            run_training(None, run, resume=True)
+        else:
+            if os.path.exists(run):          # killed before its config was saved: nothing to keep
+                shutil.rmtree(run)
+            run_training(config["_tables"], run, load_config(config["_config"], config["_overrides"][i]))
+    with open(os.path.join(run, "result.json")) as f:
+        result = json.load(f)
+    tune.report({"test_ccc": result["test_ccc"], "dev_ccc": result["dev_ccc"], "train_s": time.time() - t0,
+                 "best_epoch": result["best_epoch"]})
+
+
+def progress_callback(out: str, total: int, done: int):
+    """A Tune callback that prints one line per finished or failed run."""
+    from ray import tune
+
+    class Progress(tune.Callback):
+        def __init__(self):
+            self.done, self.t0 = done, time.time()
+
+        def _line(self, trial, what: str) -> None:
+            self.done += 1
+            run = os.path.relpath(trial.config["_runs"][trial.config["i"]], out)
+            print(f"[experiment] {self.done}/{total} {run}: {what} ({(time.time() - self.t0) / 60:.1f} min)",
+                  flush=True)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            r = trial.last_result or {}
+            ccc = ", ".join(f"{a} {v:.3f}" for a, v in (r.get("test_ccc") or {}).items() if v is not None)
+            self._line(trial, f"test CCC {ccc}")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._line(trial, "FAILED (its folder and the Tune log under tune/ say why)")
+
+    return Progress()
+
+
+def run_concurrency(spec: ExperimentSpec, cfg: Config) -> int:
+    """Runs at once: the spec's, else what the cluster's CPUs (GPUs) hold, one CPU left for Ray Data."""
+    import ray
+    res = ray.cluster_resources()
+    per_run = cfg.scale.workers * cfg.scale.cpus_per_worker + 1          # + the trial's own driver
+    fit = max(1, int((res.get("CPU", 1) - 1) // per_run))
+    if cfg.scale.use_gpu:
+        fit = min(fit, max(1, int(res.get("GPU", 0) // cfg.scale.workers)))
+    return min(fit, spec.parallel_runs) if spec.parallel_runs else fit
+
+
+def train_pending(tables: str, out: str, cfg_path: str, pending: Dict[str, List[str]], spec: ExperimentSpec,
+                  base: Config, total: int) -> List[str]:
+    """Train the pending runs (run folder -> config overrides) as one Tune grid; returns the failed runs."""
+    from ray import tune
+    from dec_ray.raycluster import ensure_ray
+    per_run = base.scale.workers * base.scale.cpus_per_worker + 1
+    ensure_ray(per_run * max(1, spec.parallel_runs))    # a private local Ray gets room for parallel_runs
+    runs = sorted(pending)
+    tuner = tune.Tuner(
+        train_one,
+        param_space={"i": tune.grid_search(list(range(len(runs)))), "_runs": runs, "_tables": tables,
+                     "_config": cfg_path, "_overrides": [pending[r] for r in runs]},
+        tune_config=tune.TuneConfig(max_concurrent_trials=run_concurrency(spec, base)),
+        run_config=tune.RunConfig(name=time.strftime("grid-%Y%m%d-%H%M%S"), storage_path=os.path.join(out, "tune"),
+                                  callbacks=[progress_callback(out, total, total - len(runs))], verbose=0))
+    grid = tuner.fit()
+    return sorted(runs[r.config["i"]] for r in grid if r.error is not None)
+
+
+def check_same_training(out: str, cfg_path: str, overrides: List[str]) -> None:
+    """A restarted experiment may add studies or seeds, but its finished runs must have been
+    trained with the same base config; mixing two configs in one report would be silent."""
+    path = os.path.join(out, "spec.yaml")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        before = yaml.safe_load(f)
+    if (before.get("config"), list(before.get("set") or [])) != (cfg_path, list(overrides)):
+        raise ConfigError(f"{out} holds an experiment trained with config {before.get('config')} and "
+                          f"set {before.get('set')}; this one has {cfg_path} and {overrides}. Use a new --out "
+                          "(studies and seeds may change between restarts; the training config may not)")
+
+
+def machine() -> str:
+    import torch
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()} CPUs ({platform.machine()}, {platform.system()}), {gpu}"
+
+
+def run_experiment(tables: str, out: str, spec: ExperimentSpec, overrides: Sequence[str] = (),
+                   command: str = "") -> Dict:
+    """Train what is missing, then write the report. Returns {"report", "failed", "runs"}."""
+    from dec_ray.experiment_report import write_report
+    from dec_ray.ingest import is_complete
+    from dec_ray.ridge import run_ridge
+    t0 = time.time()
+    tables, out = os.path.abspath(tables), os.path.abspath(out)
+    if not is_complete(tables):
+        raise ValueError(f"{tables}: not a finished ingest (no _SUCCESS); run `dec-ray ingest` first")
+    cfg_path = config_path(spec)
+    base = load_config(cfg_path, [*spec.set, *overrides])
+    n_unlabeled = count_rows(tables, "unlabeled")
+    cells = plan(spec, base, n_unlabeled)
+    runs = all_runs(cells, spec.seeds, out)
+    check_same_training(out, cfg_path, [*spec.set, *overrides])
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "spec.yaml"), "w") as f:
+        yaml.safe_dump({**spec.to_dict(), "config": cfg_path, "set": [*spec.set, *overrides]}, f, sort_keys=False)
+
+    ridge = os.path.join(out, "runs", "ridge")
+    if not is_finished(ridge):
+        run_ridge(tables, ridge, base.model.attributes)
+    pending = {r: [*spec.set, *overrides, *cell.overrides(), f"train.seed={seed}"]
+               for r, (cell, seed) in runs.items() if not is_finished(r)}
+    print(f"[experiment] {len(spec.studies)} studies, {len({c for g in cells.values() for c in g})} cells x "
+          f"{spec.seeds} seeds = {len(runs)} runs ({len(runs) - len(pending)} finished already), "
+          f"{n_unlabeled} unlabeled sentences in the tables", flush=True)
+    failed = train_pending(tables, out, cfg_path, pending, spec, base, len(runs)) if pending else []
+    info = {"invocations": []}
+    if os.path.exists(os.path.join(out, "experiment.json")):
+        with open(os.path.join(out, "experiment.json")) as f:
+            info = json.load(f)
+    info["invocations"].append({"command": command or " ".join(sys.argv), "started": time.strftime(
+        "%Y-%m-%d %H:%M:%S", time.localtime(t0)), "trained": len(pending), "elapsed_s": round(time.time() - t0, 1)})
+    info.update(tables=tables, failed=failed, total_s=round(sum(i["elapsed_s"] for i in info["invocations"]), 1),
+                machine=machine())
+    with open(os.path.join(out, "experiment.json"), "w") as f:
+        json.dump(info, f, indent=1)
+    report = write_report(out, spec, cells, runs, ridge, info, REFERENCE)
+    return {"report": report, "failed": failed, "runs": sorted(runs)}

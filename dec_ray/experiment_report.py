@@ -1,0 +1,198 @@
+"""The experiment's report, computed from the runs' saved test predictions (no Ray, no training).
+
+Every cell gets the paper's protocol: the test set in ``subsets`` random equal subsets (one seeded
+split for every run) x its runs -> mean and std of the CCCs, and a two-tailed t-test against the
+CNN-regressor (marked ▲ / ▼ when p < alpha, above / below it). Each study is a table in the
+paper's layout: one varying axis -> rows, attributes as columns (Tables 2 and 3); two axes -> one
+grid per attribute (Table 4). The CNN and the ridge reference close every table.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List, Optional
+
+import numpy as np
+import pandas as pd
+
+from dec_ray.evaluation import subset_cccs, t_test
+
+AXES = (("model", "model"), ("pool", "unlabeled pool"), ("k", "K"), ("lambda_ce", "lambda"))
+LABELS = {"deepemocluster": "DeepEmoCluster", "cnn": "CNN-regressor", "ae": "CNN-AE", "vae": "CNN-VAE",
+          "ridge": "ridge (log-mel statistics)"}
+
+
+def cell_values(runs: Dict[str, tuple], ridge: str, subsets: int) -> pd.DataFrame:
+    """One row per (run, subset, attribute) of every finished run, with the run's cell name."""
+    finished = [r for r in runs if os.path.exists(os.path.join(r, "result.json"))]
+    values = subset_cccs([*finished, ridge], subsets, seed=0)
+    names = {r: runs[r][0].name for r in finished}
+    names[ridge] = "ridge"
+    values["cell"] = values["run"].map(names)
+    return values
+
+
+def cell_summary(values: pd.DataFrame, reference: str, alpha: float) -> pd.DataFrame:
+    """Mean, std, n and the t-test against the reference cell, per (cell, attribute)."""
+    rows = []
+    for (cell, attr), g in values.groupby(["cell", "attribute"], sort=False):
+        ref = values[(values["cell"] == reference) & (values["attribute"] == attr)]["ccc"]
+        t = p = np.nan
+        if cell != reference and len(ref) > 1 and len(g) > 1:
+            t, p = t_test(g["ccc"], ref)
+        rows.append({"cell": cell, "attribute": attr, "ccc_mean": g["ccc"].mean(),
+                     "ccc_std": g["ccc"].std(ddof=1) if len(g) > 1 else 0.0, "n": len(g), "runs": g["run"].nunique(),
+                     "t_vs_cnn": t, "p_vs_cnn": p, "mark": "" if not p < alpha else ("▲" if t > 0 else "▼")})
+    return pd.DataFrame(rows)
+
+
+def fmt(summary: pd.DataFrame, cell: str, attr: str) -> str:
+    row = summary[(summary["cell"] == cell) & (summary["attribute"] == attr)]
+    if row.empty:
+        return "not run"
+    r = row.iloc[0]
+    return f"{r.ccc_mean:.3f} ± {r.ccc_std:.3f}{' ' + r.mark if r.mark else ''}"
+
+
+def varying(cells) -> List[str]:
+    return [a for a, _ in AXES if len({getattr(c, a) for c in cells}) > 1]
+
+
+def axis_value(cell, axis: str) -> str:
+    v = getattr(cell, axis)
+    return LABELS.get(v, v) if axis == "model" else ("-" if v is None else f"{v:g}")
+
+
+def study_tables(title: str, cells, summary: pd.DataFrame, attrs: List[str], reference: str) -> str:
+    axes = varying(cells) or ["model"]
+    refs = [(LABELS[reference] + " (t-test reference)", reference), (LABELS["ridge"], "ridge")]
+    head = f"### {title}\n\n"
+    if len(axes) == 2:
+        rows_axis, cols_axis = sorted(axes, key=lambda a: a == "pool")      # pool sizes as the columns
+        row_vals = list(dict.fromkeys(getattr(c, rows_axis) for c in cells))
+        col_vals = list(dict.fromkeys(getattr(c, cols_axis) for c in cells))
+        out = [head]
+        for a in attrs:
+            names = dict(AXES)
+            lines = [f"{a}: rows {names[rows_axis]}, columns {names[cols_axis]}\n",
+                     f"| {names[rows_axis]} | " + " | ".join(axis_value(_with(cells[0], cols_axis, v), cols_axis)
+                                                         for v in col_vals) + " |",
+                     "|---" * (len(col_vals) + 1) + "|"]
+            for rv in row_vals:
+                line = [axis_value(_with(cells[0], rows_axis, rv), rows_axis)]
+                for cv in col_vals:
+                    match = [c for c in cells if getattr(c, rows_axis) == rv and getattr(c, cols_axis) == cv]
+                    line.append(fmt(summary, match[0].name, a) if match else "")
+                lines.append("| " + " | ".join(line) + " |")
+            lines.append("\n" + "; ".join(f"{label}: {fmt(summary, c, a)}" for label, c in refs) + "\n")
+            out.append("\n".join(lines) + "\n")
+        return "\n".join(out)
+    label = " / ".join(dict(AXES)[a] for a in axes)
+    lines = [head + f"| {label} | " + " | ".join(attrs) + " |", "|---" * (len(attrs) + 1) + "|"]
+    for c in cells:
+        name = ", ".join(axis_value(c, a) for a in axes)
+        lines.append(f"| {name} | " + " | ".join(fmt(summary, c.name, a) for a in attrs) + " |")
+    for label, c in refs:
+        if c not in {x.name for x in cells}:
+            lines.append(f"| {label} | " + " | ".join(fmt(summary, c, a) for a in attrs) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _with(cell, axis: str, value):
+    import dataclasses
+    return dataclasses.replace(cell, **{axis: value})
+
+
+def study_plot(name: str, cells, summary: pd.DataFrame, attrs: List[str], reference: str, path: str) -> bool:
+    """CCC against the study's numeric axis (pool size, K or lambda), one line per value of the
+    other axis, the CNN and ridge as horizontal lines. False when the study has no numeric axis."""
+    from dec_ray.plots import _pyplot
+    axes = [a for a in varying(cells) if a != "model"]
+    if not axes:
+        return False
+    x_axis = "pool" if "pool" in axes else axes[0]
+    other = [a for a in varying(cells) if a != x_axis]
+    plt = _pyplot()
+    fig, axs = plt.subplots(1, len(attrs), figsize=(4.5 * len(attrs), 3.6), squeeze=False)
+    for ax, a in zip(axs[0], attrs):
+        groups: Dict[tuple, list] = {}
+        for c in cells:
+            groups.setdefault(tuple(getattr(c, o) for o in other), []).append(c)
+        for key, group in groups.items():
+            group = sorted(group, key=lambda c: getattr(c, x_axis))
+            s = summary[summary["attribute"] == a].set_index("cell").reindex([c.name for c in group])
+            ax.errorbar([getattr(c, x_axis) for c in group], s["ccc_mean"], yerr=s["ccc_std"], marker="o",
+                        capsize=3, label=", ".join(f"{dict(AXES)[o]} {axis_value(group[0], o)}" for o in other)
+                        or LABELS.get(group[0].model, group[0].model))
+        for cell, style in ((reference, "--"), ("ridge", ":")):
+            r = summary[(summary["cell"] == cell) & (summary["attribute"] == a)]
+            if not r.empty:
+                ax.axhline(r["ccc_mean"].iloc[0], ls=style, color="gray", label=LABELS[cell])
+        ax.set_xlabel(dict(AXES)[x_axis] + (" (sentences)" if x_axis == "pool" else ""))
+        ax.set_ylabel(f"test CCC, {a}")
+        ax.legend(fontsize=7)
+    fig.suptitle(name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def best_clustering_run(runs: Dict[str, tuple]) -> Optional[str]:
+    """The DeepEmoCluster run with the highest dev CCC (the test set plays no part in the choice)."""
+    best, best_ccc = None, -np.inf
+    for run, (cell, _) in sorted(runs.items()):
+        path = os.path.join(run, "result.json")
+        if cell.model != "deepemocluster" or not os.path.exists(path):
+            continue
+        with open(path) as f:
+            dev = [v for v in json.load(f)["dev_ccc"].values() if v is not None]
+        if dev and np.mean(dev) > best_ccc:
+            best, best_ccc = run, float(np.mean(dev))
+    return best
+
+
+def write_report(out: str, spec, cells: Dict[str, list], runs: Dict[str, tuple], ridge: str, info: dict,
+                 reference: str = "cnn") -> str:
+    """OUT/report.md (+ cells.csv, ccc_values.csv, one PNG per study, analysis/); returns its path."""
+    from dec_ray.analysis import analyze_run, dependence_lines
+    values = cell_values(runs, ridge, spec.subsets)
+    summary = cell_summary(values, reference, spec.alpha)
+    values.to_csv(os.path.join(out, "ccc_values.csv"), index=False)
+    summary.to_csv(os.path.join(out, "cells.csv"), index=False)
+    attrs = list(dict.fromkeys(values["attribute"]))
+    finished = sum(os.path.exists(os.path.join(r, "result.json")) for r in runs)
+    parts = [
+        "# DeepEmoCluster studies\n",
+        f"Test CCC (sentence level, 1..7 scale): the test set in {spec.subsets} random equal subsets x "
+        f"{spec.seeds} training runs per cell = {spec.subsets * spec.seeds} values; mean ± std. ▲ / ▼: above / "
+        f"below the CNN-regressor with p < {spec.alpha} (two-tailed Student t-test). The ridge reference is one "
+        f"deterministic fit, so its std is over the test subsets only.\n",
+        f"- command: `{info['invocations'][0]['command']}`" + "".join(
+            f"\n- resumed: `{i['command']}` ({i['trained']} runs trained)" for i in info["invocations"][1:]),
+        f"- tables: `{info['tables']}`",
+        f"- machine: {info['machine']}",
+        f"- time: {info['total_s'] / 60:.1f} min in all ({finished}/{len(runs)} runs finished"
+        + (f"; failed: {', '.join(os.path.relpath(r, out) for r in info['failed'])}" if info["failed"] else "")
+        + ")\n",
+        "<details><summary>spec</summary>\n\n```yaml\n" + open(os.path.join(out, "spec.yaml")).read()
+        + "```\n</details>\n",
+    ]
+    for study in spec.studies:
+        group = cells[study.name]
+        parts.append(study_tables(study.title or study.name, group, summary, attrs, reference))
+        png = f"{study.name}.png"
+        if study_plot(study.title or study.name, group, summary, attrs, reference, os.path.join(out, png)):
+            parts.append(f"![{study.name}]({png})\n")
+    best = best_clustering_run(runs)
+    if best:
+        an = analyze_run(best, os.path.join(out, "analysis"))
+        parts.append(f"### Clusters of the best DeepEmoCluster run (by dev CCC): {os.path.relpath(best, out)}\n\n"
+                     "K-means on its Train embeddings; how much of each attribute's variance the clusters "
+                     "explain (eta²) and their mutual information with it, against random assignments of "
+                     f"the same sizes:\n\n{dependence_lines(an['dependence'])}\n\n"
+                     "![clusters](analysis/cluster_attributes.png)\n")
+    path = os.path.join(out, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(parts))
+    return path

@@ -1,0 +1,116 @@
+"""`dec-ray experiment` with the laptop preset on the test corpus: killed from outside after its
+first finished run, restarted, and its report checked against the runs' own saved predictions."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dec_ray.evaluation import split_test_set
+from dec_ray.experiment import all_runs, config_path, count_rows, load_spec, plan, run_experiment
+from dec_ray.config import load_config
+
+from conftest import TINY
+
+pytestmark = pytest.mark.slow
+
+# the tiny network of the other tests, 1 epoch, 1 worker; K from the preset's studies
+FAST = [o for o in TINY if not o.startswith(("scale.workers", "cluster.k"))] + ["train.epochs=1", "scale.workers=1"]
+
+
+def plain_ccc(x, y):
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    cov = np.mean((x - x.mean()) * (y - y.mean()))
+    return 2 * cov / (x.var() + y.var() + (x.mean() - y.mean()) ** 2)
+
+
+def result_files(out):
+    found = {}
+    for root, _, files in os.walk(os.path.join(out, "runs")):
+        if "result.json" in files:
+            found[root] = os.stat(os.path.join(root, "result.json")).st_mtime_ns
+    return found
+
+
+@pytest.fixture(scope="module")
+def experiment(tables, tmp_path_factory, ray_local):
+    """The laptop preset (1 seed, tiny network), killed with SIGKILL once 2 runs have finished,
+    then run again to the end."""
+    out = str(tmp_path_factory.mktemp("experiment"))
+    cmd = [sys.executable, "-m", "dec_ray", "experiment", "--tables", tables[0], "--out", out, "--seeds", "1",
+           *[a for o in FAST for a in ("--set", o)]]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    log = open(os.path.join(out, "..", "first_attempt.log"), "w+")
+    proc = subprocess.Popen(cmd, start_new_session=True, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 600
+    while len(result_files(out)) < 3 and proc.poll() is None and time.time() < deadline:   # ridge + 2 runs
+        time.sleep(0.5)
+    assert proc.poll() is None, open(log.name).read()[-3000:]
+    os.killpg(proc.pid, signal.SIGKILL)         # the driver, its private Ray and every worker
+    proc.wait()
+    before = result_files(out)
+    spec = load_spec("experiment_laptop")
+    spec.seeds = 1
+    res = run_experiment(tables[0], out, spec, FAST, command="pytest resume")
+    base = load_config(config_path(spec), [*spec.set, *FAST])
+    cells = plan(spec, base, count_rows(tables[0], "unlabeled"))
+    return {"out": out, "before": before, "after": result_files(out), "res": res, "cells": cells,
+            "runs": all_runs(cells, 1, out), "log": open(log.name).read()}
+
+
+def test_restart_keeps_finished_runs_and_trains_the_rest(experiment):
+    out, before, after, runs = experiment["out"], experiment["before"], experiment["after"], experiment["runs"]
+    assert len(runs) == 11 and experiment["res"]["failed"] == []
+    assert set(runs) | {os.path.join(out, "runs", "ridge")} == set(after)
+    assert 3 <= len(before) < len(after)
+    for run, mtime in before.items():
+        assert after[run] == mtime, f"{run} was trained again"
+    info = json.load(open(os.path.join(out, "experiment.json")))
+    assert [i["trained"] for i in info["invocations"]] == [len(runs) - len(before) + 1]
+    assert re.search(r"^\[experiment\] [12]/11 runs/\S+/seed0: test CCC arousal", experiment["log"], re.M)
+
+
+def test_report_numbers_are_recomputed_from_the_saved_predictions(experiment):
+    out, cells = experiment["out"], experiment["cells"]
+    dec, vae = cells["models"][0].name, cells["models"][3].name
+    report = open(os.path.join(out, "report.md")).read()
+    for title in ("Table 2", "Table 3", "Table 4", "lambda", "Clusters of the best DeepEmoCluster run"):
+        assert title in report
+    for png in ("models.png", "pool.png", "k.png", "lambda.png", "analysis/cluster_attributes.png"):
+        assert os.path.exists(os.path.join(out, png)), png
+
+    def cell_stats(cell_dirs):
+        values = []
+        for run in cell_dirs:
+            pred = pd.read_parquet(os.path.join(run, "test_predictions.parquet")).set_index("row_id")
+            for sub in split_test_set(pred.index.to_numpy(), 4, seed=0):
+                values.append(plain_ccc(pred.loc[sub, "pred_arousal"], pred.loc[sub, "gold_arousal"]))
+        return np.mean(values), np.std(values, ddof=1)
+
+    checked = 0
+    # Table 2 rows: "| <model label> | mean ± std [mark] |", one attribute (arousal)
+    for label, cell in (("DeepEmoCluster", dec), ("CNN-VAE", vae),
+                        ("ridge (log-mel statistics)", "ridge")):
+        row = re.search(rf"^\| {re.escape(label)} \| ([-0-9.]+) ± ([0-9.]+)", report, re.M)
+        assert row, label
+        d = os.path.join(out, "runs", cell)
+        mean, std = cell_stats([d] if cell == "ridge" else [os.path.join(d, "seed0")])
+        assert float(row.group(1)) == pytest.approx(mean, abs=6e-4) and float(row.group(2)) == pytest.approx(std,
+                                                                                                             abs=6e-4)
+        checked += 1
+    # Table 4 grid: rows K, columns the pool sizes (none, the whole unlabeled split)
+    grid = report[report.index("Table 4"):]
+    k20 = [c.name for c in cells["k"] if c.k == 20]
+    row = re.search(r"^\| 20 \| ([-0-9.]+) ± ([0-9.]+)[^|]*\| ([-0-9.]+) ± ([0-9.]+)", grid, re.M)
+    for (m, s), cell in zip(((row.group(1), row.group(2)), (row.group(3), row.group(4))),
+                            k20):
+        mean, std = cell_stats([os.path.join(out, "runs", cell, "seed0")])
+        assert float(m) == pytest.approx(mean, abs=6e-4) and float(s) == pytest.approx(std, abs=6e-4)
+        checked += 1
+    assert checked == 5

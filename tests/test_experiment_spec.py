@@ -1,0 +1,53 @@
+"""The experiment spec and its plan of cells (no Ray, no training)."""
+import pytest
+
+from dec_ray.config import ConfigError, load_config
+from dec_ray.experiment import (all_runs, check_same_training, config_path, load_spec, plan, pool_count,
+                                spec_from_dict)
+
+
+def test_laptop_preset_plans_each_shared_cell_once():
+    spec = load_spec("experiment_laptop")
+    cells = plan(spec, load_config(config_path(spec), spec.set), n_unlabeled=351)
+    names = {s: [c.name for c in group] for s, group in cells.items()}
+    # DeepEmoCluster without a pool (K 10, lambda 1) is in Tables 2, 3, 4 and the lambda study
+    shared = "deepemocluster_pool0_k10_lambda1"
+    assert all(shared in names[s] for s in ("models", "pool", "k", "lambda"))
+    assert names["pool"] == [shared, "deepemocluster_pool176_k10_lambda1", "deepemocluster_pool351_k10_lambda1"]
+    assert names["models"][1:] == ["cnn", "ae_pool0_lambda1", "vae_pool0_lambda1"]
+    distinct = {c for group in cells.values() for c in group}
+    assert len(distinct) == 11
+    runs = all_runs(cells, spec.seeds, "/exp")
+    assert len(runs) == 11 * spec.seeds
+    assert runs["/exp/runs/cnn/seed1"][1] == 1
+    cnn = next(c for c in distinct if c.model == "cnn")
+    assert cnn.overrides() == ["model.name=cnn", "train.unlabeled_limit=0"]
+
+
+@pytest.mark.parametrize("size, expected", [(0, 0), (100, 100), (1000, 351), (0.5, 176), (1.0, 351), ("all", 351)])
+def test_pool_sizes_are_counts_fractions_or_all(size, expected):
+    assert pool_count(size, 351) == expected
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"studies": [{"name": "a", "models": ["resnet"]}]}, "models must be among"),
+    ({"studies": [{"name": "a", "kk": [3]}]}, "unknown key"),
+    ({"seeds": 0, "studies": [{"name": "a"}]}, "seeds >= 1"),
+    ({"studies": []}, "no studies"),
+    ({"studies": [{"name": "a"}, {"name": "a"}]}, "unique"),
+])
+def test_bad_spec_is_a_clear_error(data, message):
+    with pytest.raises(ConfigError, match=message):
+        spec_from_dict(data)
+
+
+def test_bad_pool_size_is_a_clear_error():
+    with pytest.raises(ConfigError, match="fraction"):
+        pool_count(1.5, 351)
+
+
+def test_restart_with_another_training_config_is_refused(tmp_path):
+    (tmp_path / "spec.yaml").write_text("config: /a/demo.yaml\nset: [train.epochs=8]\n")
+    check_same_training(str(tmp_path), "/a/demo.yaml", ["train.epochs=8"])       # the same: fine
+    with pytest.raises(ConfigError, match="new --out"):
+        check_same_training(str(tmp_path), "/a/demo.yaml", ["train.epochs=12"])
