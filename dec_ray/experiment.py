@@ -242,22 +242,11 @@ def progress_callback(out: str, total: int, done: int):
     return Progress()
 
 
-def run_concurrency(spec: ExperimentSpec, cfg: Config) -> int:
-    """Runs at once: the spec's, else what the cluster's CPUs (GPUs) hold, one CPU left for Ray Data."""
-    import ray
-    res = ray.cluster_resources()
-    per_run = cfg.scale.workers * cfg.scale.cpus_per_worker + 1          # + the trial's own driver
-    fit = max(1, int((res.get("CPU", 1) - 1) // per_run))
-    if cfg.scale.use_gpu:
-        fit = min(fit, max(1, int(res.get("GPU", 0) // cfg.scale.workers)))
-    return min(fit, spec.parallel_runs) if spec.parallel_runs else fit
-
-
 def train_pending(tables: str, out: str, cfg_path: str, pending: Dict[str, List[str]], spec: ExperimentSpec,
                   base: Config, total: int) -> List[str]:
     """Train the pending runs (run folder -> config overrides) as one Tune grid; returns the failed runs."""
     from ray import tune
-    from dec_ray.raycluster import ensure_ray
+    from dec_ray.raycluster import ensure_ray, runs_that_fit
     per_run = base.scale.workers * base.scale.cpus_per_worker + 1
     ensure_ray(per_run * max(1, spec.parallel_runs))    # a private local Ray gets room for parallel_runs
     runs = sorted(pending)
@@ -265,7 +254,8 @@ def train_pending(tables: str, out: str, cfg_path: str, pending: Dict[str, List[
         train_one,
         param_space={"i": tune.grid_search(list(range(len(runs)))), "_runs": runs, "_tables": tables,
                      "_config": cfg_path, "_overrides": [pending[r] for r in runs]},
-        tune_config=tune.TuneConfig(max_concurrent_trials=run_concurrency(spec, base)),
+        tune_config=tune.TuneConfig(max_concurrent_trials=runs_that_fit(
+            base.scale.workers, base.scale.cpus_per_worker, base.scale.use_gpu, spec.parallel_runs)),
         run_config=tune.RunConfig(name=time.strftime("grid-%Y%m%d-%H%M%S"), storage_path=os.path.join(out, "tune"),
                                   callbacks=[progress_callback(out, total, total - len(runs))], verbose=0))
     grid = tuner.fit()
@@ -289,7 +279,11 @@ def check_same_training(out: str, cfg_path: str, overrides: List[str]) -> None:
 def machine() -> str:
     import torch
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{os.cpu_count()} CPUs ({platform.machine()}, {platform.system()}), {gpu}"
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    return f"{os.cpu_count()} CPUs ({cpu}, {platform.system()}), {gpu}"
 
 
 def run_experiment(tables: str, out: str, spec: ExperimentSpec, overrides: Sequence[str] = (),

@@ -54,8 +54,10 @@ def fmt(summary: pd.DataFrame, cell: str, attr: str) -> str:
     return f"{r.ccc_mean:.3f} ± {r.ccc_std:.3f}{' ' + r.mark if r.mark else ''}"
 
 
-def varying(cells) -> List[str]:
-    return [a for a, _ in AXES if len({getattr(c, a) for c in cells}) > 1]
+def varying(study) -> List[str]:
+    """The axes the study sets more than one value for (model, pool, k, lambda_ce)."""
+    values = {"model": study.models, "pool": study.pool, "k": study.k, "lambda_ce": study.lambda_ce}
+    return [a for a, _ in AXES if len(values[a]) > 1]
 
 
 def axis_value(cell, axis: str) -> str:
@@ -63,8 +65,9 @@ def axis_value(cell, axis: str) -> str:
     return LABELS.get(v, v) if axis == "model" else ("-" if v is None else f"{v:g}")
 
 
-def study_tables(title: str, cells, summary: pd.DataFrame, attrs: List[str], reference: str) -> str:
-    axes = varying(cells) or ["model"]
+def study_tables(study, cells, summary: pd.DataFrame, attrs: List[str], reference: str) -> str:
+    axes = varying(study) or ["model"]
+    title = study.title or study.name
     refs = [(LABELS[reference] + " (t-test reference)", reference), (LABELS["ridge"], "ridge")]
     head = f"### {title}\n\n"
     if len(axes) == 2:
@@ -103,15 +106,15 @@ def _with(cell, axis: str, value):
     return dataclasses.replace(cell, **{axis: value})
 
 
-def study_plot(name: str, cells, summary: pd.DataFrame, attrs: List[str], reference: str, path: str) -> bool:
+def study_plot(study, cells, summary: pd.DataFrame, attrs: List[str], reference: str, path: str) -> bool:
     """CCC against the study's numeric axis (pool size, K or lambda), one line per value of the
     other axis, the CNN and ridge as horizontal lines. False when the study has no numeric axis."""
     from dec_ray.plots import _pyplot
-    axes = [a for a in varying(cells) if a != "model"]
+    axes = [a for a in varying(study) if a != "model"]
     if not axes:
         return False
     x_axis = "pool" if "pool" in axes else axes[0]
-    other = [a for a in varying(cells) if a != x_axis]
+    other = [a for a in varying(study) if a != x_axis]
     plt = _pyplot()
     fig, axs = plt.subplots(1, len(attrs), figsize=(4.5 * len(attrs), 3.6), squeeze=False)
     for ax, a in zip(axs[0], attrs):
@@ -131,7 +134,7 @@ def study_plot(name: str, cells, summary: pd.DataFrame, attrs: List[str], refere
         ax.set_xlabel(dict(AXES)[x_axis] + (" (sentences)" if x_axis == "pool" else ""))
         ax.set_ylabel(f"test CCC, {a}")
         ax.legend(fontsize=7)
-    fig.suptitle(name)
+    fig.suptitle(study.title or study.name)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -165,7 +168,7 @@ def write_report(out: str, spec, cells: Dict[str, list], runs: Dict[str, tuple],
     parts = [
         "# DeepEmoCluster studies\n",
         f"Test CCC (sentence level, 1..7 scale): the test set in {spec.subsets} random equal subsets x "
-        f"{spec.seeds} training runs per cell = {spec.subsets * spec.seeds} values; mean ± std. ▲ / ▼: above / "
+        f"{spec.seeds} training run(s) per cell = {spec.subsets * spec.seeds} values; mean ± std. ▲ / ▼: above / "
         f"below the CNN-regressor with p < {spec.alpha} (two-tailed Student t-test). The ridge reference is one "
         f"deterministic fit, so its std is over the test subsets only.\n",
         f"- command: `{info['invocations'][0]['command']}`" + "".join(
@@ -180,9 +183,9 @@ def write_report(out: str, spec, cells: Dict[str, list], runs: Dict[str, tuple],
     ]
     for study in spec.studies:
         group = cells[study.name]
-        parts.append(study_tables(study.title or study.name, group, summary, attrs, reference))
+        parts.append(study_tables(study, group, summary, attrs, reference))
         png = f"{study.name}.png"
-        if study_plot(study.title or study.name, group, summary, attrs, reference, os.path.join(out, png)):
+        if study_plot(study, group, summary, attrs, reference, os.path.join(out, png)):
             parts.append(f"![{study.name}]({png})\n")
     best = best_clustering_run(runs)
     if best:

@@ -72,3 +72,15 @@ def check_room_for_data(training_cpus: float) -> None:
         print(f"[dec-ray] warning: the cluster has {total:g} CPUs and training holds {training_cpus:g}; "
               "Ray Data needs at least one more to read the tables. Lower scale.workers or "
               "scale.cpus_per_worker, or add a node.", flush=True)
+
+
+def runs_that_fit(workers: int, cpus_per_worker: float, use_gpu: bool = False, cap: int = 0) -> int:
+    """How many training runs (Tune trials) fit on the cluster at once: each holds its workers plus
+    one CPU for the trial's own driver, one CPU stays free for Ray Data; with GPUs, one per worker.
+    ``cap`` > 0 lowers it."""
+    import ray
+    res = ray.cluster_resources()
+    fit = max(1, int((res.get("CPU", 1) - 1) // (workers * cpus_per_worker + 1)))
+    if use_gpu:
+        fit = min(fit, max(1, int(res.get("GPU", 0) // workers)))
+    return min(fit, cap) if cap else fit

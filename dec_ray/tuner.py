@@ -65,19 +65,11 @@ def run_trial(config: dict) -> None:
     finalize(out, cfg, stats, trainer.fit())
 
 
-def concurrency(cfg: Config) -> int:
-    import ray
-    cpus = ray.cluster_resources().get("CPU", 1)
-    per_trial = cfg.scale.workers * cfg.scale.cpus_per_worker + 1      # + the trial's own driver
-    fit = max(1, int((cpus - 1) // per_trial))
-    return min(fit, cfg.tune.max_concurrent) if cfg.tune.max_concurrent else fit
-
-
 def run_tune(tables: str, out: str, cfg: Config, space_spec: Optional[Dict[str, dict]] = None,
              resume: bool = False) -> List[dict]:
     """Run (or resume) the search; write trials.csv, best_config.yaml; return the sorted trials."""
     from ray import tune
-    from dec_ray.raycluster import ensure_ray
+    from dec_ray.raycluster import ensure_ray, runs_that_fit
     out = os.path.abspath(out)
     tables = os.path.abspath(tables)
     stats = Stats.load(os.path.join(tables, "stats.json"))
@@ -100,7 +92,9 @@ def run_tune(tables: str, out: str, cfg: Config, space_spec: Optional[Dict[str, 
         tuner = tune.Tuner(
             trainable, param_space=param_space,
             tune_config=tune.TuneConfig(metric=t.metric, mode=t.mode, num_samples=t.samples, scheduler=scheduler,
-                                        search_alg=search_alg, max_concurrent_trials=concurrency(cfg)),
+                                        search_alg=search_alg, max_concurrent_trials=runs_that_fit(
+                                            cfg.scale.workers, cfg.scale.cpus_per_worker, cfg.scale.use_gpu,
+                                            t.max_concurrent)),
             run_config=tune.RunConfig(name="tune", storage_path=out))
     grid = tuner.fit()
     rows = []
