@@ -108,15 +108,21 @@ def _with(cell, axis: str, value):
 
 def study_plot(study, cells, summary: pd.DataFrame, attrs: List[str], reference: str, path: str) -> bool:
     """CCC against the study's numeric axis (pool size, K or lambda), one line per value of the
-    other axis, the CNN and ridge as horizontal lines. False when the study has no numeric axis."""
-    from dec_ray.plots import _pyplot
+    other axis, the CNN and ridge as horizontal lines; bars when only the model varies."""
+    from dec_ray.plots import _pyplot, evaluation_bars
     axes = [a for a in varying(study) if a != "model"]
-    if not axes:
-        return False
+    if not axes:                    # models only (Table 2): bars, with the ridge reference beside them
+        names = [c.name for c in cells] + ["ridge"]
+        s = summary[summary["cell"].isin(names)].copy()
+        s["model"] = s["cell"].map({c.name: LABELS.get(c.model, c.model) for c in cells} | {"ridge": "ridge"})
+        s["significant"] = np.where(s["mark"] != "", "yes", "")
+        s = s.sort_values("cell", key=lambda col: col.map(names.index))
+        evaluation_bars(s, path)
+        return True
     x_axis = "pool" if "pool" in axes else axes[0]
     other = [a for a in varying(study) if a != x_axis]
     plt = _pyplot()
-    fig, axs = plt.subplots(1, len(attrs), figsize=(4.5 * len(attrs), 3.6), squeeze=False)
+    fig, axs = plt.subplots(1, len(attrs), figsize=(max(6.0, 4.5 * len(attrs)), 3.8), squeeze=False)
     for ax, a in zip(axs[0], attrs):
         groups: Dict[tuple, list] = {}
         for c in cells:
@@ -134,7 +140,7 @@ def study_plot(study, cells, summary: pd.DataFrame, attrs: List[str], reference:
         ax.set_xlabel(dict(AXES)[x_axis] + (" (sentences)" if x_axis == "pool" else ""))
         ax.set_ylabel(f"test CCC, {a}")
         ax.legend(fontsize=7)
-    fig.suptitle(study.title or study.name)
+    fig.suptitle(study.title or study.name, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -10,6 +10,7 @@ import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from dec_ray.config import load_config
+from dec_ray.experiment import config_path, load_spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,8 +65,12 @@ def test_docker_image_is_in_step_with_setup_cfg_and_makefile():
 def test_every_job_config_loads_and_every_documented_file_exists():
     jobs = os.path.join(ROOT, "jobs")
     for name in os.listdir(jobs):
-        if name.endswith(".yaml") and not name.endswith("_space.yaml"):
-            load_config(os.path.join(jobs, name))          # typed: an unknown key fails here
+        path = os.path.join(jobs, name)
+        if name.startswith("experiment_"):                 # an experiment spec and the config it names
+            spec = load_spec(path)
+            load_config(config_path(spec), spec.set)
+        elif name.endswith(".yaml") and not name.endswith("_space.yaml"):
+            load_config(path)                              # typed: an unknown key fails here
     readme = open(os.path.join(jobs, "README.md")).read() + open(os.path.join(ROOT, "README.md")).read()
     for ref in set(re.findall(r"jobs/[\w./-]+\.(?:yaml|sh)", readme)):
         assert os.path.exists(os.path.join(ROOT, ref)), ref
