@@ -190,12 +190,6 @@ def is_finished(run: str) -> bool:
     return os.path.exists(os.path.join(run, "result.json"))
 
 
-def count_rows(tables: str, split: str) -> int:
-    import pyarrow.parquet as pq
-    from dec_ray.ingest import split_files
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in split_files(tables, split))
-
-
 # --- running (Ray) ---
 
 def train_one(config: dict) -> None:
@@ -290,7 +284,7 @@ def run_experiment(tables: str, out: str, spec: ExperimentSpec, overrides: Seque
                    command: str = "") -> Dict:
     """Train what is missing, then write the report. Returns {"report", "failed", "runs"}."""
     from dec_ray.experiment_report import write_report
-    from dec_ray.ingest import is_complete
+    from dec_ray.ingest import is_complete, split_rows
     from dec_ray.ridge import run_ridge
     t0 = time.time()
     tables, out = os.path.abspath(tables), os.path.abspath(out)
@@ -298,7 +292,7 @@ def run_experiment(tables: str, out: str, spec: ExperimentSpec, overrides: Seque
         raise ValueError(f"{tables}: not a finished ingest (no _SUCCESS); run `dec-ray ingest` first")
     cfg_path = config_path(spec)
     base = load_config(cfg_path, [*spec.set, *overrides])
-    n_unlabeled = count_rows(tables, "unlabeled")
+    n_unlabeled = split_rows(tables, "unlabeled")
     cells = plan(spec, base, n_unlabeled)
     runs = all_runs(cells, spec.seeds, out)
     check_same_training(out, cfg_path, [*spec.set, *overrides])

@@ -61,7 +61,10 @@ def varying(study) -> List[str]:
 
 
 def axis_value(cell, axis: str) -> str:
-    v = getattr(cell, axis)
+    return format_value(axis, getattr(cell, axis))
+
+
+def format_value(axis: str, v) -> str:
     return LABELS.get(v, v) if axis == "model" else ("-" if v is None else f"{v:g}")
 
 
@@ -78,11 +81,11 @@ def study_tables(study, cells, summary: pd.DataFrame, attrs: List[str], referenc
         for a in attrs:
             names = dict(AXES)
             lines = [f"{a}: rows {names[rows_axis]}, columns {names[cols_axis]}\n",
-                     f"| {names[rows_axis]} | " + " | ".join(axis_value(_with(cells[0], cols_axis, v), cols_axis)
+                     f"| {names[rows_axis]} | " + " | ".join(format_value(cols_axis, v)
                                                          for v in col_vals) + " |",
                      "|---" * (len(col_vals) + 1) + "|"]
             for rv in row_vals:
-                line = [axis_value(_with(cells[0], rows_axis, rv), rows_axis)]
+                line = [format_value(rows_axis, rv)]
                 for cv in col_vals:
                     match = [c for c in cells if getattr(c, rows_axis) == rv and getattr(c, cols_axis) == cv]
                     line.append(fmt(summary, match[0].name, a) if match else "")
@@ -99,11 +102,6 @@ def study_tables(study, cells, summary: pd.DataFrame, attrs: List[str], referenc
         if c not in {x.name for x in cells}:
             lines.append(f"| {label} | " + " | ".join(fmt(summary, c, a) for a in attrs) + " |")
     return "\n".join(lines) + "\n"
-
-
-def _with(cell, axis: str, value):
-    import dataclasses
-    return dataclasses.replace(cell, **{axis: value})
 
 
 def study_plot(study, cells, summary: pd.DataFrame, attrs: List[str], reference: str, path: str) -> bool:

@@ -25,7 +25,7 @@ import torch
 
 from dec_ray.config import ATTRIBUTES, Config, config_from_dict, load_config
 from dec_ray.evaluation import predictions_table
-from dec_ray.ingest import is_complete, split_files
+from dec_ray.ingest import is_complete, split_files, split_rows
 from dec_ray.normalization import Stats
 from dec_ray.raycluster import check_room_for_data, ensure_ray
 from dec_ray.training import (MIN_SENTENCES_PER_WORKER_BATCH, Learner, LoopState, Pool, batch_sentences, fit,
@@ -216,7 +216,7 @@ def build_trainer(tables: str, out: str, cfg: Config, stats: Stats, name: str = 
     for split in ("train", "dev"):
         if not split_files(tables, split):
             raise ValueError(f"{tables}: the {split} split is empty; training needs train and dev")
-    n_train = pads.dataset(split_files(tables, "train"), format="parquet").count_rows()
+    n_train = split_rows(tables, "train")
     if n_train < MIN_SENTENCES_PER_WORKER_BATCH * cfg.scale.workers:
         raise ValueError(f"{tables}: {n_train} Train sentences for {cfg.scale.workers} workers; each worker "
                          f"needs at least {MIN_SENTENCES_PER_WORKER_BATCH}")

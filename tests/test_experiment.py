@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 
 from dec_ray.evaluation import split_test_set
-from dec_ray.experiment import all_runs, config_path, count_rows, load_spec, plan, run_experiment
+from dec_ray.experiment import all_runs, config_path, load_spec, plan, run_experiment
+from dec_ray.ingest import split_rows
 from dec_ray.config import load_config
 
 from conftest import TINY
@@ -59,7 +60,7 @@ def experiment(tables, tmp_path_factory, ray_local):
     spec.seeds = 1
     res = run_experiment(tables[0], out, spec, FAST, command="pytest resume")
     base = load_config(config_path(spec), [*spec.set, *FAST])
-    cells = plan(spec, base, count_rows(tables[0], "unlabeled"))
+    cells = plan(spec, base, split_rows(tables[0], "unlabeled"))
     return {"out": out, "before": before, "after": result_files(out), "res": res, "cells": cells,
             "runs": all_runs(cells, 1, out), "log": open(log.name).read()}
 
