@@ -28,7 +28,7 @@ BASE = ["model.width=0.25", "cluster.k=10", "train.batch_sentences=8", "train.mi
 def plain_loop(tables, cfg):
     """The reference: the same epoch function, one process, no Ray, no DDP."""
     import torch
-    from dec_ray.ingest import split_files
+    from dec_ray.tables import split_files
     from dec_ray.normalization import Stats
     from dec_ray.trainer import load_eval_pool
     from dec_ray.training import Learner, run_epoch

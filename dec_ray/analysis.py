@@ -19,7 +19,7 @@ import torch
 
 from dec_ray.clustering import kmeans
 from dec_ray.config import config_from_dict
-from dec_ray.ingest import split_files
+from dec_ray.tables import files_rows, read_pool, run_tables, split_files
 from dec_ray.normalization import Stats
 
 
@@ -98,7 +98,6 @@ def analyze_run(run: str, out: str, split: str = "train", max_sentences: int = 5
                 n_bins: int = 5) -> Dict:
     """Write OUT/clusters.csv, dependence.csv, analysis.md, cluster_attributes.png, embedding_2d.png."""
     from dec_ray.plots import cluster_boxplots, embedding_scatter
-    from dec_ray.trainer import load_eval_pool, run_tables
     from dec_ray.training import Learner
 
     state = torch.load(os.path.join(run, "model.pt"), map_location="cpu", weights_only=True)
@@ -107,18 +106,16 @@ def analyze_run(run: str, out: str, split: str = "train", max_sentences: int = 5
     files = split_files(tables, split)
     if not files:
         raise ValueError(f"{tables}: no {split} split to analyze")
-    import pyarrow.parquet as pq
-    n = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-    stride = max(1, -(-n // max_sentences))          # an even subsample when the split is large
-    pool = load_eval_pool(files, cfg, stats, 0, stride)
+    stride = max(1, -(-files_rows(files) // max_sentences))      # an even subsample when the split is large
+    pool = read_pool(files, cfg, stats, 0, stride)
     learner = Learner(cfg, stats, torch.device("cpu"))
     learner.net.load_state_dict(state["model"])
-    emb = learner.embed(pool)
+    emb = learner.embed(pool).numpy()
     c = cfg.cluster
     k = min(c.k, len(emb))
     res = kmeans(emb, k, niter=c.niter, seed=seed, pca_dim=c.pca_dim, l2=c.l2_normalize, threads=c.faiss_threads)
     attrs = cfg.model.attributes
-    gold = stats.denormalize_labels(pool.labels, attrs)
+    gold = stats.denormalize_labels(pool.labels.numpy(), attrs)
     labels = {a: np.repeat(gold[:, j], cfg.features.num_chunks).astype(np.float64) for j, a in enumerate(attrs)}
 
     os.makedirs(out, exist_ok=True)

@@ -1,11 +1,14 @@
-"""K-means with faiss assignment, plain or distributed over torch.distributed ranks.
+"""K-means on torch tensors, on the device the embeddings are on; plain or distributed.
 
-Each rank holds only its own embeddings. Per iteration: E-step with a faiss flat index over the
-centroids on the rank's rows (a GPU index when the rank has one); M-step from an all-reduce of
-per-cluster sums and counts (DeepCluster-v2's scheme, swav main_deepclusterv2.py). Initial
-centroids are k rows drawn by global row index, the same rows for any number of ranks. Empty
-clusters are re-seeded by splitting a large one, as faiss' Clustering.cpp does. Optional
-PCA-whitening and L2 normalisation (DeepCluster's preprocessing) use an all-reduced covariance.
+Each rank holds only its own embeddings. Per iteration: the E-step finds each local row's nearest
+centroid, either with a faiss flat index fed torch tensors (``faiss.contrib.torch_utils``: a CPU
+index for CPU tensors, a GPU index for CUDA tensors when faiss has GPU support) or in torch (a
+matmul and an argmin over blocks of rows); the M-step divides an all-reduce of per-cluster sums
+and counts (DeepCluster-v2's scheme, swav main_deepclusterv2.py). Initial centroids are k rows
+drawn by global row index, the same rows for any number of ranks. Empty clusters are re-seeded
+by splitting a large one, as faiss' Clustering.cpp does. Optional PCA-whitening and L2
+normalisation (DeepCluster's preprocessing) use an all-reduced covariance. Nothing leaves the
+device but k x d centroids when a cluster is empty, and the scalars the result reports.
 """
 from __future__ import annotations
 
@@ -13,82 +16,59 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import faiss
+import faiss.contrib.torch_utils  # noqa: F401  (lets faiss indexes take torch tensors)
 import numpy as np
 import torch
-import torch.distributed as dist
+
+from dec_ray.distributed import all_reduce, world
 
 SPLIT_EPS = 1.0 / 1024
+ASSIGNERS = ("faiss", "torch")
+ROW_BLOCK = 65536          # rows per matmul / float64 accumulation: bounds the temporary memory
 
 
 @dataclass
 class KMeansResult:
-    centroids: np.ndarray      # (k, d) in the (preprocessed) space the assignment was made in
-    assignment: np.ndarray     # (n_local,) int64 cluster of each local row
-    objective: float           # global sum of squared distances to the assigned centroid
-    sizes: np.ndarray          # (k,) global cluster sizes
-    n_split: int = 0           # empty clusters re-seeded over all iterations
+    centroids: Union[np.ndarray, torch.Tensor]   # (k, d) in the (preprocessed) space of the assignment
+    assignment: Union[np.ndarray, torch.Tensor]  # (n_local,) int64 cluster of each local row
+    objective: float                             # global sum of squared distances to the assigned centroid
+    sizes: np.ndarray                            # (k,) global cluster sizes
+    n_split: int = 0                             # empty clusters re-seeded over all iterations
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def comm_device() -> torch.device:
-    """Where collectives need their tensors: the GPU under NCCL, else the CPU."""
-    if _distributed() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _all_reduce(a: np.ndarray) -> np.ndarray:
-    """Sum a float64/int64 array over ranks (identity without a process group)."""
-    if not _distributed():
-        return a
-    t = torch.from_numpy(np.ascontiguousarray(a)).to(comm_device())
-    dist.all_reduce(t)
-    return t.cpu().numpy()
-
-
-def _as_float32(x: Union[np.ndarray, torch.Tensor]) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().float().cpu().numpy()
-    return np.ascontiguousarray(x, dtype=np.float32)
-
-
-def pca_whiten(x: np.ndarray, dim: int, eps: float = 1e-5) -> np.ndarray:
+def pca_whiten(x: torch.Tensor, dim: int, eps: float = 1e-5) -> torch.Tensor:
     """Project to ``dim`` principal components and whiten; mean and covariance all-reduced."""
-    n = _all_reduce(np.array([x.shape[0]], dtype=np.float64))[0]
-    mean = _all_reduce(x.sum(0, dtype=np.float64)) / n
-    xc = x.astype(np.float64) - mean
-    cov = _all_reduce(xc.T @ xc) / max(n - 1, 1)
-    eigval, eigvec = np.linalg.eigh(cov)                       # ascending
-    order = np.argsort(eigval)[::-1][:dim]
-    proj = eigvec[:, order] / np.sqrt(eigval[order] + eps)
-    return np.ascontiguousarray(xc @ proj, dtype=np.float32)
+    n = all_reduce(torch.tensor([x.shape[0]], dtype=torch.float64, device=x.device))[0]
+    mean = all_reduce(x.double().sum(0)) / n
+    xc = x.double() - mean
+    cov = all_reduce(xc.T @ xc) / max(float(n) - 1, 1.0)
+    eigval, eigvec = torch.linalg.eigh(cov)                       # ascending
+    order = torch.argsort(eigval, descending=True)[:dim]
+    proj = eigvec[:, order] / torch.sqrt(eigval[order] + eps)
+    return (xc @ proj).float().contiguous()
 
 
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-10)
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    return x / (torch.linalg.norm(x, dim=1, keepdim=True) + 1e-10)
 
 
-def _initial_centroids(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+def _initial_centroids(x: torch.Tensor, k: int, rng: np.random.Generator) -> torch.Tensor:
     """k distinct rows drawn over the global row order (rank 0's rows, then rank 1's, ...): every
     rank draws the same global indices, fills in the rows it holds, and a sum over ranks gives
     each rank all of them. The same rows as a single process drawing from the concatenation."""
     n_local, d = x.shape
-    counts = np.array([n_local], dtype=np.int64)
-    if _distributed():
-        counts = np.zeros(dist.get_world_size(), dtype=np.int64)
-        counts[dist.get_rank()] = n_local
-        counts = _all_reduce(counts)
-    offset = int(counts[:dist.get_rank()].sum()) if _distributed() else 0
+    rank, size = world()
+    counts = torch.zeros(size, dtype=torch.int64)
+    counts[rank] = n_local
+    counts = all_reduce(counts).numpy()
+    offset = int(counts[:rank].sum())
     if counts.sum() < k:
         raise ValueError(f"k-means: {int(counts.sum())} points for k={k}")
     picks = rng.choice(int(counts.sum()), k, replace=False) - offset
-    mine = (picks >= 0) & (picks < n_local)
-    init = np.zeros((k, d), dtype=np.float64)
-    init[mine] = x[picks[mine]]
-    return _all_reduce(init).astype(np.float32)
+    mine = torch.from_numpy((picks >= 0) & (picks < n_local))
+    init = torch.zeros((k, d), dtype=torch.float64, device=x.device)
+    init[mine.to(x.device)] = x[torch.from_numpy(picks[mine.numpy()]).to(x.device)].double()
+    return all_reduce(init).float()
 
 
 def _split_empty(centroids: np.ndarray, counts: np.ndarray, rng: np.random.Generator) -> int:
@@ -109,59 +89,95 @@ def _split_empty(centroids: np.ndarray, counts: np.ndarray, rng: np.random.Gener
     return n_split
 
 
-class _Assigner:
-    """Nearest centroid with a faiss flat L2 index; on the GPU when asked and available."""
+class FaissAssigner:
+    """Nearest centroid with a faiss flat L2 index, fed torch tensors on their own device."""
 
-    def __init__(self, d: int, use_gpu: bool):
-        self.res = None
-        if use_gpu and hasattr(faiss, "StandardGpuResources") and torch.cuda.is_available():
+    def __init__(self, d: int, device: torch.device):
+        if device.type == "cuda":
+            if not hasattr(faiss, "StandardGpuResources"):
+                raise RuntimeError("cluster.assign=faiss on a GPU needs a faiss build with GPU support "
+                                   "(faiss-gpu); install one or set cluster.assign=torch")
             self.res = faiss.StandardGpuResources()
             cfg = faiss.GpuIndexFlatConfig()
-            cfg.device = torch.cuda.current_device()
+            cfg.device = device.index if device.index is not None else torch.cuda.current_device()
             self.index = faiss.GpuIndexFlatL2(self.res, d, cfg)
         else:
             self.index = faiss.IndexFlatL2(d)
 
-    def __call__(self, x: np.ndarray, centroids: np.ndarray):
+    def __call__(self, x: torch.Tensor, centroids: torch.Tensor):
         self.index.reset()
         self.index.add(centroids)
         dists, idx = self.index.search(x, 1)
-        return dists[:, 0].astype(np.float64), idx[:, 0].astype(np.int64)
+        return dists[:, 0], idx[:, 0]
+
+
+class TorchAssigner:
+    """Nearest centroid by ||x||^2 - 2 x.c + ||c||^2 (the expansion faiss uses), in row blocks."""
+
+    def __init__(self, d: int, device: torch.device):
+        pass
+
+    def __call__(self, x: torch.Tensor, centroids: torch.Tensor):
+        cn = (centroids * centroids).sum(1)
+        dists = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+        idx = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
+        for s in range(0, x.shape[0], ROW_BLOCK):
+            b = x[s:s + ROW_BLOCK]
+            m = torch.addmm(cn, b, centroids.t(), alpha=-2.0).min(1)
+            dists[s:s + ROW_BLOCK] = (m.values + (b * b).sum(1)).clamp_(min=0)
+            idx[s:s + ROW_BLOCK] = m.indices
+        return dists, idx
+
+
+def _cluster_sums(x: torch.Tensor, idx: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-cluster float64 sums of the rows, accumulated a block at a time."""
+    sums = torch.zeros(k, x.shape[1], dtype=torch.float64, device=x.device)
+    for s in range(0, x.shape[0], ROW_BLOCK):
+        sums.index_add_(0, idx[s:s + ROW_BLOCK], x[s:s + ROW_BLOCK].double())
+    return sums
 
 
 def kmeans(x: Union[np.ndarray, torch.Tensor], k: int, niter: int = 20, seed: int = 0,
-           pca_dim: int = 0, l2: bool = False, use_gpu: Optional[bool] = None,
-           threads: int = 0, init_centroids: Optional[np.ndarray] = None) -> KMeansResult:
+           pca_dim: int = 0, l2: bool = False, assign: str = "faiss", threads: int = 0,
+           init_centroids: Optional[Union[np.ndarray, torch.Tensor]] = None) -> KMeansResult:
     """K-means of this rank's rows ``x`` (n_local, d); a plain K-means without a process group.
 
-    All ranks must call it together (collectives). ``threads`` caps faiss' OpenMP threads so
-    they do not oversubscribe the cores torch uses; 0 leaves faiss' setting alone.
+    Runs on ``x``'s device; returns numpy arrays for numpy input and tensors (on that device) for
+    a tensor. All ranks must call it together (collectives). ``threads`` caps faiss' OpenMP
+    threads so they do not oversubscribe the cores torch uses; 0 leaves faiss' setting alone.
     """
-    x = _as_float32(x)
+    as_numpy = isinstance(x, np.ndarray)
+    x = (torch.from_numpy(np.ascontiguousarray(x)) if as_numpy else x.detach()).float().contiguous()
+    if assign not in ASSIGNERS:
+        raise ValueError(f"cluster.assign must be one of {ASSIGNERS}, not {assign!r}")
     if threads > 0:
         faiss.omp_set_num_threads(threads)
     if pca_dim:
         x = pca_whiten(x, pca_dim)
     if l2:
-        x = l2_normalize(x).astype(np.float32)
+        x = l2_normalize(x)
     n, d = x.shape
     rng = np.random.default_rng(seed)           # same seed on every rank: same splits everywhere
     if init_centroids is not None:
-        centroids = np.ascontiguousarray(init_centroids, dtype=np.float32).copy()
+        centroids = torch.as_tensor(init_centroids, dtype=torch.float32).to(x.device).clone()
     else:
         centroids = _initial_centroids(x, k, rng)
-    assign = _Assigner(d, torch.cuda.is_available() if use_gpu is None else use_gpu)
-    x_t = torch.from_numpy(x).double()
+    nearest = (FaissAssigner if assign == "faiss" else TorchAssigner)(d, x.device)
     n_split = 0
     for _ in range(niter):
-        _, idx = assign(x, centroids)
-        sums = torch.zeros(k, d, dtype=torch.float64).index_add_(0, torch.from_numpy(idx), x_t).numpy()
-        counts = np.bincount(idx, minlength=k).astype(np.int64)
-        sums, counts = _all_reduce(sums), _all_reduce(counts)
+        _, idx = nearest(x, centroids)
+        sums = all_reduce(_cluster_sums(x, idx, k))
+        counts = all_reduce(torch.bincount(idx, minlength=k))
         nonempty = counts > 0
-        centroids[nonempty] = (sums[nonempty] / counts[nonempty, None]).astype(np.float32)
-        n_split += _split_empty(centroids, counts.copy(), rng)
-    dists, idx = assign(x, centroids)
-    objective = float(_all_reduce(np.array([dists.sum()]))[0])
-    sizes = _all_reduce(np.bincount(idx, minlength=k).astype(np.int64))
+        centroids[nonempty] = (sums[nonempty] / counts[nonempty, None]).float()
+        if not bool(nonempty.all()):            # rare: re-seed on the host (k x d values)
+            c = centroids.cpu().numpy()
+            n_split += _split_empty(c, counts.cpu().numpy().copy(), rng)
+            centroids = torch.from_numpy(c).to(x.device)
+    dists, idx = nearest(x, centroids)
+    objective = float(all_reduce(dists.double().sum().reshape(1))[0])
+    sizes = all_reduce(torch.bincount(idx, minlength=k)).cpu().numpy()
+    if as_numpy:
+        return KMeansResult(centroids.cpu().numpy(), idx.cpu().numpy(), objective, sizes, n_split)
     return KMeansResult(centroids, idx, objective, sizes, n_split)
+

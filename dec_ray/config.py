@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
@@ -35,7 +36,6 @@ class FeatureConfig:
 
 @dataclass
 class IngestConfig:
-    files_per_batch: int = 8        # files per map_batches call
     target_shard_mb: int = 256      # target size of one Parquet file (before compression)
     min_parts_per_split: int = 8    # small splits are still cut into this many parts (parallelism)
     num_cpus_per_task: float = 1.0
@@ -65,7 +65,7 @@ class ClusterConfig:
     mode: str = "separate"          # separate: unlabeled and labeled clustered apart (paper) | joint
     pca_dim: int = 0                # 0: no PCA (as the official code)
     l2_normalize: bool = False
-    max_points_per_centroid: int = 10_000_000
+    assign: str = "faiss"           # E-step: faiss flat index (fed torch tensors) | torch (matmul + argmin)
     faiss_threads: int = 0          # 0: one per CPU this worker owns
 
 
@@ -84,8 +84,9 @@ class TrainConfig:
     patience: int = 0               # early stopping on dev loss; 0: every epoch (official), best kept
     seed: int = 0
     unlabeled_limit: int = -1       # a random subset (seeded by train.seed) of this many; -1: all, 0: none
-    amp: bool = True                # bf16/fp16 autocast on GPU only
-    log_every: int = 0              # batches between progress lines; 0: epoch lines only
+    amp: bool = True                # bf16 autocast, on GPU only
+    channels_last: bool = True      # channels-last convolutions, on GPU only
+    cudnn_benchmark: bool = True    # cuDNN picks the fastest kernels for the fixed chunk shape, on GPU only
 
 
 @dataclass
@@ -96,6 +97,9 @@ class ScaleConfig:
     max_failures: int = 2
     num_to_keep: int = 2            # checkpoints kept on storage
     placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_SPREAD (one worker per node)
+    # a GPU worker keeps its pools on the GPU when they fit in this share of its free memory,
+    # else in pinned host memory (see dec_ray/pools.py)
+    pool_device_fraction: float = 0.5
 
 
 @dataclass
@@ -141,8 +145,19 @@ REMOVED = {
 }
 
 
+# Keys that never had an effect: older configs may still set them; they are dropped with a note.
+IGNORED = {
+    "ingest.files_per_batch": "Ray Data sizes the featurisation batches itself",
+    "cluster.max_points_per_centroid": "the K-means never subsamples",
+    "train.log_every": "the workers print one line per epoch",
+}
+
+
 def _build(cls, data: dict, where: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    for k in [k for k in data if f"{where}{k}" in IGNORED and k not in fields]:
+        warnings.warn(f"config key {where}{k} is ignored: it never had an effect ({IGNORED[where + k]})")
+        data = {kk: v for kk, v in data.items() if kk != k}
     unknown = set(data) - set(fields)
     gone = [f"{where}{k}" for k in sorted(unknown) if f"{where}{k}" in REMOVED]
     if gone:
@@ -233,6 +248,7 @@ def validate(cfg: Config) -> None:
         "model.encoder": (cfg.model.encoder, ("compact", "vgg16")),
         "model.init": (cfg.model.init, ("official", "torch")),
         "cluster.mode": (cfg.cluster.mode, ("separate", "joint")),
+        "cluster.assign": (cfg.cluster.assign, ("faiss", "torch")),
         "tune.scheduler": (cfg.tune.scheduler, ("asha", "none")),
         "tune.search": (cfg.tune.search, ("random", "optuna")),
         "scale.placement_strategy": (cfg.scale.placement_strategy,

@@ -18,7 +18,8 @@ def run_demo(out: str, labeled: int = 240, unlabeled: int = 120, seed: int = 0, 
              repeats: int = 1) -> dict:
     from dec_ray.analysis import analyze_run, dependence_lines
     from dec_ray.evaluation import evaluate_runs, repeated_runs
-    from dec_ray.ingest import is_complete, run_ingest
+    from dec_ray.ingest import run_ingest
+    from dec_ray.tables import is_complete
     from dec_ray.synth import synth_corpus
 
     t0 = time.time()

@@ -284,7 +284,7 @@ def run_experiment(tables: str, out: str, spec: ExperimentSpec, overrides: Seque
                    command: str = "") -> Dict:
     """Train what is missing, then write the report. Returns {"report", "failed", "runs"}."""
     from dec_ray.experiment_report import write_report
-    from dec_ray.ingest import is_complete, split_rows
+    from dec_ray.tables import is_complete, split_rows
     from dec_ray.ridge import run_ridge
     t0 = time.time()
     tables, out = os.path.abspath(tables), os.path.abspath(out)

@@ -33,6 +33,7 @@ from dec_ray.corpus import SPLITS, Item, Reject, list_unlabeled, read_corpus
 from dec_ray.featurize import write_part
 from dec_ray.normalization import Stats
 from dec_ray.raycluster import ensure_ray
+from dec_ray.tables import split_files
 
 # Bytes of one sentence row: C * m * n_mels values (+ ~2 KB of frame sums and metadata).
 ROW_OVERHEAD_BYTES = 2200
@@ -83,20 +84,6 @@ def make_plan(items: List[Item], per_part: int, min_parts: int = 8) -> dict:
 
 def sidecar_path(out: str, part: dict) -> str:
     return os.path.join(out, "_meta", part["split"], part["name"].replace(".parquet", ".json"))
-
-
-def split_files(tables: str, split: str) -> List[str]:
-    """The Parquet files of one split (sorted); empty when the split has no rows."""
-    d = os.path.join(tables, split)
-    if not os.path.isdir(d):
-        return []
-    return sorted(os.path.join(d, f) for f in os.listdir(d) if f.endswith(".parquet") and f[0] != ".")
-
-
-def split_rows(tables: str, split: str) -> int:
-    """Sentences in one split, from the Parquet footers (no data read)."""
-    import pyarrow.parquet as pq
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in split_files(tables, split))
 
 
 def _write_json(path: str, obj) -> None:
@@ -249,7 +236,3 @@ def run_ingest(corpus: Optional[str], out: str, cfg: Config, unlabeled: Sequence
     summary = IngestSummary(rows, len(all_rejects), reasons, out)
     _write_json(os.path.join(out, "_SUCCESS"), asdict(summary))
     return summary
-
-
-def is_complete(tables: str) -> bool:
-    return os.path.exists(os.path.join(tables, "_SUCCESS"))

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Dict, List
 
 import numpy as np
+import torch
 
 CLIP = 3.0
 
@@ -67,6 +68,9 @@ class Stats:
         z = np.nan_to_num(z, nan=0.0, posinf=CLIP, neginf=-CLIP)
         return np.clip(z, -CLIP, CLIP)
 
+    def feature_normalizer(self, device: torch.device) -> "FeatureNormalizer":
+        return FeatureNormalizer(self, device)
+
     def normalize_labels(self, y: np.ndarray, attributes: List[str]) -> np.ndarray:
         m = np.array([self.label_mean[a] for a in attributes], dtype=np.float32)
         s = np.array([self.label_std[a] for a in attributes], dtype=np.float32)
@@ -76,3 +80,17 @@ class Stats:
         m = np.array([self.label_mean[a] for a in attributes], dtype=np.float32)
         s = np.array([self.label_std[a] for a in attributes], dtype=np.float32)
         return z * s + m
+
+
+class FeatureNormalizer:
+    """``Stats.normalize_features`` in torch, on the device the batch is on: the training loop
+    gathers float16 chunks on the device and normalises them there (the same float32 arithmetic,
+    so the same values as the numpy reference)."""
+
+    def __init__(self, stats: Stats, device: torch.device):
+        self.mean = torch.tensor(stats.feat_mean, dtype=torch.float32, device=device)
+        self.std = torch.tensor(stats.feat_std, dtype=torch.float32, device=device)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        z = (x.to(self.mean.device, torch.float32, non_blocking=True) - self.mean) / self.std
+        return torch.nan_to_num(z, nan=0.0, posinf=CLIP, neginf=-CLIP).clamp_(-CLIP, CLIP)

@@ -17,7 +17,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from dec_ray.evaluation import predictions_table
-from dec_ray.ingest import split_files
+from dec_ray.tables import split_files
 from dec_ray.losses import ccc
 
 ALPHAS = tuple(10.0 ** np.arange(-2, 5))

@@ -8,13 +8,15 @@ CCC per attribute, de-normalised labels).
 from __future__ import annotations
 
 import json
+import math
 import os
+import resource
 import shutil
 import sys
 import tempfile
 import time
 from dataclasses import asdict
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -23,61 +25,52 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import torch
 
-from dec_ray.config import ATTRIBUTES, Config, config_from_dict, load_config
+from dec_ray.config import Config, config_from_dict, load_config
 from dec_ray.evaluation import predictions_table
-from dec_ray.ingest import is_complete, split_files, split_rows
+from dec_ray.distributed import gather_objects
 from dec_ray.normalization import Stats
+from dec_ray.pools import Pool, build_pool, placement, row_bytes
 from dec_ray.raycluster import check_room_for_data, ensure_ray
-from dec_ray.training import (MIN_SENTENCES_PER_WORKER_BATCH, Learner, LoopState, Pool, batch_sentences, fit,
-                              gather_objects)
+from dec_ray.tables import (COLUMNS, READ_BATCH, chunk_shape, is_complete, pool_batches, read_pool, run_tables,
+                            split_files, split_rows, storage_dtype)
+from dec_ray.training import MIN_SENTENCES_PER_WORKER_BATCH, Learner, LoopState, batch_sentences, fit
 
 DATASETS = ("train", "unlabeled")          # streamed through Ray Data, split between workers
 EVAL_SPLITS = ("dev", "test")              # read by each worker, its stride only
-COLUMNS = ["row_id", "chunks", *ATTRIBUTES]
+SHARD_SLACK = 1.05                         # a Ray Data shard's rows: its even share + 5 % + one batch
 STATE_FILE = "state.pt"
 
 
-def _pool_from_batches(batches, cfg: Config, stats: Stats) -> Pool:
-    chunks, labels, ids = [], [], []
-    for b in batches:
-        chunks.append(b["chunks"])
-        y = np.stack([np.asarray(b[a], dtype=np.float32) for a in cfg.model.attributes], axis=1)
-        labels.append(stats.normalize_labels(y, cfg.model.attributes))     # row by row; NaN stays NaN
-        ids.append(np.asarray(b["row_id"]))
-    if not ids:
-        f = cfg.features
-        return Pool(np.zeros((0, f.num_chunks, f.chunk_frames, f.n_mels), np.float16),
-                    np.zeros((0, len(cfg.model.attributes)), np.float32), np.zeros(0, np.int64))
-    return Pool(np.concatenate(chunks), np.concatenate(labels).astype(np.float32), np.concatenate(ids))
-
-
-def load_pool(shard, cfg: Config, stats: Stats) -> Optional[Pool]:
-    """Stream this worker's Ray Data shard once into memory (see README: memory per worker)."""
-    if shard is None:
-        return None
-    return _pool_from_batches(shard.iter_batches(batch_size=256, batch_format="numpy"), cfg, stats)
-
-
-def load_eval_pool(files, cfg: Config, stats: Stats, rank: int, world_size: int) -> Optional[Pool]:
-    """This worker's stride (row i with i % world == rank) of an evaluation split, read with
-    pyarrow: every sentence is scored exactly once, and no worker holds the whole split."""
-    if not files:
-        return None
-    ds = pads.dataset(files, format="parquet")
-    ids = np.sort(ds.to_table(columns=["row_id"])["row_id"].to_numpy())
-    mine = ids[rank::world_size]
-    table = ds.to_table(columns=COLUMNS, filter=pc.field("row_id").isin(pa.array(mine)))
-    table = table.sort_by("row_id")
-
-    def batches():
-        for b in table.to_batches(max_chunksize=256):
-            d = {c: b.column(c) for c in COLUMNS}
-            d["chunks"] = d["chunks"].to_numpy_ndarray()
-            for c in COLUMNS:
-                if c != "chunks":
-                    d[c] = d[c].to_numpy(zero_copy_only=False)
-            yield d
-    return _pool_from_batches(batches(), cfg, stats)
+def load_pools(config: dict, cfg: Config, stats: Stats, rank: int, world_size: int,
+               device: torch.device) -> Tuple[Dict[str, Optional[Pool]], str]:
+    """This worker's pools: its Ray Data shard of train/unlabeled and its stride of dev/test, each
+    streamed into a buffer sized up front (``pools.PoolBuilder``), placed by ``pools.placement``.
+    Returns them and the line that says where they are and how much memory they take."""
+    import ray.train
+    t0 = time.perf_counter()
+    shape, attrs, dtype = chunk_shape(cfg), len(cfg.model.attributes), storage_dtype(cfg)
+    rows = config["rows"]
+    expected = {n: (rows[n] if world_size == 1 else min(rows[n], math.ceil(rows[n] / world_size * SHARD_SLACK)
+                                                        + READ_BATCH)) for n in config["datasets"]}
+    expected.update({n: -(-rows.get(n, 0) // world_size) for n in EVAL_SPLITS})
+    need = sum(expected.values()) * row_bytes(shape, attrs, dtype)
+    storage, pin, where = placement(need, device, cfg.scale.pool_device_fraction)
+    pools: Dict[str, Optional[Pool]] = {}
+    grown = 0
+    for n in config["datasets"]:
+        shard = ray.train.get_dataset_shard(n).iter_batches(batch_size=READ_BATCH, batch_format="numpy")
+        batches = pool_batches(shard, cfg, stats)
+        pools[n], g = build_pool(batches, expected[n], shape, attrs, storage, pin, device, dtype)
+        grown += g
+    for n in EVAL_SPLITS:
+        pools[n] = read_pool(config["eval_files"].get(n), cfg, stats, rank, world_size, storage, pin, device)
+    sizes = ", ".join(f"{n} {len(p.row_ids)}" for n, p in pools.items() if p is not None)
+    total = sum(p.nbytes for p in pools.values() if p is not None)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6        # kB -> GB (Linux)
+    line = (f"pools per worker: {sizes} sentences = {total / 1e9:.2f} GB, {where}; {total * world_size / 1e9:.2f} GB "
+            f"over {world_size} workers; loaded in {time.perf_counter() - t0:.1f} s, peak host memory of the "
+            f"worker {peak:.2f} GB" + (f"; a shard outgrew its estimate {grown}x" if grown else ""))
+    return pools, line
 
 
 def say(line: str) -> None:
@@ -137,10 +130,14 @@ def train_loop_per_worker(config: dict) -> None:
     if cfg.cluster.faiss_threads == 0:
         cfg.cluster.faiss_threads = max(1, int(cfg.scale.cpus_per_worker))
     ray.data.DataContext.get_current().enable_progress_bars = False   # one progress line per epoch instead
-    pools = {n: load_pool(ray.train.get_dataset_shard(n), cfg, stats) for n in config["datasets"]}
-    for n in EVAL_SPLITS:
-        pools[n] = load_eval_pool(config["eval_files"].get(n), cfg, stats, rank, world_size)
-    learner = Learner(cfg, stats, ray.train.torch.get_device(), wrap=ray.train.torch.prepare_model)
+    device = ray.train.torch.get_device()
+    t0 = time.perf_counter()
+    pools, pool_line = load_pools(config, cfg, stats, rank, world_size, device)
+    load = {"load_s": time.perf_counter() - t0, "pool_gb": sum(p.nbytes for p in pools.values() if p) / 1e9,
+            "worker_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
+    if rank == 0:
+        say(f"[dec-ray] {pool_line}")
+    learner = Learner(cfg, stats, device, wrap=ray.train.torch.prepare_model)
 
     state = LoopState()
     ckpt = ray.train.get_checkpoint()
@@ -165,7 +162,7 @@ def train_loop_per_worker(config: dict) -> None:
             checkpoint = _save_checkpoint(out, {"learner": learner.state(), "loop": st.to_dict()}, tables)
             if not metrics["done"]:
                 log.write(metrics)
-        ray.train.report(metrics, checkpoint=checkpoint, delete_local_checkpoint_after_upload=True)
+        ray.train.report({**metrics, **load}, checkpoint=checkpoint, delete_local_checkpoint_after_upload=True)
 
     result = fit(learner, pools, state, report)
     if state.epoch + 1 < cfg.train.epochs and rank == 0:
@@ -221,6 +218,7 @@ def build_trainer(tables: str, out: str, cfg: Config, stats: Stats, name: str = 
         raise ValueError(f"{tables}: {n_train} Train sentences for {cfg.scale.workers} workers; each worker "
                          f"needs at least {MIN_SENTENCES_PER_WORKER_BATCH}")
     lines = [resolve_batch(cfg, n_train)]
+    rows = {s: split_rows(tables, s) for s in (*DATASETS, *EVAL_SPLITS)}
     for split in DATASETS:
         files = split_files(tables, split)
         if not files:
@@ -232,6 +230,7 @@ def build_trainer(tables: str, out: str, cfg: Config, stats: Stats, name: str = 
             if cfg.train.unlabeled_limit > 0:
                 keep = unlabeled_subset(files, cfg.train.unlabeled_limit, cfg.train.seed)
                 ds = ds.map_batches(_keep_rows, fn_kwargs={"keep": keep}, batch_format="pyarrow")
+                rows["unlabeled"] = len(keep)
                 lines.append(f"unlabeled: a random {len(keep)} sentences (train.unlabeled_limit, seed "
                              f"{cfg.train.seed})")
         datasets[split] = ds
@@ -243,7 +242,8 @@ def build_trainer(tables: str, out: str, cfg: Config, stats: Stats, name: str = 
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "stats": asdict(stats), "out": out,
-                           "datasets": sorted(datasets), "eval_files": eval_files},
+                           "datasets": sorted(datasets), "eval_files": eval_files,
+                           "rows": rows},
         scaling_config=ScalingConfig(num_workers=s.workers, use_gpu=s.use_gpu,
                                      resources_per_worker={"CPU": s.cpus_per_worker},
                                      placement_strategy=s.placement_strategy),
@@ -284,12 +284,6 @@ def finalize(out: str, cfg: Config, stats: Stats, result) -> dict:
         json.dump(summary, f, indent=1)
     os.replace(os.path.join(out, "result.json.tmp"), os.path.join(out, "result.json"))
     return summary
-
-
-def run_tables(run: str) -> str:
-    """The tables folder a run was trained on (RUN/tables.txt)."""
-    with open(os.path.join(run, "tables.txt")) as f:
-        return f.read().strip()
 
 
 def run_training(tables: str, out: str, cfg: Optional[Config] = None, resume: bool = False) -> dict:

@@ -1,8 +1,9 @@
 """The DeepEmoCluster epoch, its baselines and the epoch loop, in torch (+ torch.distributed). No Ray.
 
-A worker holds its shard of each dataset as a ``Pool`` of sentences (raw float16 chunks + labels)
-and trains on chunks: chunk index i is sentence i // C, chunk i % C, so pseudo-labels and sampler
-draws are plain arrays indexed by chunk and stay aligned however the sampler shuffles.
+A worker holds its shard of each dataset as a ``Pool`` (dec_ray.pools) and trains on chunks. The
+whole epoch stays on the worker's device: batches are gathered and normalised there, embeddings,
+K-means, pseudo-labels and sampler indices are device tensors, and the batch loop never waits for
+the host (its logged losses are summed on the device and read once per stage).
 
 Epoch (deepemocluster, cluster.mode=separate):
   (a) embed the unlabeled pool (eval mode) -> distributed K-means -> fresh top layer ->
@@ -22,83 +23,23 @@ import copy
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from dec_ray.clustering import comm_device, kmeans
+from dec_ray.clustering import kmeans
 from dec_ray.config import Config
+from dec_ray.distributed import (broadcast, gather_objects, min_over_ranks, rank_seed, sum_over_ranks,
+                                 world)
 from dec_ray.losses import ccc, ccc_loss, sentence_means, vae_kl
 from dec_ray.models import model_from_config
 from dec_ray.normalization import Stats
+from dec_ray.pools import Pool
 from dec_ray.sampler import uniform_cluster_indices
 
 MIN_SENTENCES_PER_WORKER_BATCH = 2      # the CCC loss needs label variance within a batch
-
-
-@dataclass
-class Pool:
-    """One worker's sentences of one dataset, kept in memory as stored (float16 raw mel)."""
-    chunks: np.ndarray          # (n, C, m, F)
-    labels: np.ndarray          # (n, A) z-scored; NaN for unlabeled
-    row_ids: np.ndarray         # (n,) global ids from ingest
-
-    @property
-    def n_chunks(self) -> int:
-        return self.chunks.shape[0] * self.chunks.shape[1]
-
-    def chunk_inputs(self, idx: np.ndarray, stats: Stats) -> np.ndarray:
-        c = self.chunks.shape[1]
-        return stats.normalize_features(self.chunks[idx // c, idx % c])
-
-    def chunk_labels(self, idx: np.ndarray) -> np.ndarray:
-        return self.labels[idx // self.chunks.shape[1]]
-
-    @staticmethod
-    def concat(pools: List["Pool"]) -> "Pool":
-        pools = [p for p in pools if p is not None]
-        return Pool(np.concatenate([p.chunks for p in pools]), np.concatenate([p.labels for p in pools]),
-                    np.concatenate([p.row_ids for p in pools]))
-
-
-def world() -> tuple:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _reduce_int(n: int, op) -> int:
-    if world()[1] == 1:
-        return n
-    t = torch.tensor([n], dtype=torch.int64, device=comm_device())
-    dist.all_reduce(t, op=op)
-    return int(t.item())
-
-
-def min_over_ranks(n: int) -> int:
-    return _reduce_int(n, dist.ReduceOp.MIN)
-
-
-def sum_over_ranks(n: int) -> int:
-    return _reduce_int(n, dist.ReduceOp.SUM)
-
-
-def gather_objects(obj):
-    """All ranks' objects, in rank order (just [obj] without a process group)."""
-    rank, size = world()
-    if size == 1:
-        return [obj]
-    out = [None] * size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def rank_seed(seed: int, rank: int) -> int:
-    """An independent, reproducible random stream per (seed, rank)."""
-    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
 
 
 def batch_sentences(n_train: int, workers: int, batch: int, min_steps: int) -> int:
@@ -136,46 +77,52 @@ class Learner:
         # train.batch_sentences is the global batch; each rank takes its share of it
         self.batch_chunks = max(1, t.batch_sentences // size) * cfg.features.num_chunks
         self.amp = t.amp and device.type == "cuda"
+        self.normalize = stats.feature_normalizer(device)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = t.cudnn_benchmark
+            if t.channels_last:
+                self.net.to(memory_format=torch.channels_last)
 
     @property
     def clusters(self) -> bool:
         return self.cfg.model.name == "deepemocluster"
 
-    def _forward(self, x: np.ndarray, model: nn.Module) -> Dict[str, torch.Tensor]:
-        xt = torch.from_numpy(x).to(self.device, non_blocking=True)
+    def _forward(self, x: torch.Tensor, model: nn.Module) -> Dict[str, torch.Tensor]:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
-            return model(xt)
+            return model(x)
 
     def sync_buffers(self) -> None:
         """Every rank takes rank 0's BatchNorm running statistics (what model.pt saves)."""
         if world()[1] == 1:
             return
         bufs = list(self.net.buffers())          # float running stats and int64 batch counters
-        flat = torch.cat([b.detach().double().flatten() for b in bufs]).to(comm_device())
-        dist.broadcast(flat, src=0)               # one collective (float64 holds the counters exactly)
+        flat = torch.cat([b.detach().double().flatten() for b in bufs])
+        broadcast(flat, src=0)                    # one collective (float64 holds the counters exactly)
         for b, v in zip(bufs, torch.split(flat, [b.numel() for b in bufs])):
             b.copy_(v.view_as(b))                 # copy_ casts back to the buffer's dtype and device
 
     # --- clustering ---
     @torch.no_grad()
-    def _eval_pass(self, pool: Pool, key: str, width: int) -> np.ndarray:
-        """One output of every chunk of the pool, in order, in eval mode (never shuffled)."""
+    def _eval_pass(self, pool: Pool, key: str, width: int) -> torch.Tensor:
+        """One output of every chunk of the pool, in order, in eval mode (never shuffled), into a
+        float32 tensor on the device."""
         self.net.eval()
-        out = []
+        out = torch.empty((pool.n_chunks, width), dtype=torch.float32, device=self.device)
+        order = torch.arange(pool.n_chunks, device=pool.chunks.device)
         for s in range(0, pool.n_chunks, self.batch_chunks):
-            idx = np.arange(s, min(s + self.batch_chunks, pool.n_chunks))
-            out.append(self._forward(pool.chunk_inputs(idx, self.stats), self.net)[key].float().cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, width), np.float32)
+            x = pool.chunk_inputs(order[s:s + self.batch_chunks], self.normalize)
+            out[s:s + len(x)] = self._forward(x, self.net)[key].float()
+        return out
 
-    def embed(self, pool: Pool) -> np.ndarray:
-        """Chunk-level embeddings of the whole pool (the clustering input)."""
+    def embed(self, pool: Pool) -> torch.Tensor:
+        """Chunk-level embeddings of the whole pool (the clustering input), on the device."""
         return self._eval_pass(pool, "embedding", self.cfg.model.hidden_dim)
 
     def pseudo_labels(self, pool: Pool, seed: int):
-        """A fresh eval-mode embedding pass -> distributed K-means -> per-chunk pseudo-labels."""
+        """A fresh eval-mode embedding pass -> distributed K-means -> per-chunk pseudo-labels (device)."""
         c = self.cfg.cluster
         return kmeans(self.embed(pool), c.k, niter=c.niter, seed=seed, pca_dim=c.pca_dim, l2=c.l2_normalize,
-                      use_gpu=self.device.type == "cuda", threads=c.faiss_threads)
+                      assign=c.assign, threads=c.faiss_threads)
 
     def reset_top(self, seed: int) -> None:
         """Fresh top layer (same on all ranks) and a fresh SGD for it."""
@@ -183,29 +130,32 @@ class Learner:
         self.top_opt = torch.optim.SGD(self.net.top.parameters(), lr=self.cfg.train.lr_top)
 
     # --- one pass over sampled chunks ---
-    def train_stage(self, pool: Pool, indices: np.ndarray, pseudo: Optional[np.ndarray] = None,
+    def train_stage(self, pool: Pool, indices, pseudo: Optional[torch.Tensor] = None,
                     supervised: bool = False) -> Dict[str, float]:
         """Train on ``indices`` (chunk ids of this pool). CE on ``pseudo`` when given; CCC when
         ``supervised``; reconstruction for ae/vae. The regressor steps only when supervised."""
         self.model.train()
         t = self.cfg.train
+        indices = torch.as_tensor(indices, device=self.device)
+        at_pool = indices.to(pool.chunks.device)               # one copy per stage, none per batch
+        if pseudo is not None:
+            pseudo = torch.as_tensor(pseudo, device=self.device)
         n_batches = min_over_ranks(len(indices) // self.batch_chunks if len(indices) >= self.batch_chunks
                                    else int(len(indices) > 0))
-        sums: Dict[str, float] = {}
+        sums: Dict[str, torch.Tensor] = {}
         for b in range(n_batches):
-            idx = indices[b * self.batch_chunks:(b + 1) * self.batch_chunks]
-            x = pool.chunk_inputs(idx, self.stats)
+            batch = slice(b * self.batch_chunks, (b + 1) * self.batch_chunks)
+            idx = indices[batch]
+            x = pool.chunk_inputs(at_pool[batch], self.normalize)
             out = self._forward(x, self.model)
             parts: Dict[str, torch.Tensor] = {}
             if pseudo is not None:
-                target = torch.from_numpy(pseudo[idx]).to(self.device)
-                ce = nn.functional.cross_entropy(out["logits"].float(), target)
+                ce = nn.functional.cross_entropy(out["logits"].float(), pseudo[idx])
                 parts["ce"] = ce * (t.lambda_ce if supervised else 1.0)
             if supervised:
-                y = torch.from_numpy(pool.chunk_labels(idx)).to(self.device)
-                parts["ccc"] = ccc_loss(out["pred"], y)
+                parts["ccc"] = ccc_loss(out["pred"], pool.chunk_labels(idx))
             if "recon" in out:
-                rec = nn.functional.mse_loss(out["recon"].float(), torch.from_numpy(x).to(self.device))
+                rec = nn.functional.mse_loss(out["recon"].float(), x)
                 if "mu" in out:
                     rec = rec + self.cfg.model.latent_beta * vae_kl(out["mu"].float(), out["logvar"].float())
                 parts["recon"] = rec * (t.lambda_ce if supervised else 1.0)
@@ -223,21 +173,21 @@ class Learner:
                 self.top_opt.step()
             if supervised:      # unsupervised stages have no regression loss: no Adam step on zeros
                 self.adam.step()
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            for k, v in parts.items():                       # summed on the device: no sync per batch
+                sums[k] = sums.get(k, 0.0) + v.detach().float()
         self.sync_buffers()
-        return {k: v / max(n_batches, 1) for k, v in sums.items()}
+        return {k: float(v) / max(n_batches, 1) for k, v in sums.items()}
 
     # --- evaluation ---
     @torch.no_grad()
     def predict(self, pool: Pool) -> np.ndarray:
         """Chunk predictions (n*C, A) of the pool, z-scored scale."""
-        return self._eval_pass(pool, "pred", len(self.cfg.model.attributes))
+        return self._eval_pass(pool, "pred", len(self.cfg.model.attributes)).cpu().numpy()
 
     def evaluate(self, pool: Pool, prefix: str) -> Dict:
         """Each rank predicts its own part of an evaluation split (possibly none of it); the
         results are gathered everywhere. A collective: every rank calls it."""
-        parts = gather_objects((pool.row_ids, self.predict(pool), pool.labels))
+        parts = gather_objects((pool.row_ids, self.predict(pool), pool.labels.cpu().numpy()))
         row_ids = np.concatenate([p[0] for p in parts])
         chunk_pred = np.concatenate([p[1] for p in parts])
         labels = np.concatenate([p[2] for p in parts])
@@ -277,8 +227,10 @@ def run_epoch(learner: Learner, epoch: int, train: Pool, unlabeled: Optional[Poo
     logs: Dict[str, float] = {}
     has_unl = unlabeled is not None and sum_over_ranks(len(unlabeled.row_ids)) > 0
 
-    def sample(n: int, s: int) -> np.ndarray:
-        return np.random.default_rng([s, rank]).permutation(n)
+    def sample(n: int, s: int) -> torch.Tensor:
+        g = torch.Generator(device=learner.device)
+        g.manual_seed(rank_seed(s, rank))
+        return torch.randperm(n, generator=g, device=learner.device)
 
     if cfg.model.name == "cnn":
         logs.update(learner.train_stage(train, sample(train.n_chunks, seed), supervised=True))

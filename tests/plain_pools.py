@@ -7,7 +7,7 @@ import numpy as np
 from dec_ray.features import make_chunks, mel_spectrogram
 from dec_ray.normalization import FrameSums, Stats
 from dec_ray.synth import _speakers, render
-from dec_ray.training import Pool
+from dec_ray.pools import Pool
 
 ATTRS = ["arousal"]
 

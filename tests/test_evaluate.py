@@ -11,9 +11,8 @@ from dec_ray.analysis import dependence, eta_squared, mutual_information
 from dec_ray.cli import main
 from dec_ray.clustering import kmeans
 from dec_ray.config import config_from_dict
-from dec_ray.ingest import split_files
+from dec_ray.tables import read_pool, split_files
 from dec_ray.normalization import Stats
-from dec_ray.trainer import load_eval_pool
 from dec_ray.training import Learner
 from dec_ray.evaluation import evaluate_runs, split_test_set, subset_cccs, summarize, t_test
 from dec_ray.losses import ccc
@@ -94,9 +93,9 @@ def test_analyze_shows_clusters_that_follow_the_emotion(trained_runs, tables, tm
     state = torch.load(os.path.join(run, "model.pt"), weights_only=True)
     cfg, stats = config_from_dict(state["config"]), Stats(**state["stats"])
     learner = Learner(cfg, stats, torch.device("cpu"))
-    untrained = learner.embed(load_eval_pool(split_files(tables[0], "train"), cfg, stats, 0, 1))
+    untrained = learner.embed(read_pool(split_files(tables[0], "train"), cfg, stats))
     learner.net.load_state_dict(state["model"])
-    emb = learner.embed(load_eval_pool(split_files(tables[0], "train"), cfg, stats, 0, 1))
+    emb = learner.embed(read_pool(split_files(tables[0], "train"), cfg, stats))
     assert not np.allclose(emb, untrained, atol=1e-3)
     sizes = np.sort(kmeans(emb, 4, niter=cfg.cluster.niter, seed=0).sizes)[::-1]
     assert clusters["chunks"].tolist() == sizes.tolist()

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 from dec_ray.audio import AudioError, load_audio
 from dec_ray.features import ShortClipError, chunk_starts, make_chunks, mel_spectrogram
@@ -64,3 +65,19 @@ def test_normalisation_zscore_nan_and_clip():
     assert np.allclose(z, [[1.0, 3.0], [3.0, 0.0]])
     y = np.array([[5.0], [3.0]], np.float32)
     assert np.allclose(s.denormalize_labels(s.normalize_labels(y, ["arousal"]), ["arousal"]), y)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_device_normalisation_equals_the_numpy_reference(device):
+    """The training loop normalises float16 chunks on the device: the same values as
+    Stats.normalize_features, bit for bit, including NaN, +-inf, zero std and clipping."""
+    rng = np.random.default_rng(0)
+    mean, std = rng.uniform(0, 5, 128), rng.uniform(0.5, 3, 128)
+    std[3] = 0.0                                              # a constant mel bin in Train
+    s = Stats(mean.tolist(), std.tolist(), {"arousal": 4.0}, {"arousal": 1.0})
+    x = (rng.normal(2, 6, size=(40, 62, 128))).astype(np.float16)
+    x[0, 0, :4] = [np.nan, np.inf, -np.inf, 7.0]
+    got = s.feature_normalizer(torch.device(device))(torch.from_numpy(x).to(device))
+    assert got.dtype == torch.float32 and got.device.type == device
+    np.testing.assert_array_equal(got.cpu().numpy(), s.normalize_features(x))

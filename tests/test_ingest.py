@@ -10,7 +10,8 @@ import pytest
 from dec_ray.config import load_config
 from dec_ray.corpus import read_msp_podcast
 from dec_ray.features import make_chunks, mel_spectrogram
-from dec_ray.ingest import is_complete, run_ingest, split_files
+from dec_ray.ingest import run_ingest
+from dec_ray.tables import is_complete, split_files
 
 
 def _table(tables, split, columns=None):

@@ -4,6 +4,8 @@ import socket
 
 import faiss
 import numpy as np
+import pytest
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -82,13 +84,53 @@ def test_two_gloo_ranks_give_the_one_rank_centroids():
 
 
 def test_sampler_is_uniform_over_nonempty_clusters():
-    assign = np.array([0] * 90 + [1] * 9 + [3] * 1)
+    assign = torch.tensor([0] * 90 + [1] * 9 + [3] * 1)
     idx = uniform_cluster_indices(assign, seed=0)
-    assert len(idx) == 100
-    counts = np.bincount(assign[idx], minlength=4)
+    assert len(idx) == 100 and idx.dtype == torch.int64
+    counts = torch.bincount(assign[idx], minlength=4).numpy()
     assert counts[2] == 0 and all(32 <= c <= 34 for c in counts[[0, 1, 3]])  # 34 drawn each, 2 cut
     # aligned: every drawn index points at a row of the cluster it was drawn for
-    assert set(idx[assign[idx] == 3]) == {99}
+    assert set(idx[assign[idx] == 3].tolist()) == {99}
+    # the big cluster gives 34 distinct rows (drawn without replacement), the small ones repeat
+    assert len(set(idx[assign[idx] == 0].tolist())) == counts[0]
     other = uniform_cluster_indices(assign, seed=0, rank=1)
-    assert not np.array_equal(idx, other)
-    assert np.array_equal(idx, uniform_cluster_indices(assign, seed=0))
+    assert not torch.equal(idx, other)
+    assert torch.equal(idx, uniform_cluster_indices(assign, seed=0))
+
+
+def _lloyd(x, init, niter):
+    """Textbook Lloyd iterations in numpy (float64 distances): the independent reference."""
+    c = init.astype(np.float64).copy()
+    for _ in range(niter):
+        a = ((x[:, None, :] - c[None]) ** 2).sum(-1).argmin(1)
+        c = np.stack([x[a == j].mean(0) for j in range(len(c))])
+    return ((x[:, None, :] - c[None]) ** 2).sum(-1).argmin(1), c
+
+
+def test_torch_tensors_and_both_assigners_equal_the_numpy_path_from_the_same_centroids():
+    x = blobs(n=3000, d=16, centers=12)
+    init = x[np.random.default_rng(3).choice(len(x), 12, replace=False)]
+    ref_assign, ref_centroids = _lloyd(x, init, 20)
+    numpy_path = kmeans(x, 12, init_centroids=init, assign="faiss")
+    assert isinstance(numpy_path.assignment, np.ndarray) and numpy_path.n_split == 0
+    for assign in ("faiss", "torch"):
+        res = kmeans(torch.from_numpy(x), 12, init_centroids=torch.from_numpy(init), assign=assign)
+        assert isinstance(res.assignment, torch.Tensor)
+        assert np.array_equal(res.assignment.numpy(), numpy_path.assignment)
+        assert np.array_equal(res.assignment.numpy(), ref_assign)
+        np.testing.assert_allclose(res.centroids.numpy(), ref_centroids, rtol=1e-5, atol=1e-5)
+        assert res.objective == pytest.approx(numpy_path.objective, rel=1e-5)
+        assert np.array_equal(res.sizes, np.bincount(ref_assign, minlength=12))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("assign", ["torch", "faiss"])
+def test_kmeans_on_cuda_tensors_equals_the_cpu(assign):
+    if assign == "faiss" and not hasattr(faiss, "StandardGpuResources"):
+        pytest.skip("faiss without GPU support")
+    x = torch.from_numpy(blobs(n=20000, d=32))
+    cpu = kmeans(x, 25, seed=2, assign=assign)
+    gpu = kmeans(x.cuda(), 25, seed=2, assign=assign)
+    assert gpu.assignment.is_cuda
+    assert (gpu.assignment.cpu() == cpu.assignment).float().mean() > 0.999
+    assert gpu.objective == pytest.approx(cpu.objective, rel=1e-4)

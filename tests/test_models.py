@@ -3,7 +3,7 @@ import pyarrow.dataset as pads
 import pytest
 import torch
 
-from dec_ray.ingest import split_files
+from dec_ray.tables import split_files
 from dec_ray.losses import ccc, ccc_loss, ccc_torch, sentence_means
 from dec_ray.models import Encoder, build_model
 from dec_ray.normalization import Stats

@@ -10,7 +10,7 @@ import soundfile as sf
 
 import dec_ray
 from dec_ray.batch_predict import run_predict
-from dec_ray.ingest import split_files
+from dec_ray.tables import split_files
 
 pytestmark = pytest.mark.slow
 

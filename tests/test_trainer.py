@@ -15,7 +15,7 @@ from conftest import RAY, LocalCluster
 from ray.train import TrainingFailedError
 
 from dec_ray.inference import Predictor
-from dec_ray.ingest import split_files
+from dec_ray.tables import split_files
 from dec_ray.losses import ccc
 from dec_ray.trainer import run_training
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from dec_ray.config import ConfigError, load_config
+from dec_ray.pools import Pool, PoolBuilder
 from dec_ray.sampler import uniform_cluster_indices
-from dec_ray.trainer import _pool_from_batches
+from dec_ray.tables import pool_batches
 from dec_ray.training import Learner, LoopState, batch_sentences, fit, run_epoch
 from plain_pools import synth_pools
 
@@ -77,13 +78,13 @@ def test_pseudo_labels_stay_aligned_after_the_shuffle(pools):
     pool = p["train"]
     c = pool.chunks.shape[1]
     rng = np.random.default_rng(0)
-    assignment = rng.integers(0, 5, pool.n_chunks)
+    assignment = torch.from_numpy(rng.integers(0, 5, pool.n_chunks))
     idx = uniform_cluster_indices(assignment, seed=4)
-    x = pool.chunk_inputs(idx, stats)
+    x = pool.chunk_inputs(idx, stats.feature_normalizer(torch.device("cpu")))
     labels = pool.chunk_labels(idx)
     for j in rng.choice(len(idx), 20, replace=False):
-        i = idx[j]
-        np.testing.assert_array_equal(x[j], stats.normalize_features(pool.chunks[i // c, i % c]))
+        i = int(idx[j])
+        np.testing.assert_array_equal(x[j].numpy(), stats.normalize_features(pool.chunks[i // c, i % c].numpy()))
         assert labels[j] == pool.labels[i // c]
 
 
@@ -92,7 +93,7 @@ def test_labels_are_normalised_row_by_row_with_a_nan_in_the_batch(pools, tiny_cf
     cfg = tiny_cfg()
     batch = {"row_id": np.arange(3), "chunks": np.zeros((3, 11, 62, 128), np.float16),
              "arousal": np.array([stats.label_mean["arousal"] + stats.label_std["arousal"], np.nan, 1.0])}
-    labels = _pool_from_batches([batch], cfg, stats).labels[:, 0]
+    labels = next(pool_batches([batch], cfg, stats))[1][:, 0]
     assert labels[0] == pytest.approx(1.0) and np.isnan(labels[1])
     assert labels[2] == pytest.approx((1.0 - stats.label_mean["arousal"]) / stats.label_std["arousal"])
 
@@ -162,3 +163,42 @@ def test_fit_resumed_from_a_state_equals_the_uninterrupted_loop(pools, tiny_cfg)
     resumed = fit(second, p, loop)["metrics"]
     assert resumed["best_epoch"] == full["best_epoch"]
     assert resumed["test_loss"] == pytest.approx(full["test_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("capacity", [30, 7])
+def test_a_pool_is_filled_in_place_and_grows_only_past_its_estimate(capacity):
+    """Loading never holds a shard twice: the Pool is a view of the one buffer the builder filled
+    (when the estimate held); a shard larger than its estimate grows the buffer and loses nothing."""
+    rng = np.random.default_rng(0)
+    batches = [(rng.normal(size=(k, 11, 62, 128)).astype(np.float16), rng.normal(size=(k, 1)).astype(np.float32),
+                np.arange(i * 10, i * 10 + k)) for i, k in enumerate((10, 10, 5))]
+    builder = PoolBuilder(capacity, (11, 62, 128), 1, torch.device("cpu"), False, torch.device("cpu"))
+    first = builder.chunks.data_ptr()
+    for b in batches:
+        builder.add(*b)
+    pool = builder.build()
+    assert (builder.grown == 0) == (capacity >= 25)
+    assert (pool.chunks.data_ptr() == first) == (capacity >= 25)
+    assert pool.chunks.dtype == torch.float16 and pool.n_chunks == 25 * 11
+    np.testing.assert_array_equal(pool.chunks.numpy(), np.concatenate([b[0] for b in batches]))
+    np.testing.assert_array_equal(pool.labels.numpy(), np.concatenate([b[1] for b in batches]))
+    np.testing.assert_array_equal(pool.row_ids, np.concatenate([b[2] for b in batches]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("on_device", [True, False])
+def test_an_epoch_on_the_gpu_with_the_pool_on_the_device_or_pinned(pools, tiny_cfg, on_device):
+    stats, p = pools
+    dev = torch.device("cuda")
+    storage = dev if on_device else torch.device("cpu")
+    moved = {k: Pool(v.chunks.to(storage), v.labels.to(dev), v.row_ids) for k, v in p.items()}
+    if not on_device:
+        for v in moved.values():
+            v.chunks = v.chunks.pin_memory()
+    learner = Learner(tiny_cfg(), stats, dev)
+    res = learner.pseudo_labels(moved["train"], seed=0)
+    assert res.assignment.is_cuda
+    logs = run_epoch(learner, 0, moved["train"], moved["unlabeled"])
+    assert np.isfinite(logs["train_ccc"]) and logs["unlabeled_nonempty"] >= 2
+    cpu = learner.embed(p["train"]).numpy()
+    np.testing.assert_allclose(learner.embed(moved["train"]).cpu().numpy(), cpu, atol=2e-2)
