@@ -118,11 +118,15 @@ class Learner:
         """Chunk-level embeddings of the whole pool (the clustering input), on the device."""
         return self._eval_pass(pool, "embedding", self.cfg.model.hidden_dim)
 
-    def pseudo_labels(self, pool: Pool, seed: int):
-        """A fresh eval-mode embedding pass -> distributed K-means -> per-chunk pseudo-labels (device)."""
+    def cluster(self, embeddings: torch.Tensor, seed: int):
+        """Distributed K-means of the embeddings -> per-chunk pseudo-labels (on the device)."""
         c = self.cfg.cluster
-        return kmeans(self.embed(pool), c.k, niter=c.niter, seed=seed, pca_dim=c.pca_dim, l2=c.l2_normalize,
+        return kmeans(embeddings, c.k, niter=c.niter, seed=seed, pca_dim=c.pca_dim, l2=c.l2_normalize,
                       assign=c.assign, threads=c.faiss_threads)
+
+    def pseudo_labels(self, pool: Pool, seed: int):
+        """A fresh eval-mode embedding pass, then ``cluster``."""
+        return self.cluster(self.embed(pool), seed)
 
     def reset_top(self, seed: int) -> None:
         """Fresh top layer (same on all ranks) and a fresh SGD for it."""
@@ -133,7 +137,8 @@ class Learner:
     def train_stage(self, pool: Pool, indices, pseudo: Optional[torch.Tensor] = None,
                     supervised: bool = False) -> Dict[str, float]:
         """Train on ``indices`` (chunk ids of this pool). CE on ``pseudo`` when given; CCC when
-        ``supervised``; reconstruction for ae/vae. The regressor steps only when supervised."""
+        ``supervised``; reconstruction for ae/vae. The regressor steps only when supervised.
+        Returns the mean of each loss and the number of chunks trained on."""
         self.model.train()
         t = self.cfg.train
         indices = torch.as_tensor(indices, device=self.device)
@@ -143,11 +148,13 @@ class Learner:
         n_batches = min_over_ranks(len(indices) // self.batch_chunks if len(indices) >= self.batch_chunks
                                    else int(len(indices) > 0))
         sums: Dict[str, torch.Tensor] = {}
+        trained = 0
         for b in range(n_batches):
             batch = slice(b * self.batch_chunks, (b + 1) * self.batch_chunks)
             idx = indices[batch]
             x = pool.chunk_inputs(at_pool[batch], self.normalize)
             out = self._forward(x, self.model)
+            trained += len(idx)
             parts: Dict[str, torch.Tensor] = {}
             if pseudo is not None:
                 ce = nn.functional.cross_entropy(out["logits"].float(), pseudo[idx])
@@ -176,7 +183,7 @@ class Learner:
             for k, v in parts.items():                       # summed on the device: no sync per batch
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
         self.sync_buffers()
-        return {k: float(v) / max(n_batches, 1) for k, v in sums.items()}
+        return {**{k: float(v) / max(n_batches, 1) for k, v in sums.items()}, "chunks": trained}
 
     # --- evaluation ---
     @torch.no_grad()
@@ -219,8 +226,15 @@ class Learner:
         return copy.deepcopy({k: v.detach().cpu() for k, v in self.net.state_dict().items()})
 
 
+def _wait(device: torch.device) -> None:
+    """Let queued GPU work finish before reading a clock (timings only; once per stage)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def run_epoch(learner: Learner, epoch: int, train: Pool, unlabeled: Optional[Pool]) -> Dict[str, float]:
-    """One epoch of the configured model; returns its training losses and cluster statistics."""
+    """One epoch of the configured model; returns its training losses, cluster statistics and the
+    time of each step (``*_embed_s``, ``*_kmeans_s``, ``*train_s`` over ``*chunks`` chunks)."""
     cfg = learner.cfg
     rank, _ = world()
     seed = cfg.train.seed * 100_003 + epoch * 4
@@ -232,39 +246,45 @@ def run_epoch(learner: Learner, epoch: int, train: Pool, unlabeled: Optional[Poo
         g.manual_seed(rank_seed(s, rank))
         return torch.randperm(n, generator=g, device=learner.device)
 
-    if cfg.model.name == "cnn":
-        logs.update(learner.train_stage(train, sample(train.n_chunks, seed), supervised=True))
-        return logs
-    if cfg.model.name in ("ae", "vae"):
-        if has_unl:
-            logs.update({f"unl_{k}": v for k, v in
-                         learner.train_stage(unlabeled, sample(unlabeled.n_chunks, seed)).items()})
-        logs.update(learner.train_stage(train, sample(train.n_chunks, seed + 1), supervised=True))
-        return logs
+    def train_on(name: str, pool: Pool, idx: torch.Tensor, pseudo=None, supervised: bool = False) -> None:
+        t0 = time.perf_counter()
+        out = learner.train_stage(pool, idx, pseudo, supervised=supervised)      # ends with a host read
+        logs.update({f"{name}{k}": v for k, v in out.items()})
+        logs[f"{name}train_s"] = time.perf_counter() - t0
 
     def cluster(name: str, pool: Pool, s: int):
         t0 = time.perf_counter()
-        res = learner.pseudo_labels(pool, s)
-        logs[f"{name}_cluster_s"] = time.perf_counter() - t0          # embedding pass + K-means
-        logs[f"{name}_kmeans_obj"] = res.objective
-        logs[f"{name}_nonempty"] = int((res.sizes > 0).sum())
+        emb = learner.embed(pool)
+        _wait(learner.device)
+        t1 = time.perf_counter()
+        res = learner.cluster(emb, s)
+        t2 = time.perf_counter()
+        logs.update({f"{name}_embed_s": t1 - t0, f"{name}_kmeans_s": t2 - t1, f"{name}_cluster_s": t2 - t0,
+                     f"{name}_kmeans_obj": res.objective, f"{name}_nonempty": int((res.sizes > 0).sum())})
         learner.reset_top(s)
         return res.assignment, uniform_cluster_indices(res.assignment, seed=s, rank=rank)
+
+    if cfg.model.name == "cnn":
+        train_on("", train, sample(train.n_chunks, seed), supervised=True)
+        return logs
+    if cfg.model.name in ("ae", "vae"):
+        if has_unl:
+            train_on("unl_", unlabeled, sample(unlabeled.n_chunks, seed))
+        train_on("", train, sample(train.n_chunks, seed + 1), supervised=True)
+        return logs
 
     if cfg.cluster.mode == "joint" and has_unl:
         # one clustering over labeled + unlabeled; CE on all, CCC on the labeled chunks
         both = Pool.concat([train, unlabeled])
         assignment, idx = cluster("joint", both, seed)
-        out_u = learner.train_stage(both, idx[idx >= train.n_chunks], assignment)
-        out_l = learner.train_stage(both, idx[idx < train.n_chunks], assignment, supervised=True)
-        logs.update({f"joint_unl_{k}": v for k, v in out_u.items()})
-        logs.update({f"joint_{k}": v for k, v in out_l.items()})
+        train_on("joint_unl_", both, idx[idx >= train.n_chunks], assignment)
+        train_on("joint_", both, idx[idx < train.n_chunks], assignment, supervised=True)
         return logs
     if has_unl:
         assignment, idx = cluster("unlabeled", unlabeled, seed)
-        logs.update({f"unlabeled_{k}": v for k, v in learner.train_stage(unlabeled, idx, assignment).items()})
+        train_on("unlabeled_", unlabeled, idx, assignment)
     assignment, idx = cluster("train", train, seed + 1)
-    logs.update({f"train_{k}": v for k, v in learner.train_stage(train, idx, assignment, supervised=True).items()})
+    train_on("train_", train, idx, assignment, supervised=True)
     return logs
 
 
