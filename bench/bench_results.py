@@ -23,7 +23,7 @@ def write_section(title: str, body: str) -> None:
 def replicated_clips(work: str, n: int, replicate: int, seed: int):
     """``n`` synthetic unlabeled clips, each hard-linked ``replicate`` times, so that per-file work
     dominates a run. Returns (folder, the n originals, all files), sorted."""
-    from dec_ray.synth import synth_corpus
+    from dec_ray.data.synth import synth_corpus
     synth_corpus(os.path.join(work, "corpus"), labeled=0, unlabeled=n, seed=seed)
     folder = os.path.join(work, "corpus", "Unlabeled")
     originals = sorted(glob.glob(os.path.join(folder, "*.wav")))

@@ -93,7 +93,7 @@ def disk_per_segment(originals, work):
     """Bytes per segment of a part made of distinct clips only: in the timed tables, hard-linked
     copies of one clip share a part and zstd would fold the repeats."""
     from dec_ray.config import load_config
-    from dec_ray.featurize import write_part
+    from dec_ray.data.parts import write_part
     items = [{"row_id": i, "segment_id": str(i), "split": "unlabeled", "speaker": "", "path": p}
              for i, p in enumerate(originals)]
     part = os.path.join(work, "disk.parquet")
@@ -108,7 +108,7 @@ import sys, time, json
 sys.path.insert(0, {HERE!r})
 from ingest import cpu_counters
 from dec_ray.config import load_config
-from dec_ray.ingest import run_ingest
+from dec_ray.service.ingest import run_ingest
 c0, t = cpu_counters(), time.perf_counter()
 run_ingest(None, {out!r}, load_config(None), [{unlabeled_dir!r}])
 print(json.dumps([time.perf_counter() - t, c0, cpu_counters()]))

@@ -1,4 +1,4 @@
-"""`dec_ray.clustering.kmeans` against `faiss.Kmeans` (time, objective), 1 and 2 gloo ranks,
+"""`dec_ray.method.kmeans.kmeans` against `faiss.Kmeans` (time, objective), 1 and 2 gloo ranks,
 N x 256 embeddings; projection for the 5.5M chunk embeddings of 500K segments.
 
     .venv/bin/python bench/kmeans.py [--sizes 10000 100000 1000000] [--ks 10 100 1000] [--seeds 3]
@@ -31,7 +31,7 @@ def data(n, seed=0):
 
 def _rank(rank, port, n, k, seed, q):
     import torch.distributed as dist
-    from dec_ray.clustering import kmeans
+    from dec_ray.method.kmeans import kmeans
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     x = np.array_split(data(n), 2)[rank]
@@ -60,7 +60,7 @@ def two_ranks(n, k, seed):
 
 def main():
     import faiss
-    from dec_ray.clustering import kmeans
+    from dec_ray.method.kmeans import kmeans
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     ap.add_argument("--ks", type=int, nargs="+", default=[10, 100, 1000])

@@ -30,12 +30,12 @@ def make_run(files, run):
     import numpy as np
     import torch
 
-    from dec_ray.audio import load_audio
+    from dec_ray.data.audio import load_audio
     from dec_ray.config import load_config
     from dec_ray.config import preset_path
-    from dec_ray.features import mel_spectrogram
-    from dec_ray.models import model_from_config
-    from dec_ray.normalization import FrameSums, Stats
+    from dec_ray.data.features import mel_spectrogram
+    from dec_ray.method.models import model_from_config
+    from dec_ray.data.normalization import FrameSums, Stats
     cfg = load_config(preset_path("demo"))
     f = cfg.features
     sums = [FrameSums.of(mel_spectrogram(load_audio(p, f.sample_rate), f.sample_rate, f.n_fft, f.hop_length,
@@ -48,7 +48,7 @@ def make_run(files, run):
 
 
 def plain_loop(run, files):
-    from dec_ray.inference import Predictor
+    from dec_ray.report.inference import Predictor
     p = Predictor(run)
     return [p.predict_file(f) for f in files]
 
@@ -57,7 +57,7 @@ def ray_predict(run, audio_dir, out, cpus):
     """`dec-ray predict` on a fresh local Ray with ``cpus`` CPUs (one actor per CPU); Ray's start is not timed."""
     code = f"""
 import time, json
-from dec_ray.batch_predict import run_predict
+from dec_ray.service.batch_predict import run_predict
 t = time.perf_counter()
 info = run_predict({run!r}, [{audio_dir!r}], {out!r}, actors={cpus})
 print(json.dumps({{"seconds": time.perf_counter() - t, "predicted": info["predicted"]}}))

@@ -36,8 +36,8 @@ NETWORK = ["model.width=0.0625", "cluster.k=30", "train.epochs=1", "train.batch_
 def write_tables(out: str, n_unlabeled: int, seed: int = 0) -> None:
     """Tables in the ingest's layout and schema, random features, labels in [1, 7]."""
     from dec_ray.config import FeatureConfig
-    from dec_ray.featurize import _tensor_column, table_schema
-    from dec_ray.normalization import Stats
+    from dec_ray.data.parts import _tensor_column, table_schema
+    from dec_ray.data.normalization import Stats
     fc = FeatureConfig()
     schema = table_schema(fc)
     rng = np.random.default_rng(seed)
@@ -92,7 +92,7 @@ def main():
     args = ap.parse_args()
     import ray
     from dec_ray.config import load_config
-    from dec_ray.trainer import run_training
+    from dec_ray.service.train import run_training
     work = args.workdir or tempfile.mkdtemp(prefix="bench_scale_")
     cpus = os.cpu_count()
     ray.init(num_cpus=cpus + 1)
@@ -127,7 +127,8 @@ def main():
                      f"{r['epoch_s']:.1f} | {r['embed_s']:.1f} | {r['kmeans_s']:.2f} | {r['train_s']:.1f} |")
     lines += ["", f"Least-squares lines in N (measured at {', '.join(f'{n:,}' for n in ns)}) and the projection to "
               f"{TARGET:,} on one such worker (projected, not measured):", "",
-              "| quantity | per 1K sentences | intercept | R^2 | projected at 500K, 1 worker | per worker at 8 workers |",
+              "| quantity | per 1K sentences | intercept | R^2 | projected at 500K, 1 worker | "
+              "per worker at 8 workers |",
               "|---|---|---|---|---|---|"]
     for key, label, unit in (("pool_gb", "pool", "GB"), ("rss_gb", "worker peak RSS", "GB"),
                              ("load_s", "load", "s"), ("epoch_s", "epoch", "s"), ("kmeans_s", "K-means", "s")):

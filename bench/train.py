@@ -36,23 +36,24 @@ BASE = ["model.width=0.25", "cluster.k=10", "train.batch_sentences=8", "train.mi
         "scale.workers=1", "scale.max_failures=0"]
 OLD_COMMIT = "4622ad8"          # the last commit whose epoch gathered and normalised batches in numpy
 
-# One script for both paths, so both are timed the same way; {api} picks how pools are read.
+# One script for both paths, so both are timed the same way; {imports} is each path's API.
+IMPORTS = {
+    "old": "from dec_ray.normalization import Stats\nfrom dec_ray.training import Learner, run_epoch\n"
+           "from dec_ray.ingest import split_files\nfrom dec_ray.trainer import load_eval_pool\n"
+           "read = lambda files, cfg, stats: load_eval_pool(files, cfg, stats, 0, 1)\n",
+    "new": "from dec_ray.data.normalization import Stats\nfrom dec_ray.method.learner import Learner\n"
+           "from dec_ray.method.epoch import run_epoch\n"
+           "from dec_ray.data.tables import read_pool as read, split_files\n",
+}
 EPOCH_SCRIPT = r"""
 import json, sys, time, torch
 from dec_ray.config import load_config
-from dec_ray.normalization import Stats
-from dec_ray.training import Learner, run_epoch
+{imports}
 tables, overrides, epochs, threads = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 torch.set_num_threads(threads)
 cfg = load_config(None, overrides)
 stats = Stats.load(tables + "/stats.json")
-if "{api}" == "old":
-    from dec_ray.ingest import split_files
-    from dec_ray.trainer import load_eval_pool
-    pools = {{s: load_eval_pool(split_files(tables, s), cfg, stats, 0, 1) for s in ("train", "dev", "unlabeled")}}
-else:
-    from dec_ray.tables import read_pool, split_files
-    pools = {{s: read_pool(split_files(tables, s), cfg, stats) for s in ("train", "dev", "unlabeled")}}
+pools = {{s: read(split_files(tables, s), cfg, stats) for s in ("train", "dev", "unlabeled")}}
 learner = Learner(cfg, stats, torch.device("cpu"))
 out = []
 for e in range(epochs):
@@ -60,24 +61,32 @@ for e in range(epochs):
     logs = run_epoch(learner, e, pools["train"], pools["unlabeled"])
     learner.evaluate(pools["dev"], "dev")
     out.append({{"epoch_s": time.perf_counter() - t, **logs}})
-print(json.dumps({{"epochs": out, "chunks": {{s: int(p.n_chunks) for s, p in pools.items()}}}}))
+result = {{"epochs": out, "chunks": {{s: int(p.n_chunks) for s, p in pools.items()}}}}
+if {ceiling}:     # the bare model's ceiling, in this process after the epochs (same threads, warm)
+    sys.path.insert(0, {here!r})
+    from train import ceiling
+    b = cfg.train.batch_sentences * cfg.features.num_chunks
+    batch = pools["train"].chunk_inputs(torch.arange(b), stats.feature_normalizer(torch.device("cpu")))
+    result["ceiling"] = ceiling(cfg, batch)
+print(json.dumps(result))
 """
 
 
 def run_epochs(tables, overrides, epochs, threads, api="new", cwd=ROOT):
     """The plain epoch loop in a fresh process (``api="old"``: the code of a git worktree at ``cwd``)."""
     env = dict(os.environ, PYTHONPATH=cwd)
-    res = subprocess.run([sys.executable, "-c", EPOCH_SCRIPT.format(api=api), tables, json.dumps(overrides),
-                          str(epochs), str(threads)], capture_output=True, text=True, env=env, cwd=cwd)
+    script = EPOCH_SCRIPT.format(imports=IMPORTS[api], ceiling=api == "new", here=HERE)
+    res = subprocess.run([sys.executable, "-c", script, tables, json.dumps(overrides), str(epochs), str(threads)],
+                         capture_output=True, text=True, env=env, cwd=cwd)
     if res.returncode:
         raise RuntimeError(res.stderr[-3000:])
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def ceiling(cfg, stats, batch, reps=12):
+def ceiling(cfg, batch, reps=12):
     """chunks/s of the bare model on ``batch`` (normalised, on the device): forward; training step."""
     import torch
-    from dec_ray.models import model_from_config
+    from dec_ray.method.models import model_from_config
     torch.manual_seed(0)
     net = model_from_config(cfg)
     opt = torch.optim.SGD(net.parameters(), lr=1e-4)
@@ -122,7 +131,7 @@ def product_rates(run):
 def kmeans_times(n, k, threads, reps=2):
     """Median seconds of a 20-iteration K-means of n random 256-d embeddings, per E-step backend."""
     import torch
-    from dec_ray.clustering import kmeans
+    from dec_ray.method.kmeans import kmeans
     x = torch.randn(n, 256, generator=torch.Generator().manual_seed(0))
     out = {}
     for assign in ("faiss", "torch"):
@@ -143,7 +152,7 @@ def old_worktree(commit):
 
 
 def ray_epochs(tables, cfg, out):
-    from dec_ray.trainer import run_training
+    from dec_ray.service.train import run_training
     run_training(tables, out, cfg)
     m = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
     return [x["epoch_time_s"] for x in m]
@@ -154,9 +163,10 @@ def _sync_rank(rank, port, q):
     import torch
     import torch.distributed as dist
     from dec_ray.config import load_config
-    from dec_ray.normalization import Stats
-    from dec_ray.pools import Pool
-    from dec_ray.training import Learner
+    from dec_ray.data.normalization import Stats
+    from dec_ray.data.pools import Pool
+    from dec_ray.method.epoch import supervised_stage
+    from dec_ray.method.learner import Learner
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(1)
@@ -172,9 +182,9 @@ def _sync_rank(rank, port, q):
         t = time.perf_counter()
         learner.sync_buffers()
         syncs.append(time.perf_counter() - t)
-    learner.train_stage(pool, np.arange(pool.n_chunks), supervised=True)       # warm-up
+    learner.train(pool, np.arange(pool.n_chunks), supervised_stage(1.0))       # warm-up
     t = time.perf_counter()
-    learner.train_stage(pool, np.arange(pool.n_chunks), supervised=True)       # one step (+ one sync)
+    learner.train(pool, np.arange(pool.n_chunks), supervised_stage(1.0))       # one step (+ one sync)
     step = time.perf_counter() - t
     floats = sum(b.numel() for b in learner.net.buffers() if b.is_floating_point())
     q.put({"sync_ms": 1e3 * statistics.median(syncs), "step_ms": 1e3 * step, "floats": floats})
@@ -209,10 +219,8 @@ def main():
     args = ap.parse_args()
     import torch
     from dec_ray.config import load_config
-    from dec_ray.ingest import run_ingest
-    from dec_ray.normalization import Stats
-    from dec_ray.synth import synth_corpus
-    from dec_ray.tables import read_pool, split_files
+    from dec_ray.service.ingest import run_ingest
+    from dec_ray.data.synth import synth_corpus
     import ray
     work = tempfile.mkdtemp(prefix="bench_train_")
     corpus, tables = os.path.join(work, "corpus"), os.path.join(work, "tables")
@@ -222,16 +230,12 @@ def main():
     cpus = os.cpu_count()
     overrides = BASE + [f"train.epochs={args.epochs}", f"scale.cpus_per_worker={cpus}"]
     cfg = load_config(None, overrides)
-    stats = Stats.load(os.path.join(tables, "stats.json"))
     torch.set_num_threads(cpus)
 
-    # 1. the ceiling, on the batch the product trains on (real chunks, normalised)
+    # 1.-2. the product's epoch (new path) and the ceiling on its batch, in one fresh process; 4. the old path
     b = cfg.train.batch_sentences * cfg.features.num_chunks
-    pool = read_pool(split_files(tables, "train"), cfg, stats)
-    batch = pool.chunk_inputs(torch.arange(b), stats.feature_normalizer(torch.device("cpu")))
-    ceil = ceiling(cfg, stats, batch)
-    # 2. the product's epoch (new path), and 4. the old path, each in its own process
     new = run_epochs(tables, overrides, args.epochs, cpus)
+    ceil = new["ceiling"]
     wt = old_worktree(args.old_commit)
     try:
         old = run_epochs(tables, overrides, args.epochs, cpus, api="old", cwd=wt)

@@ -13,7 +13,7 @@ import traceback
 from typing import List, Optional
 
 from dec_ray.config import ConfigError
-from dec_ray.corpus import CorpusError
+from dec_ray.data.corpus import CorpusError
 
 EXIT_OK, EXIT_REJECTS, EXIT_USAGE, EXIT_CRASH = 0, 1, 2, 3
 
@@ -25,7 +25,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_synth(args) -> int:
-    from dec_ray.synth import synth_corpus
+    from dec_ray.data.synth import synth_corpus
     info = synth_corpus(args.out, labeled=args.labeled, unlabeled=args.unlabeled, seed=args.seed,
                         min_duration=args.min_duration, max_duration=args.max_duration)
     print(f"wrote {info['labeled']} labeled and {info['unlabeled']} unlabeled clips to {args.out}")
@@ -34,7 +34,7 @@ def cmd_synth(args) -> int:
 
 def cmd_ingest(args) -> int:
     from dec_ray.config import load_config
-    from dec_ray.ingest import run_ingest
+    from dec_ray.service.ingest import run_ingest
     cfg = load_config(args.config, args.overrides)
     summary = run_ingest(args.corpus, args.out, cfg, args.unlabeled or ())
     print(summary.line())
@@ -44,7 +44,7 @@ def cmd_ingest(args) -> int:
 
 def cmd_train(args) -> int:
     from dec_ray.config import load_config
-    from dec_ray.trainer import run_training
+    from dec_ray.service.train import run_training
     overrides = list(args.overrides)
     for flag, key in (("workers", "scale.workers"), ("epochs", "train.epochs"), ("model", "model.name")):
         if getattr(args, flag) is not None:
@@ -64,7 +64,7 @@ def cmd_train(args) -> int:
 def cmd_tune(args) -> int:
     import yaml
     from dec_ray.config import load_config
-    from dec_ray.tuner import format_table, run_tune
+    from dec_ray.service.tune import format_table, run_tune
     overrides = list(args.overrides)
     if args.samples is not None:
         overrides.append(f"tune.samples={args.samples}")
@@ -83,14 +83,15 @@ def cmd_tune(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from dec_ray.batch_predict import run_predict
+    from dec_ray.service.batch_predict import run_predict
     info = run_predict(args.run, args.audio, args.out, args.actors, args.gpu)
     print(f"predicted {info['predicted']} files -> {info['out']}; rejected {info['rejected']} -> {info['rejects']}")
     return EXIT_REJECTS if info["rejected"] else EXIT_OK
 
 
 def cmd_evaluate(args) -> int:
-    from dec_ray.evaluation import evaluate_runs, repeated_runs
+    from dec_ray.report.evaluation import evaluate_runs
+    from dec_ray.service.train import repeated_runs
     runs = list(args.runs or [])
     if args.tables:
         runs += repeated_runs(args.tables, args.out, args.models, args.repeats, args.config, args.overrides)
@@ -103,7 +104,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_analyze(args) -> int:
-    from dec_ray.analysis import analyze_run, dependence_lines
+    from dec_ray.report.analysis import analyze_run, dependence_lines
     res = analyze_run(args.run, args.out, args.split, args.max_sentences, args.seed)
     print(dependence_lines(res["dependence"]))
     print(f"{res['k']} clusters of {res['chunks']} chunks; report: {args.out}/analysis.md, plots: {args.out}/*.png")
@@ -111,7 +112,7 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_experiment(args) -> int:
-    from dec_ray.experiment import load_spec, run_experiment
+    from dec_ray.service.experiment import load_spec, run_experiment
     spec = load_spec(args.spec)
     if args.seeds is not None:
         spec.seeds = args.seeds

@@ -98,7 +98,7 @@ class ScaleConfig:
     num_to_keep: int = 2            # checkpoints kept on storage
     placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_SPREAD (one worker per node)
     # a GPU worker keeps its pools on the GPU when they fit in this share of its free memory,
-    # else in pinned host memory (see dec_ray/pools.py)
+    # else in pinned host memory (see dec_ray/data/pools.py)
     pool_device_fraction: float = 0.5
 
 

@@ -21,7 +21,7 @@ TINY = ["model.width=0.125", "cluster.k=4", "train.batch_sentences=4", "train.ep
 
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
-    from dec_ray.synth import synth_corpus
+    from dec_ray.data.synth import synth_corpus
     root = str(tmp_path_factory.mktemp("corpus"))
     synth_corpus(root, labeled=40, unlabeled=12, seed=3, max_duration=5.0)
     return root
@@ -56,7 +56,7 @@ def ray_local():
 
 @pytest.fixture(scope="session")
 def tables(corpus, odd_files, ray_local, tmp_path_factory):
-    from dec_ray.ingest import run_ingest
+    from dec_ray.service.ingest import run_ingest
     out = str(tmp_path_factory.mktemp("tables"))
     cfg = load_config(None, ["ingest.min_parts_per_split=3"])
     summary = run_ingest(corpus, out, cfg, [os.path.join(corpus, "Unlabeled"), odd_files])
@@ -82,7 +82,7 @@ def copy_tree(tmp_path):
 @pytest.fixture(scope="session")
 def trained_runs(tables, tmp_path_factory):
     """One tiny DeepEmoCluster and one CNN run (1 epoch each), trained through the evaluate launcher."""
-    from dec_ray.evaluation import repeated_runs
+    from dec_ray.service.train import repeated_runs
     out = str(tmp_path_factory.mktemp("evaluate"))
     runs = repeated_runs(tables[0], out, ["deepemocluster", "cnn"], 1, None, TINY + ["train.epochs=1"])
     return dict(zip(["deepemocluster", "cnn"], runs))
@@ -118,7 +118,7 @@ class LocalCluster:
         self.workers = []
         self.head = self._start(["--head", f"--port={self.port}", f"--dashboard-port={self.dashboard_port}",
                                  "--include-dashboard=true"])
-        from dec_ray.raycluster import reachable
+        from dec_ray.service.cluster import reachable
         self._wait_for(lambda: subprocess.run([RAY, "status", f"--address={self.address}"], env=self.env,
                                               capture_output=True).returncode == 0, "the head to come up")
         self._wait_for(lambda: reachable(f"127.0.0.1:{self.dashboard_port}"), "the dashboard (job API)")
@@ -158,7 +158,7 @@ class LocalCluster:
 
     def stop(self):
         import ray
-        from dec_ray.raycluster import ADDRESS_FILE, started_cluster_address
+        from dec_ray.service.cluster import ADDRESS_FILE, started_cluster_address
         ray.shutdown()
         for p in self.workers + [self.head]:
             if p.poll() is None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from dec_ray.features import make_chunks, mel_spectrogram
-from dec_ray.normalization import FrameSums, Stats
-from dec_ray.synth import _speakers, render
-from dec_ray.pools import Pool
+from dec_ray.data.features import make_chunks, mel_spectrogram
+from dec_ray.data.normalization import FrameSums, Stats
+from dec_ray.data.synth import _speakers, render
+from dec_ray.data.pools import Pool
 
 ATTRS = ["arousal"]
 

@@ -10,7 +10,7 @@ import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from dec_ray.config import load_config
-from dec_ray.experiment import config_path, load_spec
+from dec_ray.service.experiment import config_path, load_spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

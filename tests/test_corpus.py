@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from dec_ray.corpus import CorpusError, list_unlabeled, read_corpus, read_manifest, read_msp_podcast
+from dec_ray.data.corpus import CorpusError, list_unlabeled, read_corpus, read_manifest, read_msp_podcast
 
 
 def test_synth_loads_with_the_msp_reader(corpus):
@@ -27,7 +27,7 @@ def test_splits_share_no_speaker(corpus):
 
 
 def test_synth_is_deterministic(tmp_path):
-    from dec_ray.synth import synth_corpus
+    from dec_ray.data.synth import synth_corpus
     for name in ("a", "b"):
         synth_corpus(str(tmp_path / name), labeled=6, unlabeled=1, seed=7, max_duration=3.0)
     a = sorted(os.listdir(tmp_path / "a" / "Audios"))

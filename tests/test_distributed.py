@@ -16,7 +16,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dec_ray.config import load_config
-from dec_ray.training import Learner, fit
+from dec_ray.method.learner import Learner
+from dec_ray.method.loop import fit
 from plain_pools import shard, synth_pools
 
 CFG = ["model.width=0.125", "cluster.k=4", "train.batch_sentences=4", "train.epochs=2", "scale.workers=2",

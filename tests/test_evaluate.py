@@ -7,15 +7,15 @@ import pytest
 import torch
 from scipy import stats as sps
 
-from dec_ray.analysis import dependence, eta_squared, mutual_information
+from dec_ray.report.analysis import dependence, eta_squared, mutual_information
 from dec_ray.cli import main
-from dec_ray.clustering import kmeans
+from dec_ray.method.kmeans import kmeans
 from dec_ray.config import config_from_dict
-from dec_ray.tables import read_pool, split_files
-from dec_ray.normalization import Stats
-from dec_ray.training import Learner
-from dec_ray.evaluation import evaluate_runs, split_test_set, subset_cccs, summarize, t_test
-from dec_ray.losses import ccc
+from dec_ray.data.tables import read_pool, split_files
+from dec_ray.data.normalization import Stats
+from dec_ray.method.learner import Learner
+from dec_ray.report.evaluation import evaluate_runs, split_test_set, subset_cccs, summarize, t_test
+from dec_ray.method.losses import ccc
 
 
 def test_t_test_matches_the_pooled_formula_and_scipy():
@@ -107,7 +107,7 @@ def test_analyze_shows_clusters_that_follow_the_emotion(trained_runs, tables, tm
 
 @pytest.mark.slow
 def test_the_linear_reference_is_scored_with_the_protocol(trained_runs, tables, tmp_path):
-    from dec_ray.ridge import run_ridge, utterance_features
+    from dec_ray.report.ridge import run_ridge, utterance_features
     run = str(tmp_path / "ridge")
     result = run_ridge(tables[0], run)
     preds = pd.read_parquet(os.path.join(run, "test_predictions.parquet"))

@@ -2,7 +2,7 @@
 import pytest
 
 from dec_ray.config import ConfigError, load_config
-from dec_ray.experiment import (all_runs, check_same_training, config_path, load_spec, plan, pool_count,
+from dec_ray.service.experiment import (all_runs, check_same_training, config_path, load_spec, plan, pool_count,
                                 spec_from_dict)
 
 

@@ -3,9 +3,9 @@ import pytest
 import soundfile as sf
 import torch
 
-from dec_ray.audio import AudioError, load_audio
-from dec_ray.features import ShortClipError, chunk_starts, make_chunks, mel_spectrogram
-from dec_ray.normalization import Stats
+from dec_ray.data.audio import AudioError, load_audio
+from dec_ray.data.features import ShortClipError, chunk_starts, make_chunks, mel_spectrogram
+from dec_ray.data.normalization import Stats
 
 
 @pytest.mark.parametrize("T", [62, 63, 72, 100, 343, 688, 1000])

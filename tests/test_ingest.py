@@ -8,10 +8,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from dec_ray.config import load_config
-from dec_ray.corpus import read_msp_podcast
-from dec_ray.features import make_chunks, mel_spectrogram
-from dec_ray.ingest import run_ingest
-from dec_ray.tables import is_complete, split_files
+from dec_ray.data.corpus import read_msp_podcast
+from dec_ray.data.features import make_chunks, mel_spectrogram
+from dec_ray.service.ingest import run_ingest
+from dec_ray.data.tables import is_complete, split_files
 
 
 def _table(tables, split, columns=None):
@@ -36,7 +36,7 @@ def test_tables_rows_and_schema(tables, corpus):
 
 
 def test_chunk_equals_librosa_and_equations(tables):
-    from dec_ray.audio import load_audio
+    from dec_ray.data.audio import load_audio
     out, _ = tables
     t = _table(out, "dev").slice(0, 2)
     for i in range(2):
@@ -51,7 +51,7 @@ def test_chunk_equals_librosa_and_equations(tables):
 
 
 def test_stats_come_from_train_only(tables, corpus):
-    from dec_ray.audio import load_audio
+    from dec_ray.data.audio import load_audio
     out, _ = tables
     stats = json.load(open(os.path.join(out, "stats.json")))
     items, _ = read_msp_podcast(corpus)
@@ -123,7 +123,7 @@ def test_a_truncated_train_part_loses_the_marker_until_repaired(tables, copy_tre
     out = copy_tree(src)
     part = split_files(out, "train")[-1]
     open(part, "r+b").truncate(100)
-    from dec_ray.ingest import part_is_valid
+    from dec_ray.service.ingest import part_is_valid
     plan = json.load(open(os.path.join(out, "plan.json")))
     bad = [p for p in plan["parts"] if not part_is_valid(out, p, plan["features"])]
     assert [os.path.join(out, p["split"], p["name"]) for p in bad] == [part]
@@ -149,8 +149,8 @@ def test_an_added_file_is_ingested_on_rerun(corpus, tmp_path, ray_local):
 
 def test_plan_sizes_each_split_on_its_own():
     """An empty or small split must not shrink the parts of the next one (a part per file)."""
-    from dec_ray.corpus import Item
-    from dec_ray.ingest import make_plan
+    from dec_ray.data.corpus import Item
+    from dec_ray.service.ingest import make_plan
     items = [Item(f"/a/u{i:04d}.wav", "unlabeled", f"u{i}") for i in range(1000)]
     items += [Item(f"/a/d{i}.wav", "dev", f"d{i}", arousal=4.0) for i in range(3)]
     plan = make_plan(items, per_part=300, min_parts=8)

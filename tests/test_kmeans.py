@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dec_ray.clustering import kmeans
-from dec_ray.sampler import uniform_cluster_indices
+from dec_ray.method.kmeans import kmeans
+from dec_ray.method.sampler import uniform_cluster_indices
 
 
 def blobs(n=6000, d=32, centers=25, seed=0, spread=3.0):

@@ -3,10 +3,10 @@ import pyarrow.dataset as pads
 import pytest
 import torch
 
-from dec_ray.tables import split_files
-from dec_ray.losses import ccc, ccc_loss, ccc_torch, sentence_means
-from dec_ray.models import Encoder, build_model
-from dec_ray.normalization import Stats
+from dec_ray.data.tables import split_files
+from dec_ray.method.losses import ccc, ccc_loss, ccc_torch, sentence_means
+from dec_ray.method.models import Encoder, build_model
+from dec_ray.data.normalization import Stats
 
 
 def test_compact_encoder_is_the_official_layout():

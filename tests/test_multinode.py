@@ -10,7 +10,7 @@ import time
 import pytest
 from conftest import LocalCluster
 
-from dec_ray.trainer import run_training
+from dec_ray.service.train import run_training
 
 pytestmark = pytest.mark.slow
 
@@ -83,7 +83,7 @@ def test_dec_ray_never_joins_a_ray_it_was_not_told_about(tmp_path):
     import subprocess
     import sys
     from conftest import RAY, free_port
-    from dec_ray.raycluster import reachable
+    from dec_ray.service.cluster import reachable
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     other_tmp = f"/tmp/rayo{os.getpid()}"                   # short: Ray's socket paths have a length limit
     port = free_port()
@@ -95,7 +95,7 @@ def test_dec_ray_never_joins_a_ray_it_was_not_told_about(tmp_path):
         while not reachable(f"127.0.0.1:{port}"):             # the other head is up before we look
             assert head.poll() is None and time.time() < deadline, "the other head did not start"
             time.sleep(0.5)
-        probe = ("import ray; from dec_ray.raycluster import ensure_ray; ensure_ray(); "
+        probe = ("import ray; from dec_ray.service.cluster import ensure_ray; ensure_ray(); "
                  "print('NODE_TEMP', ray.get_runtime_context().gcs_address)")
         proc = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]

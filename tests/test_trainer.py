@@ -14,10 +14,10 @@ import pytest
 from conftest import RAY, LocalCluster
 from ray.train import TrainingFailedError
 
-from dec_ray.inference import Predictor
-from dec_ray.tables import split_files
-from dec_ray.losses import ccc
-from dec_ray.trainer import run_training
+from dec_ray.report.inference import Predictor
+from dec_ray.data.tables import split_files
+from dec_ray.method.losses import ccc
+from dec_ray.service.train import run_training
 
 pytestmark = pytest.mark.slow
 

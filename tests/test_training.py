@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from dec_ray.config import ConfigError, load_config
-from dec_ray.pools import Pool, PoolBuilder
-from dec_ray.sampler import uniform_cluster_indices
-from dec_ray.tables import pool_batches
-from dec_ray.training import Learner, LoopState, batch_sentences, fit, run_epoch
+from dec_ray.data.pools import Pool, PoolBuilder
+from dec_ray.method.sampler import uniform_cluster_indices
+from dec_ray.data.tables import pool_batches
+from dec_ray.method.epoch import pseudo_labels_stage, run_epoch, supervised_stage
+from dec_ray.method.learner import Learner, batch_sentences
+from dec_ray.method.loop import LoopState, fit
 from plain_pools import synth_pools
 
 
@@ -39,12 +41,12 @@ def test_unlabeled_stage_leaves_the_regressor_and_its_optimiser_alone(pools, tin
     res = learner.pseudo_labels(p["train"], seed=1)
     learner.reset_top(1)
     reg = _params(learner.net.regressor)
-    learner.train_stage(p["train"], np.arange(p["train"].n_chunks), res.assignment, supervised=True)
+    learner.train(p["train"], np.arange(p["train"].n_chunks), supervised_stage(1.0, res.assignment))
     assert not _same(reg, _params(learner.net.regressor)), "stage (b) must train the regressor"
     reg, enc, adam = _params(learner.net.regressor), _params(learner.net.encoder), _adam_state(learner)
     res = learner.pseudo_labels(p["unlabeled"], seed=0)
     learner.reset_top(0)
-    learner.train_stage(p["unlabeled"], np.arange(p["unlabeled"].n_chunks), res.assignment, supervised=False)
+    learner.train(p["unlabeled"], np.arange(p["unlabeled"].n_chunks), pseudo_labels_stage(res.assignment))
     assert _same(reg, _params(learner.net.regressor)), "stage (a) moved the regressor"
     after = _adam_state(learner)
     assert all(torch.equal(adam[i][k], after[i][k]) for i in adam for k in adam[i]), "Adam stepped in stage (a)"

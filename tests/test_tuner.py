@@ -6,7 +6,7 @@ import os
 import pytest
 
 from dec_ray.config import load_config
-from dec_ray.tuner import run_tune
+from dec_ray.service.tune import run_tune
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,7 @@ Every cell of every study is trained ``seeds`` times; a cell shared by two studi
 without a pool is in Tables 2, 3 and 4) is trained once. Each run is an ordinary run folder,
 OUT/runs/CELL/seedR, so a restarted experiment skips finished runs and resumes interrupted ones
 from their last checkpoint. The CNN-regressor (the t-test reference) and the ridge reference are
-always in. The report (dec_ray/experiment_report.py) is computed from the runs' saved predictions.
+always in. The report (dec_ray/report/experiment.py) is computed from the runs' saved predictions.
 """
 from __future__ import annotations
 
@@ -195,7 +195,7 @@ def is_finished(run: str) -> bool:
 def train_one(config: dict) -> None:
     """A Tune trial: one run folder, trained, resumed, or (finished already) left alone."""
     from ray import tune
-    from dec_ray.trainer import run_training
+    from dec_ray.service.train import run_training
     i = config["i"]
     run, t0 = config["_runs"][i], time.time()
     if not is_finished(run):
@@ -240,7 +240,7 @@ def train_pending(tables: str, out: str, cfg_path: str, pending: Dict[str, List[
                   base: Config, total: int) -> List[str]:
     """Train the pending runs (run folder -> config overrides) as one Tune grid; returns the failed runs."""
     from ray import tune
-    from dec_ray.raycluster import ensure_ray, runs_that_fit
+    from dec_ray.service.cluster import ensure_ray, runs_that_fit
     per_run = base.scale.workers * base.scale.cpus_per_worker + 1
     ensure_ray(per_run * max(1, spec.parallel_runs))    # a private local Ray gets room for parallel_runs
     runs = sorted(pending)
@@ -283,9 +283,9 @@ def machine() -> str:
 def run_experiment(tables: str, out: str, spec: ExperimentSpec, overrides: Sequence[str] = (),
                    command: str = "") -> Dict:
     """Train what is missing, then write the report. Returns {"report", "failed", "runs"}."""
-    from dec_ray.experiment_report import write_report
-    from dec_ray.tables import is_complete, split_rows
-    from dec_ray.ridge import run_ridge
+    from dec_ray.report.experiment import write_report
+    from dec_ray.data.tables import is_complete, split_rows
+    from dec_ray.report.ridge import run_ridge
     t0 = time.time()
     tables, out = os.path.abspath(tables), os.path.abspath(out)
     if not is_complete(tables):

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import pandas as pd
 
-from dec_ray.evaluation import subset_cccs, t_test
+from dec_ray.report.evaluation import subset_cccs, t_test
 
 AXES = (("model", "model"), ("pool", "unlabeled pool"), ("k", "K"), ("lambda_ce", "lambda"))
 LABELS = {"deepemocluster": "DeepEmoCluster", "cnn": "CNN-regressor", "ae": "CNN-AE", "vae": "CNN-VAE",
@@ -107,7 +107,7 @@ def study_tables(study, cells, summary: pd.DataFrame, attrs: List[str], referenc
 def study_plot(study, cells, summary: pd.DataFrame, attrs: List[str], reference: str, path: str) -> bool:
     """CCC against the study's numeric axis (pool size, K or lambda), one line per value of the
     other axis, the CNN and ridge as horizontal lines; bars when only the model varies."""
-    from dec_ray.plots import _pyplot, evaluation_bars
+    from dec_ray.report.plots import _pyplot, evaluation_bars
     axes = [a for a in varying(study) if a != "model"]
     if not axes:                    # models only (Table 2): bars, with the ridge reference beside them
         names = [c.name for c in cells] + ["ridge"]
@@ -162,7 +162,7 @@ def best_clustering_run(runs: Dict[str, tuple]) -> Optional[str]:
 def write_report(out: str, spec, cells: Dict[str, list], runs: Dict[str, tuple], ridge: str, info: dict,
                  reference: str = "cnn") -> str:
     """OUT/report.md (+ cells.csv, ccc_values.csv, one PNG per study, analysis/); returns its path."""
-    from dec_ray.analysis import analyze_run, dependence_lines
+    from dec_ray.report.analysis import analyze_run, dependence_lines
     values = cell_values(runs, ridge, spec.subsets)
     summary = cell_summary(values, reference, spec.alpha)
     values.to_csv(os.path.join(out, "ccc_values.csv"), index=False)

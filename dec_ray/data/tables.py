@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 import torch
 
 from dec_ray.config import ATTRIBUTES, Config
-from dec_ray.normalization import Stats
-from dec_ray.pools import Pool, build_pool
+from dec_ray.data.normalization import Stats
+from dec_ray.data.pools import Pool, build_pool
 
 COLUMNS = ["row_id", "chunks", *ATTRIBUTES]
 READ_BATCH = 256               # sentences per batch when a split is read into memory

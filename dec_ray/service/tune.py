@@ -1,6 +1,6 @@
 """Ray Tune over lambda, K and the learning rates; each trial is one TorchTrainer run.
 
-The Ray Train V2 way: a Tune function trainable builds the TorchTrainer of dec_ray.trainer with
+The Ray Train V2 way: a Tune function trainable builds the TorchTrainer of dec_ray.service.train with
 ``TuneReportCallback`` in its RunConfig, which forwards the workers' per-epoch reports to Tune,
 so ASHA sees dev_loss every epoch. Trials run side by side as far as the cluster's CPUs allow,
 always leaving one CPU for Ray Data (no deadlock on a 2-CPU machine).
@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 import yaml
 
 from dec_ray.config import Config, apply_overrides, config_from_dict
-from dec_ray.normalization import Stats
+from dec_ray.data.normalization import Stats
 
 # Search space: dotted config key -> {distribution: args}; distributions: choice, grid, loguniform,
 # uniform, randint, qrandint. Override with --space FILE (same form).
@@ -51,7 +51,7 @@ def run_trial(config: dict) -> None:
     """One trial: a TorchTrainer whose reports reach Tune through TuneReportCallback."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
-    from dec_ray.trainer import build_trainer, finalize
+    from dec_ray.service.train import build_trainer, finalize
 
     sampled = {k: v for k, v in config.items() if not k.startswith("_")}
     cfg = trial_config(config["_base"], sampled)
@@ -69,7 +69,7 @@ def run_tune(tables: str, out: str, cfg: Config, space_spec: Optional[Dict[str, 
              resume: bool = False) -> List[dict]:
     """Run (or resume) the search; write trials.csv, best_config.yaml; return the sorted trials."""
     from ray import tune
-    from dec_ray.raycluster import ensure_ray, runs_that_fit
+    from dec_ray.service.cluster import ensure_ray, runs_that_fit
     out = os.path.abspath(out)
     tables = os.path.abspath(tables)
     stats = Stats.load(os.path.join(tables, "stats.json"))

@@ -7,14 +7,14 @@ from typing import Dict, Sequence
 
 import numpy as np
 
-from dec_ray.audio import AudioError
-from dec_ray.corpus import list_unlabeled
-from dec_ray.features import ShortClipError
+from dec_ray.data.audio import AudioError
+from dec_ray.data.corpus import list_unlabeled
+from dec_ray.data.features import ShortClipError
 
 
 class PredictActor:
     def __init__(self, run: str, device: str):
-        from dec_ray.inference import Predictor
+        from dec_ray.report.inference import Predictor
         self.predictor = Predictor(run, device)
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, list]:
@@ -46,8 +46,8 @@ def check_output(out: str) -> None:
 
 def run_predict(run: str, audio: Sequence[str], out: str, actors: int = 0, use_gpu: bool = False) -> Dict:
     import ray
-    from dec_ray.inference import model_file
-    from dec_ray.raycluster import ensure_ray
+    from dec_ray.report.inference import model_file
+    from dec_ray.service.cluster import ensure_ray
     run, out = os.path.abspath(run), os.path.abspath(out)       # Ray workers run in other directories
     model_file(run)
     check_output(out)

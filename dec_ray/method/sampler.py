@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from dec_ray.distributed import rank_seed
+from dec_ray.method.distributed import rank_seed
 
 
 def uniform_cluster_indices(assignment: torch.Tensor, seed: int = 0, rank: int = 0, n: int = -1) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Ray Train layer: a TorchTrainer whose workers load their shards and run dec_ray.training.
+"""Ray Train layer: a TorchTrainer whose workers load their shards and run dec_ray.method.loop.fit.
 
 RUN/ holds: config.yaml, stats.json, ray/ (Ray Train storage: checkpoints, per-epoch results),
 metrics.jsonl, placement.jsonl (the node of each rank, per start), tensorboard/, model.pt (best
@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -26,14 +26,15 @@ import pyarrow.parquet as pq
 import torch
 
 from dec_ray.config import Config, config_from_dict, load_config
-from dec_ray.evaluation import predictions_table
-from dec_ray.distributed import gather_objects
-from dec_ray.normalization import Stats
-from dec_ray.pools import Pool, build_pool, placement, row_bytes
-from dec_ray.raycluster import check_room_for_data, ensure_ray
-from dec_ray.tables import (COLUMNS, READ_BATCH, chunk_shape, is_complete, pool_batches, read_pool, run_tables,
+from dec_ray.report.evaluation import predictions_table
+from dec_ray.method.distributed import gather_objects
+from dec_ray.data.normalization import Stats
+from dec_ray.data.pools import Pool, build_pool, placement, row_bytes
+from dec_ray.service.cluster import check_room_for_data, ensure_ray
+from dec_ray.data.tables import (COLUMNS, READ_BATCH, chunk_shape, is_complete, pool_batches, read_pool, run_tables,
                             split_files, split_rows, storage_dtype)
-from dec_ray.training import MIN_SENTENCES_PER_WORKER_BATCH, Learner, LoopState, batch_sentences, fit
+from dec_ray.method.learner import MIN_SENTENCES_PER_WORKER_BATCH, Learner, batch_sentences
+from dec_ray.method.loop import LoopState, fit
 
 DATASETS = ("train", "unlabeled")          # streamed through Ray Data, split between workers
 EVAL_SPLITS = ("dev", "test")              # read by each worker, its stride only
@@ -308,3 +309,32 @@ def run_training(tables: str, out: str, cfg: Optional[Config] = None, resume: bo
     with open(os.path.join(out, "tables.txt"), "w") as f:
         f.write(os.path.abspath(tables))
     return finalize(out, cfg, stats, trainer.fit())
+
+
+def repeated_runs(tables: str, out: str, models: Sequence[str], repeats: int, cfg_path=None,
+                  overrides: Sequence[str] = ()) -> List[str]:
+    """Train each model ``repeats`` times (train.seed = 0..R-1) into OUT/runs/MODEL/seedR, one
+    Ray Train run after the other; finished runs are kept and interrupted ones resumed, so the
+    command can be re-run after a failure. ``ridge`` (the linear reference) is deterministic:
+    one fit, no Ray."""
+    from dec_ray.report.ridge import run_ridge
+    runs = []
+    for model in models:
+        if model == "ridge":
+            run = os.path.join(out, "runs", "ridge")
+            runs.append(run)
+            if not os.path.exists(os.path.join(run, "result.json")):
+                run_ridge(tables, run, load_config(cfg_path, list(overrides)).model.attributes)
+            continue
+        for seed in range(repeats):
+            run = os.path.join(out, "runs", model, f"seed{seed}")
+            runs.append(run)
+            if os.path.exists(os.path.join(run, "result.json")):
+                continue
+            print(f"[dec-ray evaluate] training {model} seed {seed} -> {run}", flush=True)
+            if os.path.exists(os.path.join(run, "ray")):
+                run_training(None, run, resume=True)
+            else:
+                run_training(tables, run, load_config(cfg_path, [*overrides, f"model.name={model}",
+                                                                 f"train.seed={seed}"]))
+    return runs

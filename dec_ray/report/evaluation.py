@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from dec_ray.losses import ccc
+from dec_ray.method.losses import ccc
 
 REFERENCE = "deepemocluster"
 
@@ -104,7 +104,7 @@ def markdown_table(summary: pd.DataFrame, reference: str = REFERENCE, alpha: flo
 def evaluate_runs(runs: Sequence[str], out: str, n_subsets: int = 4, seed: int = 0,
                   reference: str = REFERENCE, alpha: float = 0.05) -> Dict:
     """Write OUT/evaluation.md, evaluation.csv (summary), ccc_values.csv (all values), evaluation.png."""
-    from dec_ray.plots import evaluation_bars
+    from dec_ray.report.plots import evaluation_bars
     values = subset_cccs(runs, n_subsets, seed)
     summary = summarize(values, reference, alpha)
     os.makedirs(out, exist_ok=True)
@@ -119,34 +119,3 @@ def evaluate_runs(runs: Sequence[str], out: str, n_subsets: int = 4, seed: int =
     return {"summary": summary, "values": values, "table": table,
             "files": [os.path.join(out, n) for n in ("evaluation.md", "evaluation.csv", "ccc_values.csv",
                                                       "evaluation.png")]}
-
-
-def repeated_runs(tables: str, out: str, models: Sequence[str], repeats: int, cfg_path=None,
-                  overrides: Sequence[str] = ()) -> List[str]:
-    """Train each model ``repeats`` times (train.seed = 0..R-1) into OUT/runs/MODEL/seedR, one
-    Ray Train run after the other; finished runs are kept and interrupted ones resumed, so the
-    command can be re-run after a failure. ``ridge`` (the linear reference) is deterministic:
-    one fit, no Ray."""
-    from dec_ray.config import load_config
-    from dec_ray.ridge import run_ridge
-    from dec_ray.trainer import run_training
-    runs = []
-    for model in models:
-        if model == "ridge":
-            run = os.path.join(out, "runs", "ridge")
-            runs.append(run)
-            if not os.path.exists(os.path.join(run, "result.json")):
-                run_ridge(tables, run, load_config(cfg_path, list(overrides)).model.attributes)
-            continue
-        for seed in range(repeats):
-            run = os.path.join(out, "runs", model, f"seed{seed}")
-            runs.append(run)
-            if os.path.exists(os.path.join(run, "result.json")):
-                continue
-            print(f"[dec-ray evaluate] training {model} seed {seed} -> {run}", flush=True)
-            if os.path.exists(os.path.join(run, "ray")):
-                run_training(None, run, resume=True)
-            else:
-                run_training(tables, run, load_config(cfg_path, [*overrides, f"model.name={model}",
-                                                                 f"train.seed={seed}"]))
-    return runs

@@ -18,7 +18,7 @@ from typing import Iterable, List, Optional, Tuple
 import numpy as np
 import torch
 
-from dec_ray.normalization import FeatureNormalizer
+from dec_ray.data.normalization import FeatureNormalizer
 
 GROWTH = 1.25              # when a shard outgrows its estimate (rare): grow the buffer by this factor
 
@@ -126,7 +126,11 @@ class PoolBuilder:
         k = len(row_ids)
         if self.n + k > self.chunks.shape[0]:
             self._grow(self.n + k)
-        self.chunks[self.n:self.n + k] = torch.from_numpy(np.asarray(chunks))
+        rows = self.chunks[self.n:self.n + k]
+        if rows.device.type == "cpu":
+            rows.numpy()[...] = chunks             # one copy, straight from the (read-only) batch
+        else:
+            rows.copy_(torch.from_numpy(np.array(chunks, copy=True)))
         self.labels[self.n:self.n + k] = labels
         self.ids.append(np.asarray(row_ids, dtype=np.int64))
         self.n += k

@@ -20,7 +20,7 @@ import faiss.contrib.torch_utils  # noqa: F401  (lets faiss indexes take torch t
 import numpy as np
 import torch
 
-from dec_ray.distributed import all_reduce, world
+from dec_ray.method.distributed import all_reduce, world
 
 SPLIT_EPS = 1.0 / 1024
 ASSIGNERS = ("faiss", "torch")

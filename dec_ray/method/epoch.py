@@ -1,0 +1,163 @@
+"""One epoch of each model, composed of small steps. No Ray.
+
+The steps (as swav's main_deepclusterv2.py has ``cluster_memory`` and ``train``):
+  - ``cluster_pool``: a fresh eval-mode embedding pass -> distributed K-means -> a fresh top
+    layer -> the uniform-over-clusters sample of chunk ids (pseudo-labels stay aligned with it)
+  - a training pass (``Learner.train``) minimising a ``Stage``: which losses, and whether the
+    regressor (Adam) and the fresh top layer step
+
+DeepEmoCluster (cluster.mode=separate), as the paper's Fig. 1:
+  (a) cluster the unlabeled pool, then ``PSEUDO_LABELS``: cross-entropy only; the regressor has
+      no loss and is not stepped
+  (b) cluster the labeled Train pool, then ``supervised``: CCC-loss + lambda * CE
+The CNN baseline runs the supervised step alone; the auto-encoders a reconstruction step on the
+unlabeled pool, then the supervised step with lambda * reconstruction.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import torch
+from torch import nn
+
+from dec_ray.data.pools import Pool
+from dec_ray.method.distributed import rank_seed, sum_over_ranks, world
+from dec_ray.method.learner import Batch, Learner
+from dec_ray.method.losses import ccc_loss, vae_kl
+from dec_ray.method.sampler import uniform_cluster_indices
+
+Loss = Callable[[Dict[str, torch.Tensor], Batch], torch.Tensor]
+
+
+@dataclass
+class Stage:
+    """What a training pass minimises: named losses (weights included), and which optimisers
+    beside the encoder's SGD step: the regressor's Adam, the fresh top layer's SGD."""
+    losses: Dict[str, Loss]
+    regressor: bool = False
+    top: bool = False
+
+
+# --- the loss terms ---
+def emotion(out, batch: Batch) -> torch.Tensor:
+    return ccc_loss(out["pred"], batch.labels)
+
+
+def pseudo_label_ce(pseudo: torch.Tensor, weight: float = 1.0) -> Loss:
+    return lambda out, batch: weight * nn.functional.cross_entropy(out["logits"].float(), pseudo[batch.idx])
+
+
+def reconstruction(beta: float, weight: float = 1.0) -> Loss:
+    def loss(out, batch: Batch) -> torch.Tensor:
+        rec = nn.functional.mse_loss(out["recon"].float(), batch.x)
+        if "mu" in out:                                     # the VAE's KL term
+            rec = rec + beta * vae_kl(out["mu"].float(), out["logvar"].float())
+        return weight * rec
+    return loss
+
+
+# --- the stages ---
+def pseudo_labels_stage(pseudo: torch.Tensor) -> Stage:
+    """Stage (a): cross-entropy on the pseudo-labels only."""
+    return Stage({"ce": pseudo_label_ce(pseudo)}, top=True)
+
+
+def supervised_stage(lambda_: float, pseudo: Optional[torch.Tensor] = None,
+                     recon_beta: Optional[float] = None) -> Stage:
+    """Stage (b) and the baselines' supervised step: CCC-loss + lambda * (CE | reconstruction)."""
+    losses: Dict[str, Loss] = {}
+    if pseudo is not None:
+        losses["ce"] = pseudo_label_ce(pseudo, lambda_)
+    losses["ccc"] = emotion
+    if recon_beta is not None:
+        losses["recon"] = reconstruction(recon_beta, lambda_)
+    return Stage(losses, regressor=True, top=pseudo is not None)
+
+
+def _wait(device: torch.device) -> None:
+    """Let queued GPU work finish before reading a clock (timings only; once per step)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Epoch:
+    """One epoch's context: the seeds, the logs, and the two steps every model composes."""
+
+    def __init__(self, learner: Learner, epoch: int):
+        self.learner = learner
+        self.rank = world()[0]
+        self.seed = learner.cfg.train.seed * 100_003 + epoch * 4
+        self.logs: Dict[str, float] = {}
+
+    def shuffled(self, pool: Pool, offset: int = 0) -> torch.Tensor:
+        """All chunk ids of the pool in a random order (the baselines' sampler)."""
+        g = torch.Generator(device=self.learner.device)
+        g.manual_seed(rank_seed(self.seed + offset, self.rank))
+        return torch.randperm(pool.n_chunks, generator=g, device=self.learner.device)
+
+    def cluster_pool(self, name: str, pool: Pool, offset: int = 0):
+        """Embed -> K-means -> fresh top layer -> sampler; returns (pseudo-labels, chunk ids)."""
+        learner, s = self.learner, self.seed + offset
+        t0 = time.perf_counter()
+        emb = learner.embed(pool)
+        _wait(learner.device)
+        t1 = time.perf_counter()
+        res = learner.cluster(emb, s)
+        t2 = time.perf_counter()
+        self.logs.update({f"{name}_embed_s": t1 - t0, f"{name}_kmeans_s": t2 - t1, f"{name}_cluster_s": t2 - t0,
+                          f"{name}_kmeans_obj": res.objective, f"{name}_nonempty": int((res.sizes > 0).sum())})
+        learner.reset_top(s)
+        return res.assignment, uniform_cluster_indices(res.assignment, seed=s, rank=self.rank)
+
+    def train(self, prefix: str, pool: Pool, indices: torch.Tensor, stage: Stage) -> None:
+        t0 = time.perf_counter()
+        out = self.learner.train(pool, indices, stage)           # ends with a host read
+        self.logs.update({f"{prefix}{k}": v for k, v in out.items()})
+        self.logs[f"{prefix}train_s"] = time.perf_counter() - t0
+
+
+def has_rows(pool: Optional[Pool]) -> bool:
+    """Whether any rank holds rows of this pool (a collective: every rank calls it)."""
+    return pool is not None and sum_over_ranks(len(pool.row_ids)) > 0
+
+
+def deepemocluster_epoch(e: Epoch, train: Pool, unlabeled: Optional[Pool]) -> None:
+    cfg = e.learner.cfg
+    lam = cfg.train.lambda_ce
+    if cfg.cluster.mode == "joint" and has_rows(unlabeled):
+        # one clustering over labeled + unlabeled; CE on all, CCC on the labeled chunks
+        both = Pool.concat([train, unlabeled])
+        pseudo, idx = e.cluster_pool("joint", both)
+        e.train("joint_unl_", both, idx[idx >= train.n_chunks], pseudo_labels_stage(pseudo))
+        e.train("joint_", both, idx[idx < train.n_chunks], supervised_stage(lam, pseudo))
+        return
+    if has_rows(unlabeled):
+        pseudo, idx = e.cluster_pool("unlabeled", unlabeled)
+        e.train("unlabeled_", unlabeled, idx, pseudo_labels_stage(pseudo))
+    pseudo, idx = e.cluster_pool("train", train, offset=1)
+    e.train("train_", train, idx, supervised_stage(lam, pseudo))
+
+
+def cnn_epoch(e: Epoch, train: Pool, unlabeled: Optional[Pool]) -> None:
+    e.train("", train, e.shuffled(train), supervised_stage(e.learner.cfg.train.lambda_ce))
+
+
+def autoencoder_epoch(e: Epoch, train: Pool, unlabeled: Optional[Pool]) -> None:
+    cfg = e.learner.cfg
+    beta = cfg.model.latent_beta
+    if has_rows(unlabeled):
+        e.train("unl_", unlabeled, e.shuffled(unlabeled), Stage({"recon": reconstruction(beta)}))
+    e.train("", train, e.shuffled(train, offset=1), supervised_stage(cfg.train.lambda_ce, recon_beta=beta))
+
+
+EPOCHS = {"deepemocluster": deepemocluster_epoch, "cnn": cnn_epoch, "ae": autoencoder_epoch, "vae": autoencoder_epoch}
+
+
+def run_epoch(learner: Learner, epoch: int, train: Pool, unlabeled: Optional[Pool]) -> Dict[str, float]:
+    """One epoch of the configured model; returns its training losses, cluster statistics and the
+    time of each step (``*_embed_s``, ``*_kmeans_s``, ``*train_s`` over ``*chunks`` chunks)."""
+    e = Epoch(learner, epoch)
+    EPOCHS[learner.cfg.model.name](e, train, unlabeled)
+    return e.logs
