@@ -79,13 +79,16 @@ def copy_tree(tmp_path):
     return make
 
 
+MODELS = ["deepemocluster", "cnn", "ae", "vae"]
+
+
 @pytest.fixture(scope="session")
 def trained_runs(tables, tmp_path_factory):
-    """One tiny DeepEmoCluster and one CNN run (1 epoch each), trained through the evaluate launcher."""
+    """Each model trained once (tiny network, 2 epochs, 2 workers) through the evaluate launcher;
+    the trainer, evaluate, analyze and predict tests all read these runs."""
     from dec_ray.service.train import repeated_runs
     out = str(tmp_path_factory.mktemp("evaluate"))
-    runs = repeated_runs(tables[0], out, ["deepemocluster", "cnn"], 1, None, TINY + ["train.epochs=1"])
-    return dict(zip(["deepemocluster", "cnn"], runs))
+    return dict(zip(MODELS, repeated_runs(tables[0], out, MODELS, 1, None, TINY)))
 
 
 BIN = os.path.dirname(sys.executable)
@@ -116,6 +119,7 @@ class LocalCluster:
         self.port, self.dashboard_port = free_port(), free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.workers = []
+        self.adopted = []                            # process groups of nodes this object did not start
         self.head = self._start(["--head", f"--port={self.port}", f"--dashboard-port={self.dashboard_port}",
                                  "--include-dashboard=true"])
         from dec_ray.service.cluster import reachable
@@ -123,10 +127,13 @@ class LocalCluster:
                                               capture_output=True).returncode == 0, "the head to come up")
         self._wait_for(lambda: reachable(f"127.0.0.1:{self.dashboard_port}"), "the dashboard (job API)")
 
+    def node_command(self, args):
+        return [RAY, "start", *args, f"--num-cpus={self.num_cpus}", "--block", "--node-ip-address=127.0.0.1",
+                "--disable-usage-stats"]
+
     def _start(self, args):
-        return subprocess.Popen([RAY, "start", *args, f"--num-cpus={self.num_cpus}", "--block",
-                                 "--node-ip-address=127.0.0.1", "--disable-usage-stats"], env=self.env,
-                                start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return subprocess.Popen(self.node_command(args), env=self.env, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     @staticmethod
     def _wait_for(check, what, timeout=180):
@@ -163,6 +170,11 @@ class LocalCluster:
         for p in self.workers + [self.head]:
             if p.poll() is None:
                 self.kill_node(p)
+        for pid in self.adopted:                     # nodes started by someone else for this cluster
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         started = started_cluster_address()
         if started and started.rpartition(":")[2] == str(self.port):    # what `ray stop` would clean up
             os.remove(ADDRESS_FILE)

@@ -36,3 +36,17 @@ def test_yaml_round_trip_and_overrides(tmp_path):
 def test_bad_config_is_a_clear_error(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_keys_that_never_had_an_effect_are_dropped_with_a_note(tmp_path):
+    """Older configs and run folders still name them; they load, with a warning that says why."""
+    old = {"ingest": {"files_per_batch": 16}, "cluster": {"max_points_per_centroid": 10_000_000, "k": 7},
+           "train": {"log_every": 0}}
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(old))
+    with pytest.warns(UserWarning) as seen:
+        cfg = load_config(str(tmp_path / "old.yaml"))
+    assert cfg.cluster.k == 7
+    assert sorted(str(w.message).split()[2] for w in seen) == ["cluster.max_points_per_centroid",
+                                                               "ingest.files_per_batch", "train.log_every"]
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(None, ["train.log_everything=1"])

@@ -62,4 +62,4 @@ def test_the_readme_layout_lists_every_module():
                 listed.add(f"{parent}/{name}")
     present = {os.path.relpath(os.path.join(d, f), ROOT) for d, _, fs in os.walk(PKG) for f in fs
                if f.endswith(".py") and f not in ("__init__.py", "__main__.py")}
-    assert listed == present, f"README lists {sorted(listed - present)} that do not exist and omits {sorted(present - listed)}"
+    assert listed == present, f"README lists {sorted(listed - present)} (absent), omits {sorted(present - listed)}"

@@ -1,12 +1,10 @@
 import numpy as np
-import pyarrow.dataset as pads
 import pytest
 import torch
+from plain_pools import synth_pools
 
-from dec_ray.data.tables import split_files
 from dec_ray.method.losses import ccc, ccc_loss, ccc_torch, sentence_means
 from dec_ray.method.models import Encoder, build_model
-from dec_ray.data.normalization import Stats
 
 
 def test_compact_encoder_is_the_official_layout():
@@ -28,12 +26,10 @@ def test_vgg16_bn_encoder():
 
 
 @pytest.fixture(scope="module")
-def real_batch(tables):
-    out, _ = tables
-    t = pads.dataset(split_files(out, "train"), format="parquet").to_table(columns=["chunks"]).slice(0, 2)
-    stats = Stats.load(f"{out}/stats.json")
-    x = stats.normalize_features(t["chunks"].combine_chunks().to_numpy_ndarray())
-    return torch.from_numpy(x.reshape(-1, 62, 128))          # 22 real chunks
+def real_batch():
+    """22 real chunks: two rendered sentences through the method's features, no Ray or Parquet."""
+    stats, pools = synth_pools(sizes=(("train", 2),))
+    return pools["train"].chunk_inputs(torch.arange(22), stats.feature_normalizer(torch.device("cpu")))
 
 
 @pytest.mark.parametrize("name", ["deepemocluster", "cnn", "ae", "vae"])

@@ -1,18 +1,22 @@
 """Two Ray nodes on one machine: `ray start --head` and a second `ray start --address` (its own
 raylet on loopback). Training with one worker per node finishes; when the worker node is killed
 mid-run and a new node joins (what the autoscaler does), the run resumes from its checkpoint."""
-import glob
 import json
 import os
-import threading
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
+import ray.cloudpickle
 from conftest import LocalCluster
+from ray.train import UserCallback
 
 from dec_ray.service.train import run_training
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])    # the callbacks run in the controller
 
 SPREAD = ["scale.placement_strategy=STRICT_SPREAD", "scale.cpus_per_worker=1", "scale.max_failures=2"]
 
@@ -45,28 +49,35 @@ def test_two_workers_on_two_nodes_finish(cluster, tables, tiny_cfg, tmp_path):
     assert len(placement["nodes"]) == 2 and len(set(placement["nodes"])) == 2, placement
 
 
+class LoseNodeAfterFirstCheckpoint(UserCallback):
+    """In the controller, right after the first checkpoint is registered: SIGKILL the worker node's
+    process group, then start a replacement node (what the autoscaler does). Its pid goes to a file
+    so the test can stop it. Event-driven: no polling, no sleeps."""
+
+    def __init__(self, node_pid, command, env, pid_file):
+        self.node_pid, self.command, self.env, self.pid_file = node_pid, command, env, pid_file
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if checkpoint is None or os.path.exists(self.pid_file):
+            return
+        os.killpg(self.node_pid, signal.SIGKILL)
+        new = subprocess.Popen(self.command, env=self.env, start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+        with open(self.pid_file, "w") as f:
+            f.write(str(new.pid))
+
+
 def test_lost_node_recovers_from_checkpoint(cluster, tables, tiny_cfg, tmp_path):
     run = str(tmp_path / "node_lost")
-    first = cluster.workers[0]
-    killed = {}
-
-    def kill_after_first_checkpoint():
-        t = time.time()
-        while time.time() - t < 600:
-            if glob.glob(os.path.join(run, "ray", "train", "checkpoint_*", "state.pt")):
-                time.sleep(2)               # the controller registers the report
-                cluster.kill_node(first)
-                killed["at"] = time.time()
-                time.sleep(3)
-                cluster.add_node()          # a replacement node joins, as the autoscaler would do
-                return
-            time.sleep(0.5)
-
-    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
-    killer.start()
-    result = run_training(tables[0], run, tiny_cfg("train.epochs=4", *SPREAD))
-    killer.join(timeout=5)
-    assert "at" in killed, "no checkpoint appeared, the node was never killed"
+    pid_file = str(tmp_path / "replacement.pid")
+    lose = LoseNodeAfterFirstCheckpoint(cluster.workers[0].pid, cluster.node_command([f"--address={cluster.address}"]),
+                                        cluster.env, pid_file)
+    try:
+        result = run_training(tables[0], run, tiny_cfg("train.epochs=4", *SPREAD), callbacks=[lose])
+    finally:
+        if os.path.exists(pid_file):
+            cluster.adopted.append(int(open(pid_file).read()))
+    assert os.path.exists(pid_file), "no checkpoint was reported, the node was never killed"
     assert result["epochs_run"] == 4
     starts = _placements(run)
     assert len(starts) >= 2, starts                             # the worker group was restarted
@@ -80,8 +91,6 @@ def test_lost_node_recovers_from_checkpoint(cluster, tables, tiny_cfg, tmp_path)
 def test_dec_ray_never_joins_a_ray_it_was_not_told_about(tmp_path):
     """Another user's private head, on its own port and temp dir, runs on this machine: a dec_ray
     driver with no address starts its own local Ray instead of attaching to it."""
-    import subprocess
-    import sys
     from conftest import RAY, free_port
     from dec_ray.service.cluster import reachable
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}

@@ -12,6 +12,8 @@ from typing import Dict, List
 import numpy as np
 import torch
 
+from dec_ray.data.files import write_json
+
 CLIP = 3.0
 
 
@@ -50,8 +52,7 @@ class Stats:
                    int(n), int(num_sentences), features)
 
     def save(self, path: str) -> None:
-        with open(path, "w") as f:
-            json.dump(asdict(self), f, indent=1)
+        write_json(path, asdict(self))
 
     @classmethod
     def load(cls, path: str) -> "Stats":

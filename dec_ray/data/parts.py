@@ -6,7 +6,6 @@ exists is complete; anything else is redone.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Dict, List
 
@@ -15,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dec_ray.data.audio import AudioError, load_audio
+from dec_ray.data.files import atomic_path, write_json
 from dec_ray.config import FeatureConfig
 from dec_ray.data.features import ShortClipError, make_chunks, mel_spectrogram
 from dec_ray.data.normalization import FrameSums
@@ -22,9 +22,21 @@ from dec_ray.data.normalization import FrameSums
 FLOAT16_MAX = 65504.0
 
 
+def as_stored(chunks: np.ndarray, fc: FeatureConfig):
+    """Chunks in the tables' dtype (float16 saturates at its maximum); returns them and how many
+    values saturated. Training reads exactly these values, and inference computes the same."""
+    if fc.storage_dtype != "float16":
+        return chunks.astype(np.float32), 0
+    return np.minimum(chunks, FLOAT16_MAX).astype(np.float16), int((chunks > FLOAT16_MAX).sum())
+
+
 def featurize_file(path: str, fc: FeatureConfig) -> Dict:
     """Raw (un-normalised) chunks and frame statistics of one file. Raises AudioError/ShortClipError."""
-    y = load_audio(path, fc.sample_rate, fc.silence_peak, fc.min_duration_s)
+    return featurize_signal(load_audio(path, fc.sample_rate, fc.silence_peak, fc.min_duration_s), fc)
+
+
+def featurize_signal(y: np.ndarray, fc: FeatureConfig) -> Dict:
+    """The same for decoded samples (16 kHz mono, peak-normalised)."""
     mel = mel_spectrogram(y, fc.sample_rate, fc.n_fft, fc.hop_length, fc.n_mels, fc.pad_mode)
     chunks = make_chunks(mel, fc.chunk_frames, fc.num_chunks, fc.short_clip_policy)
     sums = FrameSums.of(mel)
@@ -51,19 +63,12 @@ def _tensor_column(chunks: np.ndarray, typ: pa.DataType) -> pa.Array:
     return pa.ExtensionArray.from_storage(typ, pa.FixedSizeListArray.from_arrays(flat, size))
 
 
-def _hidden_tmp(path: str) -> str:
-    """A temporary name that Parquet readers skip (leading dot)."""
-    d, name = os.path.split(path)
-    return os.path.join(d, "." + name + ".tmp")
-
-
 def write_part(items: List[Dict], part_path: str, sidecar_path: str, fc: FeatureConfig,
                inputs_digest: str = "") -> Dict:
     """Featurise ``items`` (dicts with row_id, segment_id, split, speaker, path, labels) into one
     Parquet file at ``part_path``; write and return the sidecar last: rows, rejects, the digest of
     the inputs it was made from and the size of the file written (a re-run verifies both)."""
     schema = table_schema(fc)
-    np_dtype = np.float16 if fc.storage_dtype == "float16" else np.float32
     cols: Dict[str, list] = {name: [] for name in schema.names}
     chunk_list, rejects, overflow = [], [], 0
     for it in items:
@@ -76,11 +81,9 @@ def write_part(items: List[Dict], part_path: str, sidecar_path: str, fc: Feature
             rejects.append({"path": it["path"], "split": it["split"],
                             "reason": f"unreadable: {type(e).__name__}: {str(e)[:160]}"})
             continue
-        c = f["chunks"]
-        if np_dtype == np.float16:
-            overflow += int((c > FLOAT16_MAX).sum())
-            c = np.minimum(c, FLOAT16_MAX)
-        chunk_list.append(c.astype(np_dtype))
+        c, saturated = as_stored(f["chunks"], fc)
+        overflow += saturated
+        chunk_list.append(c)
         for k in ("row_id", "segment_id", "split", "speaker", "path", "arousal", "valence", "dominance"):
             cols[k].append(it.get(k))
         cols["duration"].append(f["duration"])
@@ -95,14 +98,10 @@ def write_part(items: List[Dict], part_path: str, sidecar_path: str, fc: Feature
             else:
                 arrays.append(pa.array(cols[field.name], type=field.type))
         table = pa.Table.from_arrays(arrays, schema=schema)
-        tmp = _hidden_tmp(part_path)
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, part_path)
+        with atomic_path(part_path) as tmp:
+            pq.write_table(table, tmp, compression="zstd")
     sidecar = {"rows": len(chunk_list), "rejects": rejects, "float16_overflow": overflow,
                "inputs_digest": inputs_digest,
                "part_bytes": os.path.getsize(part_path) if chunk_list else 0}
-    tmp = _hidden_tmp(sidecar_path)
-    with open(tmp, "w") as fh:
-        json.dump(sidecar, fh)
-    os.replace(tmp, sidecar_path)
+    write_json(sidecar_path, sidecar, indent=None)
     return sidecar

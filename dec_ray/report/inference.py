@@ -15,8 +15,7 @@ import torch
 
 from dec_ray.data.audio import load_audio, prepare_signal
 from dec_ray.config import config_from_dict
-from dec_ray.data.features import make_chunks, mel_spectrogram
-from dec_ray.data.parts import FLOAT16_MAX
+from dec_ray.data.parts import as_stored, featurize_signal
 from dec_ray.method.models import model_from_config
 from dec_ray.data.normalization import Stats
 
@@ -42,21 +41,18 @@ class Predictor:
         self.model.load_state_dict(state["model"])
         self.model.to(self.device).eval()
         self.attributes = self.cfg.model.attributes
+        self.normalize = self.stats.feature_normalizer(self.device)
 
     def chunks_of(self, y: np.ndarray) -> np.ndarray:
-        f = self.cfg.features
-        mel = mel_spectrogram(y, f.sample_rate, f.n_fft, f.hop_length, f.n_mels, f.pad_mode)
-        c = make_chunks(mel, f.chunk_frames, f.num_chunks, f.short_clip_policy)
-        if f.storage_dtype == "float16":          # exactly what training read from the tables
-            c = np.minimum(c, FLOAT16_MAX).astype(np.float16)
-        return c
+        """The chunks of decoded samples exactly as training read them from the tables."""
+        return as_stored(featurize_signal(y, self.cfg.features)["chunks"], self.cfg.features)[0]
 
     @torch.no_grad()
     def predict_chunks(self, chunks: np.ndarray) -> List[Dict]:
         """(n_sentences, C, m, F) raw chunks -> one dict per sentence."""
         n, c = chunks.shape[:2]
-        x = self.stats.normalize_features(chunks.reshape(n * c, *chunks.shape[2:]))
-        out = self.model(torch.from_numpy(x).to(self.device))
+        x = self.normalize(torch.from_numpy(chunks.reshape(n * c, *chunks.shape[2:])))     # as in training
+        out = self.model(x)
         pred = out["pred"].float().cpu().numpy().reshape(n, c, -1).mean(1)
         pred = self.stats.denormalize_labels(pred, self.attributes)
         clusters = [-1] * n                       # -1: the model has no cluster head

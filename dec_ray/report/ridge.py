@@ -8,7 +8,6 @@ predictions), so `dec-ray evaluate` scores it with the paper's protocol. No Ray 
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Dict, List, Sequence
 
@@ -17,6 +16,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from dec_ray.report.evaluation import predictions_table
+from dec_ray.data.files import write_json
 from dec_ray.data.tables import split_files
 from dec_ray.method.losses import ccc
 
@@ -74,6 +74,5 @@ def run_ridge(tables: str, out: str, attributes: Sequence[str] = ("arousal",)) -
                            os.path.join(out, f"{s}_predictions.parquet"))
     if "test" in norm:
         result["test_ccc"] = {a: ccc(preds["test"][:, j], norm["test"][2][:, j]) for j, a in enumerate(attributes)}
-    with open(os.path.join(out, "result.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(os.path.join(out, "result.json"), result)          # last: marks the run finished
     return result

@@ -8,6 +8,7 @@ from typing import Dict, Sequence
 import numpy as np
 
 from dec_ray.data.audio import AudioError
+from dec_ray.data.files import atomic_path
 from dec_ray.data.corpus import list_unlabeled
 from dec_ray.data.features import ShortClipError
 
@@ -65,12 +66,12 @@ def run_predict(run: str, audio: Sequence[str], out: str, actors: int = 0, use_g
     good = df[df["error"] == ""].drop(columns=["error"]).sort_values("path")
     if (good["cluster"] < 0).all():
         good = good.drop(columns=["cluster"])
-    tmp = out + ".tmp"
-    if out.lower().endswith(".csv"):
-        good.to_csv(tmp, index=False)
-    else:
-        good.to_parquet(tmp, index=False)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        if out.lower().endswith(".csv"):
+            good.to_csv(tmp, index=False)
+        else:
+            good.to_parquet(tmp, index=False)
     rejects = os.path.splitext(out)[0] + ".rejects.csv"
-    bad[["path", "error"]].rename(columns={"error": "reason"}).to_csv(rejects, index=False)
+    with atomic_path(rejects) as tmp:
+        bad[["path", "error"]].rename(columns={"error": "reason"}).to_csv(tmp, index=False)
     return {"predicted": len(good), "rejected": len(bad), "out": out, "rejects": rejects}

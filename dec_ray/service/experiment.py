@@ -22,6 +22,7 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import yaml
 
+from dec_ray.data.files import write_json
 from dec_ray.config import Config, ConfigError, load_config, preset_path
 
 MODELS = ("deepemocluster", "cnn", "ae", "vae")
@@ -317,7 +318,6 @@ def run_experiment(tables: str, out: str, spec: ExperimentSpec, overrides: Seque
         "%Y-%m-%d %H:%M:%S", time.localtime(t0)), "trained": len(pending), "elapsed_s": round(time.time() - t0, 1)})
     info.update(tables=tables, failed=failed, total_s=round(sum(i["elapsed_s"] for i in info["invocations"]), 1),
                 machine=machine())
-    with open(os.path.join(out, "experiment.json"), "w") as f:
-        json.dump(info, f, indent=1)
+    write_json(os.path.join(out, "experiment.json"), info)
     report = write_report(out, spec, cells, runs, ridge, info, REFERENCE)
     return {"report": report, "failed": failed, "runs": sorted(runs)}

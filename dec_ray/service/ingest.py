@@ -33,6 +33,7 @@ from dec_ray.data.corpus import SPLITS, Item, Reject, list_unlabeled, read_corpu
 from dec_ray.data.parts import write_part
 from dec_ray.data.normalization import Stats
 from dec_ray.service.cluster import ensure_ray
+from dec_ray.data.files import write_json
 from dec_ray.data.tables import split_files
 
 # Bytes of one sentence row: C * m * n_mels values (+ ~2 KB of frame sums and metadata).
@@ -84,13 +85,6 @@ def make_plan(items: List[Item], per_part: int, min_parts: int = 8) -> dict:
 
 def sidecar_path(out: str, part: dict) -> str:
     return os.path.join(out, "_meta", part["split"], part["name"].replace(".parquet", ".json"))
-
-
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
 
 
 def _run_parts(parts: List[dict], out: str, cfg: Config) -> None:
@@ -194,7 +188,7 @@ def run_ingest(corpus: Optional[str], out: str, cfg: Config, unlabeled: Sequence
                      cfg.ingest.min_parts_per_split)
     plan.update(inputs=inputs, features=features,
                 reader_rejects=[{"path": r.path, "split": r.split, "reason": r.reason} for r in rejects])
-    _write_json(plan_path, plan)
+    write_json(plan_path, plan)
     for split in SPLITS:
         os.makedirs(os.path.join(out, split), exist_ok=True)
         os.makedirs(os.path.join(out, "_meta", split), exist_ok=True)
@@ -222,8 +216,7 @@ def run_ingest(corpus: Optional[str], out: str, cfg: Config, unlabeled: Sequence
 
     if rows["train"]:
         stats = compute_stats(out, cfg.features)
-        stats.save(os.path.join(out, "stats.json.tmp"))
-        os.replace(os.path.join(out, "stats.json.tmp"), os.path.join(out, "stats.json"))
+        stats.save(os.path.join(out, "stats.json"))                 # atomic
     else:
         print("ingest: warning: no Train sentence, so no stats.json (normalisation comes from Train "
               "only); train on tables that include the labeled corpus")
@@ -234,5 +227,5 @@ def run_ingest(corpus: Optional[str], out: str, cfg: Config, unlabeled: Sequence
         key = r["reason"].split(":")[0]
         reasons[key] = reasons.get(key, 0) + 1
     summary = IngestSummary(rows, len(all_rejects), reasons, out)
-    _write_json(os.path.join(out, "_SUCCESS"), asdict(summary))
+    write_json(os.path.join(out, "_SUCCESS"), asdict(summary))
     return summary

@@ -28,6 +28,7 @@ import torch
 from dec_ray.config import Config, config_from_dict, load_config
 from dec_ray.report.evaluation import predictions_table
 from dec_ray.method.distributed import gather_objects
+from dec_ray.data.files import atomic_path, write_json
 from dec_ray.data.normalization import Stats
 from dec_ray.data.pools import Pool, build_pool, placement, row_bytes
 from dec_ray.service.cluster import check_room_for_data, ensure_ray
@@ -108,8 +109,8 @@ def _save_checkpoint(out: str, payload: dict, extra_files: Optional[Dict[str, pa
     from ray.train import Checkpoint
     os.makedirs(os.path.join(out, ".checkpoint_tmp"), exist_ok=True)
     d = tempfile.mkdtemp(prefix="ckpt_", dir=os.path.join(out, ".checkpoint_tmp"))
-    torch.save(payload, os.path.join(d, STATE_FILE + ".tmp"))
-    os.replace(os.path.join(d, STATE_FILE + ".tmp"), os.path.join(d, STATE_FILE))
+    with atomic_path(os.path.join(d, STATE_FILE)) as tmp:
+        torch.save(payload, tmp)
     for name, table in (extra_files or {}).items():
         pq.write_table(table, os.path.join(d, name))
     return Checkpoint.from_directory(d)
@@ -267,8 +268,8 @@ def finalize(out: str, cfg: Config, stats: Stats, result) -> dict:
         for f in ("dev_predictions.parquet", "test_predictions.parquet"):
             if os.path.exists(os.path.join(d, f)):
                 shutil.copy(os.path.join(d, f), os.path.join(out, f))
-    torch.save({"config": cfg.to_dict(), "stats": asdict(stats), "model": st["loop"]["best_model"]},
-               os.path.join(out, "model.pt"))
+    with atomic_path(os.path.join(out, "model.pt")) as tmp:
+        torch.save({"config": cfg.to_dict(), "stats": asdict(stats), "model": st["loop"]["best_model"]}, tmp)
     m = result.metrics or {}
     attrs = cfg.model.attributes
     loop = st["loop"]
@@ -281,14 +282,14 @@ def finalize(out: str, cfg: Config, stats: Stats, result) -> dict:
         "model_path": os.path.join(out, "model.pt"),
         "checkpoint": ckpt.path,
     }
-    with open(os.path.join(out, "result.json.tmp"), "w") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(os.path.join(out, "result.json.tmp"), os.path.join(out, "result.json"))
+    write_json(os.path.join(out, "result.json"), summary)
     return summary
 
 
-def run_training(tables: str, out: str, cfg: Optional[Config] = None, resume: bool = False) -> dict:
-    """Train one model end to end; returns the content of RUN/result.json."""
+def run_training(tables: str, out: str, cfg: Optional[Config] = None, resume: bool = False,
+                 callbacks: Optional[list] = None) -> dict:
+    """Train one model end to end; returns the content of RUN/result.json. ``callbacks``: Ray Train
+    ``UserCallback``s, run by the controller after each report (e.g. to watch or act on a run)."""
     out = os.path.abspath(out)
     if resume:
         if not os.path.exists(os.path.join(out, "config.yaml")):
@@ -303,7 +304,7 @@ def run_training(tables: str, out: str, cfg: Optional[Config] = None, resume: bo
     ensure_ray(cfg.scale.workers * cfg.scale.cpus_per_worker)
     check_room_for_data(cfg.scale.workers * cfg.scale.cpus_per_worker)
     os.makedirs(out, exist_ok=True)
-    trainer = build_trainer(os.path.abspath(tables), out, cfg, stats)     # settles the batch size
+    trainer = build_trainer(os.path.abspath(tables), out, cfg, stats, extra_callbacks=callbacks)  # settles the batch
     cfg.save(os.path.join(out, "config.yaml"))                            # as run, for --resume
     stats.save(os.path.join(out, "stats.json"))
     with open(os.path.join(out, "tables.txt"), "w") as f:
