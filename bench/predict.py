@@ -30,12 +30,12 @@ def make_run(files, run):
     import numpy as np
     import torch
 
-    from dec_ray.data.audio import load_audio
     from dec_ray.config import load_config
     from dec_ray.config import preset_path
+    from dec_ray.data.audio import load_audio
     from dec_ray.data.features import mel_spectrogram
-    from dec_ray.method.models import model_from_config
     from dec_ray.data.normalization import FrameSums, Stats
+    from dec_ray.method.models import model_from_config
     cfg = load_config(preset_path("demo"))
     f = cfg.features
     sums = [FrameSums.of(mel_spectrogram(load_audio(p, f.sample_rate), f.sample_rate, f.n_fft, f.hop_length,

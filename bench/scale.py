@@ -36,8 +36,8 @@ NETWORK = ["model.width=0.0625", "cluster.k=30", "train.epochs=1", "train.batch_
 def write_tables(out: str, n_unlabeled: int, seed: int = 0) -> None:
     """Tables in the ingest's layout and schema, random features, labels in [1, 7]."""
     from dec_ray.config import FeatureConfig
-    from dec_ray.data.parts import _tensor_column, table_schema
     from dec_ray.data.normalization import Stats
+    from dec_ray.data.parts import _tensor_column, table_schema
     fc = FeatureConfig()
     schema = table_schema(fc)
     rng = np.random.default_rng(seed)

@@ -219,8 +219,8 @@ def main():
     args = ap.parse_args()
     import torch
     from dec_ray.config import load_config
-    from dec_ray.service.ingest import run_ingest
     from dec_ray.data.synth import synth_corpus
+    from dec_ray.service.ingest import run_ingest
     import ray
     work = tempfile.mkdtemp(prefix="bench_train_")
     corpus, tables = os.path.join(work, "corpus"), os.path.join(work, "tables")

@@ -16,12 +16,12 @@ MODELS = ("deepemocluster", "cnn", "ridge")      # ridge: the linear reference, 
 
 def run_demo(out: str, labeled: int = 240, unlabeled: int = 120, seed: int = 0, overrides=(),
              repeats: int = 1) -> dict:
+    from dec_ray.data.synth import synth_corpus
+    from dec_ray.data.tables import is_complete
     from dec_ray.report.analysis import analyze_run, dependence_lines
     from dec_ray.report.evaluation import evaluate_runs
-    from dec_ray.service.train import repeated_runs
     from dec_ray.service.ingest import run_ingest
-    from dec_ray.data.tables import is_complete
-    from dec_ray.data.synth import synth_corpus
+    from dec_ray.service.train import repeated_runs
 
     t0 = time.time()
     corpus, tables = os.path.join(out, "corpus"), os.path.join(out, "tables")

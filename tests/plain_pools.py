@@ -6,8 +6,8 @@ import numpy as np
 
 from dec_ray.data.features import make_chunks, mel_spectrogram
 from dec_ray.data.normalization import FrameSums, Stats
-from dec_ray.data.synth import _speakers, render
 from dec_ray.data.pools import Pool
+from dec_ray.data.synth import _speakers, render
 
 ATTRS = ["arousal"]
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from dec_ray.data.audio import AudioError, prepare_signal
 from dec_ray.cli import EXIT_CRASH, EXIT_USAGE, absolute_paths, build_parser, main
 from dec_ray.config import ConfigError, load_config
+from dec_ray.data.audio import AudioError, prepare_signal
 from dec_ray.data.corpus import CorpusError, list_unlabeled, read_manifest
 
 

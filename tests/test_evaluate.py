@@ -7,15 +7,15 @@ import pytest
 import torch
 from scipy import stats as sps
 
-from dec_ray.report.analysis import dependence, eta_squared, mutual_information
 from dec_ray.cli import main
-from dec_ray.method.kmeans import kmeans
 from dec_ray.config import config_from_dict
-from dec_ray.data.tables import read_pool, split_files
 from dec_ray.data.normalization import Stats
+from dec_ray.data.tables import read_pool, split_files
+from dec_ray.method.kmeans import kmeans
 from dec_ray.method.learner import Learner
-from dec_ray.report.evaluation import evaluate_runs, split_test_set, subset_cccs, summarize, t_test
 from dec_ray.method.losses import ccc
+from dec_ray.report.analysis import dependence, eta_squared, mutual_information
+from dec_ray.report.evaluation import evaluate_runs, split_test_set, subset_cccs, summarize, t_test
 
 
 def test_t_test_matches_the_pooled_formula_and_scipy():

@@ -13,10 +13,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from dec_ray.config import load_config
+from dec_ray.data.tables import split_rows
 from dec_ray.report.evaluation import split_test_set
 from dec_ray.service.experiment import all_runs, config_path, load_spec, plan, run_experiment
-from dec_ray.data.tables import split_rows
-from dec_ray.config import load_config
 
 from conftest import TINY
 

@@ -10,8 +10,8 @@ import pytest
 from dec_ray.config import load_config
 from dec_ray.data.corpus import read_msp_podcast
 from dec_ray.data.features import make_chunks, mel_spectrogram
-from dec_ray.service.ingest import run_ingest
 from dec_ray.data.tables import is_complete, split_files
+from dec_ray.service.ingest import run_ingest
 
 
 def _table(tables, split, columns=None):

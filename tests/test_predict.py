@@ -9,8 +9,8 @@ import pytest
 import soundfile as sf
 
 import dec_ray
-from dec_ray.service.batch_predict import run_predict
 from dec_ray.data.tables import split_files
+from dec_ray.service.batch_predict import run_predict
 
 pytestmark = pytest.mark.slow
 

@@ -15,9 +15,9 @@ import ray.cloudpickle
 from conftest import MODELS, RAY, LocalCluster
 from ray.train import TrainingFailedError, UserCallback
 
-from dec_ray.report.inference import Predictor
 from dec_ray.data.tables import split_files
 from dec_ray.method.losses import ccc
+from dec_ray.report.inference import Predictor
 from dec_ray.service.train import run_training
 
 pytestmark = pytest.mark.slow

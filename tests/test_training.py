@@ -9,11 +9,11 @@ import torch
 
 from dec_ray.config import ConfigError, load_config
 from dec_ray.data.pools import Pool, PoolBuilder
-from dec_ray.method.sampler import uniform_cluster_indices
 from dec_ray.data.tables import pool_batches
 from dec_ray.method.epoch import pseudo_labels_stage, run_epoch, supervised_stage
 from dec_ray.method.learner import Learner, batch_sentences
 from dec_ray.method.loop import LoopState, fit
+from dec_ray.method.sampler import uniform_cluster_indices
 from plain_pools import synth_pools
 
 

@@ -13,10 +13,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dec_ray.data.audio import AudioError, load_audio
-from dec_ray.data.files import atomic_path, write_json
 from dec_ray.config import FeatureConfig
+from dec_ray.data.audio import AudioError, load_audio
 from dec_ray.data.features import ShortClipError, make_chunks, mel_spectrogram
+from dec_ray.data.files import atomic_path, write_json
 from dec_ray.data.normalization import FrameSums
 
 FLOAT16_MAX = 65504.0

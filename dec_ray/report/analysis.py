@@ -17,10 +17,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dec_ray.method.kmeans import kmeans
 from dec_ray.config import config_from_dict
-from dec_ray.data.tables import files_rows, read_pool, run_tables, split_files
 from dec_ray.data.normalization import Stats
+from dec_ray.data.tables import files_rows, read_pool, run_tables, split_files
+from dec_ray.method.kmeans import kmeans
 
 
 def eta_squared(clusters: np.ndarray, y: np.ndarray) -> float:
@@ -97,8 +97,8 @@ def pca_2d(x: np.ndarray) -> np.ndarray:
 def analyze_run(run: str, out: str, split: str = "train", max_sentences: int = 5000, seed: int = 0,
                 n_bins: int = 5) -> Dict:
     """Write OUT/clusters.csv, dependence.csv, analysis.md, cluster_attributes.png, embedding_2d.png."""
-    from dec_ray.report.plots import cluster_boxplots, embedding_scatter
     from dec_ray.method.learner import Learner
+    from dec_ray.report.plots import cluster_boxplots, embedding_scatter
 
     state = torch.load(os.path.join(run, "model.pt"), map_location="cpu", weights_only=True)
     cfg, stats = config_from_dict(state["config"]), Stats(**state["stats"])

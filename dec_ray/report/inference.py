@@ -13,11 +13,11 @@ from typing import Dict, List, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from dec_ray.data.audio import load_audio, prepare_signal
 from dec_ray.config import config_from_dict
+from dec_ray.data.audio import load_audio, prepare_signal
+from dec_ray.data.normalization import Stats
 from dec_ray.data.parts import as_stored, featurize_signal
 from dec_ray.method.models import model_from_config
-from dec_ray.data.normalization import Stats
 
 
 def model_file(run: str) -> str:

@@ -15,10 +15,10 @@ import numpy as np
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from dec_ray.report.evaluation import predictions_table
 from dec_ray.data.files import write_json
 from dec_ray.data.tables import split_files
 from dec_ray.method.losses import ccc
+from dec_ray.report.evaluation import predictions_table
 
 ALPHAS = tuple(10.0 ** np.arange(-2, 5))
 

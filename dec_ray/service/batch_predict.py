@@ -8,9 +8,9 @@ from typing import Dict, Sequence
 import numpy as np
 
 from dec_ray.data.audio import AudioError
-from dec_ray.data.files import atomic_path
 from dec_ray.data.corpus import list_unlabeled
 from dec_ray.data.features import ShortClipError
+from dec_ray.data.files import atomic_path
 
 
 class PredictActor:

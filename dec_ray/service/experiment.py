@@ -22,8 +22,8 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import yaml
 
-from dec_ray.data.files import write_json
 from dec_ray.config import Config, ConfigError, load_config, preset_path
+from dec_ray.data.files import write_json
 
 MODELS = ("deepemocluster", "cnn", "ae", "vae")
 REFERENCE = "cnn"          # the paper's tests are against the CNN-regressor
@@ -284,8 +284,8 @@ def machine() -> str:
 def run_experiment(tables: str, out: str, spec: ExperimentSpec, overrides: Sequence[str] = (),
                    command: str = "") -> Dict:
     """Train what is missing, then write the report. Returns {"report", "failed", "runs"}."""
-    from dec_ray.report.experiment import write_report
     from dec_ray.data.tables import is_complete, split_rows
+    from dec_ray.report.experiment import write_report
     from dec_ray.report.ridge import run_ridge
     t0 = time.time()
     tables, out = os.path.abspath(tables), os.path.abspath(out)

@@ -30,11 +30,11 @@ import pyarrow.parquet as pq
 
 from dec_ray.config import Config, FeatureConfig
 from dec_ray.data.corpus import SPLITS, Item, Reject, list_unlabeled, read_corpus
-from dec_ray.data.parts import write_part
-from dec_ray.data.normalization import Stats
-from dec_ray.service.cluster import ensure_ray
 from dec_ray.data.files import write_json
+from dec_ray.data.normalization import Stats
+from dec_ray.data.parts import write_part
 from dec_ray.data.tables import split_files
+from dec_ray.service.cluster import ensure_ray
 
 # Bytes of one sentence row: C * m * n_mels values (+ ~2 KB of frame sums and metadata).
 ROW_OVERHEAD_BYTES = 2200

@@ -26,16 +26,16 @@ import pyarrow.parquet as pq
 import torch
 
 from dec_ray.config import Config, config_from_dict, load_config
-from dec_ray.report.evaluation import predictions_table
-from dec_ray.method.distributed import gather_objects
 from dec_ray.data.files import atomic_path, write_json
 from dec_ray.data.normalization import Stats
 from dec_ray.data.pools import Pool, build_pool, placement, row_bytes
-from dec_ray.service.cluster import check_room_for_data, ensure_ray
-from dec_ray.data.tables import (COLUMNS, READ_BATCH, chunk_shape, is_complete, pool_batches, read_pool, run_tables,
-                            split_files, split_rows, storage_dtype)
+from dec_ray.data.tables import (COLUMNS, READ_BATCH, chunk_shape, is_complete, pool_batches, read_pool,
+                                 run_tables, split_files, split_rows, storage_dtype)
+from dec_ray.method.distributed import gather_objects
 from dec_ray.method.learner import MIN_SENTENCES_PER_WORKER_BATCH, Learner, batch_sentences
 from dec_ray.method.loop import LoopState, fit
+from dec_ray.report.evaluation import predictions_table
+from dec_ray.service.cluster import check_room_for_data, ensure_ray
 
 DATASETS = ("train", "unlabeled")          # streamed through Ray Data, split between workers
 EVAL_SPLITS = ("dev", "test")              # read by each worker, its stride only
@@ -117,7 +117,7 @@ def _save_checkpoint(out: str, payload: dict, extra_files: Optional[Dict[str, pa
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """One Ray Train worker: load its shards, restore the loop state, run ``training.fit``."""
+    """One Ray Train worker: load its shards, restore the loop state, run ``loop.fit``."""
     import ray
     import ray.data
     import ray.train
