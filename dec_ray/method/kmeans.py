@@ -12,6 +12,7 @@ device but k x d centroids when a cluster is empty, and the scalars the result r
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -94,9 +95,6 @@ class FaissAssigner:
 
     def __init__(self, d: int, device: torch.device):
         if device.type == "cuda":
-            if not hasattr(faiss, "StandardGpuResources"):
-                raise RuntimeError("cluster.assign=faiss on a GPU needs a faiss build with GPU support "
-                                   "(faiss-gpu); install one or set cluster.assign=torch")
             self.res = faiss.StandardGpuResources()
             cfg = faiss.GpuIndexFlatConfig()
             cfg.device = device.index if device.index is not None else torch.cuda.current_device()
@@ -162,6 +160,10 @@ def kmeans(x: Union[np.ndarray, torch.Tensor], k: int, niter: int = 20, seed: in
         centroids = torch.as_tensor(init_centroids, dtype=torch.float32).to(x.device).clone()
     else:
         centroids = _initial_centroids(x, k, rng)
+    if assign == "faiss" and x.device.type == "cuda" and not hasattr(faiss, "StandardGpuResources"):
+        warnings.warn("cluster.assign=faiss: this faiss build has no GPU support (faiss-cpu); the E-step "
+                      "runs in torch on the GPU instead (install faiss-gpu, or set cluster.assign=torch)")
+        assign = "torch"
     nearest = (FaissAssigner if assign == "faiss" else TorchAssigner)(d, x.device)
     n_split = 0
     for _ in range(niter):

@@ -159,12 +159,13 @@ def train_loop_per_worker(config: dict) -> None:
                                 "pids": [p["pid"] for p in placement]}) + "\n")
 
     def report(metrics: Dict, st: LoopState, tables: Optional[Dict[str, pa.Table]] = None) -> None:
+        metrics = {**metrics, **load}
         checkpoint = None
         if rank == 0:
             checkpoint = _save_checkpoint(out, {"learner": learner.state(), "loop": st.to_dict()}, tables)
             if not metrics["done"]:
                 log.write(metrics)
-        ray.train.report({**metrics, **load}, checkpoint=checkpoint, delete_local_checkpoint_after_upload=True)
+        ray.train.report(metrics, checkpoint=checkpoint, delete_local_checkpoint_after_upload=True)
 
     result = fit(learner, pools, state, report)
     if state.epoch + 1 < cfg.train.epochs and rank == 0:
