@@ -24,10 +24,10 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 demo: install
 	$(VENV)/bin/dec-ray demo --out $(DEMO_OUT)
 
-# Two groups: everything on one local Ray, then the tests that start Ray heads and nodes of their own.
+# One session: every test on one local Ray, then (last, marker `cluster`) the tests that start Ray
+# heads and nodes of their own. `pytest -m cluster` runs that group alone.
 test: install
-	$(PY) -m pytest -m "not cluster"
-	$(PY) -m pytest -m cluster
+	$(PY) -m pytest
 
 bench: install
 	$(PY) bench/ingest.py && $(PY) bench/kmeans.py && $(PY) bench/train.py && $(PY) bench/predict.py

@@ -15,6 +15,12 @@ import soundfile as sf
 
 from dec_ray.config import load_config
 
+def pytest_collection_modifyitems(config, items):
+    """The `cluster` tests start Ray heads and nodes of their own and end this session's Ray:
+    they run last, as their own group, after every test that shares the session's Ray."""
+    items.sort(key=lambda item: item.get_closest_marker("cluster") is not None)
+
+
 TINY = ["model.width=0.125", "cluster.k=4", "train.batch_sentences=4", "train.epochs=2",
         "scale.workers=2", "scale.max_failures=0", "train.patience=0"]
 

@@ -1,6 +1,7 @@
 """Two Ray nodes on one machine: `ray start --head` and a second `ray start --address` (its own
-raylet on loopback). Training with one worker per node finishes; when the worker node is killed
-mid-run and a new node joins (what the autoscaler does), the run resumes from its checkpoint."""
+raylet on loopback). Training with one worker per node (STRICT_SPREAD); when the worker node is
+killed mid-run and a new node joins (what the autoscaler does), the run resumes from its checkpoint
+and finishes, one worker per node at every start."""
 import json
 import os
 import signal
@@ -39,14 +40,6 @@ def cluster(monkeypatch):
 
 def _placements(run):
     return [json.loads(x) for x in open(os.path.join(run, "placement.jsonl"))]
-
-
-def test_two_workers_on_two_nodes_finish(cluster, tables, tiny_cfg, tmp_path):
-    run = str(tmp_path / "two_nodes")
-    result = run_training(tables[0], run, tiny_cfg("train.epochs=1", *SPREAD))
-    assert result["epochs_run"] == 1
-    (placement,) = _placements(run)
-    assert len(placement["nodes"]) == 2 and len(set(placement["nodes"])) == 2, placement
 
 
 class LoseNodeAfterFirstCheckpoint(UserCallback):

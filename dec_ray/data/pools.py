@@ -55,7 +55,7 @@ class Pool:
             return normalize(torch.index_select(self._flat(), 0, idx))
         # host pool, GPU worker: gather into a pinned staging buffer, copy asynchronously
         if self._staging is None or self._staging.shape[0] < len(idx):
-            self._staging = torch.empty((len(idx), *self.chunks.shape[2:]), dtype=self.chunks.dtype).pin_memory()
+            self._staging = torch.empty((len(idx), *self.chunks.shape[2:]), dtype=self.chunks.dtype, pin_memory=True)
             self._copied = None
         if self._copied is not None:
             self._copied.synchronize()           # the previous batch's copy has left the buffer
@@ -110,8 +110,7 @@ class PoolBuilder:
         self.grown = 0
 
     def _alloc(self, rows: int) -> torch.Tensor:
-        t = torch.empty((rows, *self.chunk_shape), dtype=self.dtype, device=self.storage)
-        return t.pin_memory() if self.pin else t
+        return torch.empty((rows, *self.chunk_shape), dtype=self.dtype, device=self.storage, pin_memory=self.pin)
 
     def _grow(self, need: int) -> None:
         rows = max(need, int(self.chunks.shape[0] * GROWTH) + 1)
