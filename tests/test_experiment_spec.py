@@ -51,3 +51,23 @@ def test_restart_with_another_training_config_is_refused(tmp_path):
     check_same_training(str(tmp_path), "/a/demo.yaml", ["train.epochs=8"])       # the same: fine
     with pytest.raises(ConfigError, match="new --out"):
         check_same_training(str(tmp_path), "/a/demo.yaml", ["train.epochs=12"])
+
+
+def test_a_two_axis_study_is_a_grid_with_pool_sizes_as_columns():
+    """Table 4's layout: K as rows, pool sizes as columns, each cell's own numbers in its place."""
+    import pandas as pd
+
+    from dec_ray.report.experiment import study_tables
+    from dec_ray.service.experiment import Study
+    spec = spec_from_dict({"config": "demo", "studies": [{"name": "k", "pool": [0, 100], "k": [5, 10]}]})
+    cells = plan(spec, load_config(config_path(spec), spec.set), n_unlabeled=351)["k"]
+    means = {c.name: 0.1 * i for i, c in enumerate(cells, 1)}
+    summary = pd.DataFrame([{"cell": n, "attribute": "arousal", "ccc_mean": m, "ccc_std": 0.01, "mark": ""}
+                            for n, m in {**means, "cnn": 0.5, "ridge": 0.6}.items()])
+    table = study_tables(Study(**vars(spec.studies[0])), cells, summary, ["arousal"], "cnn")
+    assert "| K | 0 | 100 |" in table
+    for k in (5, 10):
+        row = [c for c in cells if c.k == k]
+        by_pool = {c.pool: f"{means[c.name]:.3f} ± 0.010" for c in row}
+        assert f"| {k} | {by_pool[0]} | {by_pool[100]} |" in table
+    assert "CNN-regressor (t-test reference): 0.500 ± 0.010; ridge (log-mel statistics): 0.600 ± 0.010" in table
