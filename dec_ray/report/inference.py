@@ -51,7 +51,7 @@ class Predictor:
     def predict_chunks(self, chunks: np.ndarray) -> List[Dict]:
         """(n_sentences, C, m, F) raw chunks -> one dict per sentence."""
         n, c = chunks.shape[:2]
-        x = self.normalize(torch.from_numpy(chunks.reshape(n * c, *chunks.shape[2:])))     # as in training
+        x = self.normalize(torch.tensor(chunks.reshape(n * c, *chunks.shape[2:])))     # as in training
         out = self.model(x)
         pred = out["pred"].float().cpu().numpy().reshape(n, c, -1).mean(1)
         pred = self.stats.denormalize_labels(pred, self.attributes)
