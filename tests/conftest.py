@@ -1,6 +1,7 @@
 """Shared fixtures: one small synthetic corpus (plus odd files), one local Ray, one ingest."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -11,9 +12,14 @@ import time
 
 import numpy as np
 import pytest
+import ray.cloudpickle
 import soundfile as sf
+from ray.train import UserCallback
 
 from dec_ray.config import load_config
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])     # its callbacks run in Ray's controller
+
 
 def pytest_collection_modifyitems(config, items):
     """The `cluster` tests start Ray heads and nodes of their own and end this session's Ray:
@@ -88,13 +94,54 @@ def copy_tree(tmp_path):
 MODELS = ["deepemocluster", "cnn", "ae", "vae"]
 
 
+class KillRankAfter(UserCallback):
+    """A Ray Train callback: once the controller has registered the checkpoint of ``epoch``, SIGKILL
+    one worker process from outside, as a real failure (its pid is in RUN/placement.jsonl). It runs
+    in the controller right after the report: no polling, no sleeps."""
+
+    def __init__(self, run: str, epoch: int, rank: int = 1):
+        self.run, self.epoch, self.rank = run, epoch, rank
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if checkpoint is not None and metrics[0].get("epoch") == self.epoch and not metrics[0].get("done"):
+            placement = json.loads(open(os.path.join(self.run, "placement.jsonl")).read().splitlines()[-1])
+            os.kill(placement["pids"][self.rank], signal.SIGKILL)
+
+
 @pytest.fixture(scope="session")
 def trained_runs(tables, tmp_path_factory):
-    """Each model trained once (tiny network, 2 epochs, 2 workers) through the evaluate launcher;
-    the trainer, evaluate, analyze and predict tests all read these runs."""
-    from dec_ray.service.train import repeated_runs
+    """Each model trained once (tiny network, 2 epochs, 2 workers) in the evaluate launcher's
+    layout (OUT/runs/MODEL/seed0); the trainer, evaluate, analyze and predict tests read these
+    runs. The AE's training is interrupted: a worker is killed after the first checkpoint with no
+    restart allowed, and `--resume` finishes it; ``interrupted_run`` holds what happened."""
+    from ray.train import TrainingFailedError
+
+    from dec_ray.service.train import repeated_runs, run_training
     out = str(tmp_path_factory.mktemp("evaluate"))
-    return dict(zip(MODELS, repeated_runs(tables[0], out, MODELS, 1, None, TINY)))
+    runs = dict(zip(["deepemocluster", "cnn", "vae"],
+                    repeated_runs(tables[0], out, ["deepemocluster", "cnn", "vae"], 1, None, TINY)))
+    ae = os.path.join(out, "runs", "ae", "seed0")
+    cfg = load_config(None, TINY + ["model.name=ae", "train.seed=0"])
+    try:
+        run_training(tables[0], ae, cfg, callbacks=[KillRankAfter(ae, epoch=0)])
+    except TrainingFailedError as e:
+        INTERRUPTED["error"] = e
+    INTERRUPTED["left_behind"] = [f for f in ("result.json", "model.pt") if os.path.exists(os.path.join(ae, f))]
+    try:
+        run_training(tables[0], ae, cfg)
+    except ValueError as e:
+        INTERRUPTED["refusal"] = str(e)
+    INTERRUPTED["result"] = run_training(None, ae, resume=True)
+    runs["ae"] = ae
+    return runs
+
+
+INTERRUPTED: dict = {}
+
+
+@pytest.fixture(scope="session")
+def interrupted_run(trained_runs):
+    return trained_runs["ae"], INTERRUPTED
 
 
 BIN = os.path.dirname(sys.executable)

@@ -1,9 +1,7 @@
 """Ray Train end to end on a local Ray with 2 CPU workers and a tiny network."""
 import json
 import os
-import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -11,9 +9,8 @@ import pandas as pd
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-import ray.cloudpickle
 from conftest import MODELS, RAY, LocalCluster
-from ray.train import TrainingFailedError, UserCallback
+from ray.train import TrainingFailedError
 
 from dec_ray.data.tables import split_files
 from dec_ray.method.losses import ccc
@@ -21,7 +18,6 @@ from dec_ray.report.inference import Predictor
 from dec_ray.service.train import run_training
 
 pytestmark = pytest.mark.slow
-ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])    # the callback runs in the controller
 
 
 def _recomputed_ccc(preds, attr="arousal"):
@@ -41,7 +37,7 @@ def test_two_epoch_run_of_each_model(model, trained_runs, tables, tiny_cfg):
         assert os.path.exists(os.path.join(run, f)), f
     assert os.listdir(os.path.join(run, "tensorboard"))
     lines = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl"))]
-    assert [m["epoch"] for m in lines] == [0, 1]
+    assert sorted({m["epoch"] for m in lines}) == [0, 1]          # the AE run was interrupted and resumed
     assert lines[0]["pool_gb"] > 0 and lines[0]["load_s"] > 0          # the memory the pools take, reported
     if model == "deepemocluster":
         assert lines[0]["unlabeled_nonempty"] >= 2 and "train_ce" in lines[0] and "train_ccc" in lines[0]
@@ -65,41 +61,24 @@ def test_model_pt_reproduces_the_runs_own_predictions(split, trained_runs, table
                                atol=1e-5)
 
 
-class KillRankAfter(UserCallback):
-    """From outside, as a real failure: once the controller has registered the checkpoint of
-    ``epoch``, SIGKILL one Ray Train worker process (its pid is in RUN/placement.jsonl). Runs in the
-    controller, right after the report: no polling, no sleeps."""
-
-    def __init__(self, run: str, epoch: int, rank: int = 1):
-        self.run, self.epoch, self.rank = run, epoch, rank
-
-    def after_report(self, run_context, metrics, checkpoint):
-        if checkpoint is not None and metrics[0].get("epoch") == self.epoch and not metrics[0].get("done"):
-            placement = json.loads(open(os.path.join(self.run, "placement.jsonl")).read().splitlines()[-1])
-            os.kill(placement["pids"][self.rank], signal.SIGKILL)
-
-
 def _epochs_per_start(run: str):
     starts = [json.loads(x)["start_epoch"] for x in open(os.path.join(run, "placement.jsonl"))]
     epochs = [json.loads(x)["epoch"] for x in open(os.path.join(run, "metrics.jsonl"))]
     return starts, epochs
 
 
-def test_interrupted_run_resumes_with_resume_flag(tables, tiny_cfg, tmp_path, ray_local):
-    """A worker killed with no restarts allowed fails the run, leaving no result that looks
-    complete; `--resume` continues from the last checkpoint. (Ray Train's automatic restart after
-    a failure, scale.max_failures > 0, is tested with a lost node in test_multinode.py.)"""
-    out, _ = tables
-    run = str(tmp_path / "resume")
-    with pytest.raises(TrainingFailedError):
-        run_training(out, run, tiny_cfg("train.epochs=3", "scale.max_failures=0"), callbacks=[KillRankAfter(run, 0)])
-    assert not os.path.exists(os.path.join(run, "result.json")) and not os.path.exists(os.path.join(run, "model.pt"))
-    with pytest.raises(ValueError, match="--resume"):
-        run_training(out, run, tiny_cfg())
-    result = run_training(None, run, resume=True)
-    assert result["epochs_run"] == 3
+def test_interrupted_run_resumes_with_resume_flag(interrupted_run):
+    """The AE run of the session fixture: a worker killed with no restarts allowed fails the run,
+    leaving no result that looks complete; a plain re-run into the folder is refused; `--resume`
+    continues from the last checkpoint. (Ray Train's automatic restart after a failure,
+    scale.max_failures > 0, is tested with a lost node in test_multinode.py.)"""
+    run, what = interrupted_run
+    assert isinstance(what.get("error"), TrainingFailedError)
+    assert what["left_behind"] == []
+    assert "--resume" in what["refusal"]
+    assert what["result"]["epochs_run"] == 2
     starts, epochs = _epochs_per_start(run)
-    assert len(starts) == 2 and starts[1] >= 1 and set(epochs) == {0, 1, 2}    # resumed, not from scratch
+    assert len(starts) == 2 and starts[1] >= 1 and sorted(set(epochs)) == [0, 1]    # resumed, not from scratch
 
 
 @pytest.mark.cluster
