@@ -232,18 +232,26 @@ def main():
     cfg = load_config(None, overrides)
     torch.set_num_threads(cpus)
 
-    # 1.-2. the product's epoch (new path) and the ceiling on its batch, in one fresh process; 4. the old path
+    ray.shutdown()          # nothing of Ray runs beside the plain loops
+    # 1.-2. the product's epoch (new path) and the ceiling on its batch, in one fresh process; 4. the old
+    # path; alternated, twice each (this machine's speed drifts by tens of percent within minutes)
     b = cfg.train.batch_sentences * cfg.features.num_chunks
-    new = run_epochs(tables, overrides, args.epochs, cpus)
-    ceil = new["ceiling"]
     wt = old_worktree(args.old_commit)
+    news, olds = [], []
     try:
-        old = run_epochs(tables, overrides, args.epochs, cpus, api="old", cwd=wt)
+        for _ in range(2):
+            news.append(run_epochs(tables, overrides, args.epochs, cpus))
+            olds.append(run_epochs(tables, overrides, args.epochs, cpus, api="old", cwd=wt))
     finally:
         subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", wt], capture_output=True)
-    embed_rate, train_rate = product_rates(new)
-    new_s = statistics.median(e["epoch_s"] for e in new["epochs"][1:])
-    old_s = statistics.median(e["epoch_s"] for e in old["epochs"][1:])
+    pairs = [(product_rates(n), n["ceiling"]) for n in news]
+    embed_ratio = statistics.median(r[0] / c["forward"] for r, c in pairs)
+    train_ratio = statistics.median(r[1] / c["train"] for r, c in pairs)
+    embed_rate = statistics.median(r[0] for r, _ in pairs)
+    train_rate = statistics.median(r[1] for r, _ in pairs)
+    ceil = {k: statistics.median(c[k] for _, c in pairs) for k in ("forward", "train")}
+    new_s = statistics.median(e["epoch_s"] for n in news for e in n["epochs"][1:])
+    old_s = statistics.median(e["epoch_s"] for o in olds for e in o["epochs"][1:])
     # 3. K-means share at 100K and 1M embeddings
     km_rows = []
     for n in (100_000, 1_000_000):
@@ -257,13 +265,14 @@ def main():
         f"Device: CPU, {cpus} cores (no GPU lent in this session: every GPU row is **not measured**). "
         f"Width-0.25 compact CNN, K = 10, batch {cfg.train.batch_sentences} sentences x 11 = {b} chunks; "
         f"{args.labeled} labeled ({int(args.labeled * 0.6)} Train) + {args.unlabeled} unlabeled synthetic "
-        f"sentences; medians over epochs 1..{args.epochs - 1}.", "",
+        f"sentences; epochs 1..{args.epochs - 1} of 2 runs of each path, alternated (medians; ratios per run, "
+        "each against the ceiling measured in the same process right after its epochs).", "",
         "| | chunks/s | ratio to the ceiling | target |", "|---|---|---|---|",
         f"| ceiling: bare model, forward only | {ceil['forward']:.0f} | 1.00 | |",
         f"| ceiling: bare model, training step | {ceil['train']:.0f} | 1.00 | |",
         f"| product: embedding passes (eval, gather + normalise on the device) | {embed_rate:.0f} | "
-        f"{embed_rate / ceil['forward']:.2f} | >= 0.9 (CPU) |",
-        f"| product: training passes (CE / CCC, 3 optimisers) | {train_rate:.0f} | {train_rate / ceil['train']:.2f} | "
+        f"{embed_ratio:.2f} | >= 0.9 (CPU) |",
+        f"| product: training passes (CE / CCC, 3 optimisers) | {train_rate:.0f} | {train_ratio:.2f} | "
         ">= 0.9 (CPU) |",
         "| GPU, full width compact CNN and VGG-16-BN, bf16 | not measured | not measured | >= 0.8 |", "",
         f"Old path (commit {args.old_commit}: numpy gather + normalise per batch, embeddings copied to the host, "
@@ -275,6 +284,7 @@ def main():
         "share (torch) |", "|---|---|---|---|---|---|", *km_rows]
     print("\n".join(lines), flush=True)
     if not args.no_ray:
+        ray.init(num_cpus=os.cpu_count() + 1)
         rt = ray_epochs(tables, cfg, os.path.join(work, "run"))
         ray_s = statistics.median(rt[1:])
         ray.shutdown()
