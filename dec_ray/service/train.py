@@ -44,10 +44,11 @@ STATE_FILE = "state.pt"
 
 
 def load_pools(config: dict, cfg: Config, stats: Stats, rank: int, world_size: int,
-               device: torch.device) -> Tuple[Dict[str, Optional[Pool]], str]:
+               device: torch.device) -> Tuple[Dict[str, Optional[Pool]], Dict[str, float], str]:
     """This worker's pools: its Ray Data shard of train/unlabeled and its stride of dev/test, each
     streamed into a buffer sized up front (``pools.PoolBuilder``), placed by ``pools.placement``.
-    Returns them and the line that says where they are and how much memory they take."""
+    Returns them, the load metrics (``load_s``, ``pool_gb``, ``worker_peak_rss_gb``) and the line
+    that says where they are and how much memory they take."""
     import ray.train
     t0 = time.perf_counter()
     shape, attrs, dtype = chunk_shape(cfg), len(cfg.model.attributes), storage_dtype(cfg)
@@ -67,12 +68,14 @@ def load_pools(config: dict, cfg: Config, stats: Stats, rank: int, world_size: i
     for n in EVAL_SPLITS:
         pools[n] = read_pool(config["eval_files"].get(n), cfg, stats, rank, world_size, storage, pin, device)
     sizes = ", ".join(f"{n} {len(p.row_ids)}" for n, p in pools.items() if p is not None)
-    total = sum(p.nbytes for p in pools.values() if p is not None)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6        # kB -> GB (Linux)
-    line = (f"pools per worker: {sizes} sentences = {total / 1e9:.2f} GB, {where}; {total * world_size / 1e9:.2f} GB "
-            f"over {world_size} workers; loaded in {time.perf_counter() - t0:.1f} s, peak host memory of the "
-            f"worker {peak:.2f} GB" + (f"; a shard outgrew its estimate {grown}x" if grown else ""))
-    return pools, line
+    load = {"load_s": time.perf_counter() - t0,
+            "pool_gb": sum(p.nbytes for p in pools.values() if p is not None) / 1e9,
+            "worker_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}    # kB -> GB (Linux)
+    line = (f"pools per worker: {sizes} sentences = {load['pool_gb']:.2f} GB, {where}; "
+            f"{load['pool_gb'] * world_size:.2f} GB over {world_size} workers; loaded in {load['load_s']:.1f} s, "
+            f"peak host memory of the worker {load['worker_peak_rss_gb']:.2f} GB"
+            + (f"; a shard outgrew its estimate {grown}x" if grown else ""))
+    return pools, load, line
 
 
 def say(line: str) -> None:
@@ -133,10 +136,7 @@ def train_loop_per_worker(config: dict) -> None:
         cfg.cluster.faiss_threads = max(1, int(cfg.scale.cpus_per_worker))
     ray.data.DataContext.get_current().enable_progress_bars = False   # one progress line per epoch instead
     device = ray.train.torch.get_device()
-    t0 = time.perf_counter()
-    pools, pool_line = load_pools(config, cfg, stats, rank, world_size, device)
-    load = {"load_s": time.perf_counter() - t0, "pool_gb": sum(p.nbytes for p in pools.values() if p) / 1e9,
-            "worker_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
+    pools, load, pool_line = load_pools(config, cfg, stats, rank, world_size, device)
     if rank == 0:
         say(f"[dec-ray] {pool_line}")
     learner = Learner(cfg, stats, device, wrap=ray.train.torch.prepare_model)
