@@ -19,6 +19,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -c "import torch"
 	$(PIP) -e ".[dev]" 2>&1 | grep -v "is ignored: it is neither" || true
 	$(PY) -c "import dec_ray, ray, faiss, librosa"
+	$(PY) -c "from dec_ray.data.features import warm_up; warm_up()"   # librosa's numba cache, once
 	touch $@
 
 demo: install

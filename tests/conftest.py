@@ -60,8 +60,9 @@ def odd_files(corpus, tmp_path_factory):
 @pytest.fixture(scope="session")
 def ray_local():
     import ray
+    from dec_ray.service.cluster import start_local_ray
     # A Ray of its own (never one found on the machine), with the spare CPU that ensure_ray gives.
-    ray.init(num_cpus=(os.cpu_count() or 1) + 1)
+    start_local_ray((os.cpu_count() or 1) + 1)
     yield ray
     ray.shutdown()
 

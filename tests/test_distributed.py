@@ -36,7 +36,7 @@ def _run(rank: int, world: int, port: int, q) -> None:
     cfg = load_config(None, CFG)
     wrap = torch.nn.parallel.DistributedDataParallel if world > 1 else None
     learner = Learner(cfg, stats, torch.device("cpu"), wrap=wrap)
-    res = {"rank": rank, "mask": torch.nn.functional.dropout(torch.ones(4096), 0.5, training=True),
+    res = {"world": world, "rank": rank, "mask": torch.nn.functional.dropout(torch.ones(4096), 0.5, training=True),
            "init": learner.model_copy(), "emb": learner.embed(pools["train"])}
     km = learner.pseudo_labels(pools["train"], seed=7)
     res.update(centroids=km.centroids, assignment=km.assignment, sizes=km.sizes)
@@ -71,20 +71,18 @@ def _free_port():
 
 @pytest.fixture(scope="module")
 def runs():
+    """The 1-rank and the 2-rank run side by side (three processes, one thread each)."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    out = {}
-    for world in (1, 2):
-        port = _free_port()
-        procs = [ctx.Process(target=_run, args=(r, world, port, q)) for r in range(world)]
-        for p in procs:
-            p.start()
-        got = [q.get(timeout=300) for _ in range(world)]      # a hang (e.g. a skipped collective) fails here
-        for p in procs:
-            p.join(60)
-            assert p.exitcode == 0
-        out[world] = sorted(got, key=lambda r: r["rank"])
-    return out
+    port = _free_port()
+    procs = [ctx.Process(target=_run, args=(r, world, port, q)) for world in (1, 2) for r in range(world)]
+    for p in procs:
+        p.start()
+    got = [q.get(timeout=300) for _ in procs]      # a hang (e.g. a skipped collective) fails here
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    return {world: sorted((r for r in got if r["world"] == world), key=lambda r: r["rank"]) for world in (1, 2)}
 
 
 def _flat(state):

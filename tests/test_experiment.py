@@ -58,15 +58,17 @@ studies:
 
 @pytest.fixture(scope="module")
 def experiment(tables, tmp_path_factory, ray_local):
-    """The spec above (tiny network), killed with SIGKILL right after its driver printed the line
-    of the second finished run (read from its output: no polling), then run again to the end."""
+    """The spec above (tiny network) run by a driver that joins this session's Ray (as a job on a
+    cluster would), killed with SIGKILL right after it printed the line of the second finished run
+    (read from its output: no polling), then run again to the end. Ray ends a dead driver's
+    actors and placement groups; what is on disk is all the restart has."""
     out = str(tmp_path_factory.mktemp("experiment"))
     spec_file = os.path.join(out, "..", "spec.yaml")
     with open(spec_file, "w") as f:
         f.write(SPEC)
     cmd = [sys.executable, "-m", "dec_ray", "experiment", "--tables", tables[0], "--out", out, "--spec", spec_file,
            *[a for o in FAST for a in ("--set", o)]]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
     proc = subprocess.Popen(cmd, start_new_session=True, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     log = []
@@ -75,7 +77,7 @@ def experiment(tables, tmp_path_factory, ray_local):
         if line.startswith("[experiment] 2/"):
             break
     assert proc.poll() is None, "".join(log)[-3000:]
-    os.killpg(proc.pid, signal.SIGKILL)         # the driver, its private Ray and every worker
+    os.killpg(proc.pid, signal.SIGKILL)         # the driver; Ray then ends its trials and workers
     proc.wait()
     before = result_files(out)
     spec = load_spec(spec_file)

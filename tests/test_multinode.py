@@ -14,6 +14,7 @@ import ray.cloudpickle
 from conftest import LocalCluster
 from ray.train import UserCallback
 
+from dec_ray.service.cluster import LOCAL_RAY_TRAIN_ENV
 from dec_ray.service.train import run_training
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
@@ -26,6 +27,8 @@ SPREAD = ["scale.placement_strategy=STRICT_SPREAD", "scale.cpus_per_worker=1", "
 def cluster(monkeypatch):
     import ray
     ray.shutdown()                      # the driver joins the two-node cluster instead
+    for key in LOCAL_RAY_TRAIN_ENV:     # as on a real cluster: Ray Train's own defaults
+        monkeypatch.delenv(key, raising=False)
     c = LocalCluster(num_cpus=2)
     try:
         c.add_node()

@@ -1,4 +1,4 @@
-"""Ray Tune searches with tiny models on the test corpus: random + ASHA, optuna + resume."""
+"""Ray Tune searches with tiny models on the test corpus: grid + random with ASHA, optuna + resume."""
 import csv
 import glob
 import os
@@ -11,26 +11,30 @@ from dec_ray.service.tune import run_tune
 pytestmark = pytest.mark.slow
 
 
-def test_four_trial_search_with_asha(tables, tiny_cfg, tmp_path, ray_local):
+def test_search_with_asha_stops_the_trial_that_cannot_learn(tables, tiny_cfg, tmp_path, ray_local):
+    """Two trials, one after the other (a grid runs in its order), both with the encoder held
+    (train.lr=0): the first trains its regressor, the second's regressor has learning rate 0 too,
+    so its dev loss stays the untrained regressor's and ASHA stops it at its first rung. K and
+    lambda are sampled."""
     out, _ = tables
-    cfg = tiny_cfg("train.epochs=4", "scale.workers=1", "tune.samples=4", "tune.grace_period=1",
-                   "tune.scheduler=asha")
-    # lr 0 for half of the trials: they cannot improve, so ASHA has something to stop
-    space = {"train.lr": {"choice": [0.0, 0.01]}, "cluster.k": {"choice": [3, 5]},
+    cfg = tiny_cfg("train.epochs=4", "scale.workers=1", "tune.samples=1", "tune.grace_period=1",
+                   "tune.scheduler=asha", "tune.max_concurrent=1", "train.lr=0")
+    space = {"train.lr_regressor": {"grid": [0.005, 0.0]}, "cluster.k": {"choice": [3, 5]},
              "train.lambda_ce": {"loguniform": [0.1, 10.0]}}
     run = str(tmp_path / "tune")
     rows = run_tune(out, run, cfg, space)
-    assert len(rows) == 4 and not any(r["error"] for r in rows)
+    assert len(rows) == 2 and not any(r["error"] for r in rows)
     losses = [r["dev_loss"] for r in rows]
     assert losses == sorted(losses)
     table = list(csv.DictReader(open(os.path.join(run, "trials.csv"))))
     assert [float(r["dev_loss"]) for r in table] == pytest.approx(losses)
-    assert {"train.lr", "cluster.k", "train.lambda_ce", "checkpoint"} <= set(table[0])
+    assert {"train.lr_regressor", "cluster.k", "train.lambda_ce", "checkpoint"} <= set(table[0])
+    assert all(r["cluster.k"] in (3, 5) and 0.1 <= r["train.lambda_ce"] <= 10 for r in rows)
     best = load_config(os.path.join(run, "best_config.yaml"))
-    assert best.cluster.k == rows[0]["cluster.k"] and best.train.lr == rows[0]["train.lr"]
+    assert best.cluster.k == rows[0]["cluster.k"] and best.train.lr_regressor == rows[0]["train.lr_regressor"] == 0.005
     assert os.path.exists(rows[0]["checkpoint"])
-    # ASHA stopped at least one trial before the last epoch (max_t = epochs + final report)
-    assert min(r["epochs"] for r in rows) < 4, rows
+    # the trial that learns runs every epoch (max_t = epochs + final report); ASHA stops the other
+    assert [(r["train.lr_regressor"], r["epochs"]) for r in rows] == [(0.005, 4), (0.0, 1)], rows
 
 
 def test_optuna_search_then_resume_of_the_finished_search(tables, tiny_cfg, tmp_path, ray_local):

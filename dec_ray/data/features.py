@@ -23,6 +23,13 @@ def mel_spectrogram(y: np.ndarray, sample_rate: int = 16000, n_fft: int = 512,
     return mel.T.astype(np.float32)
 
 
+def warm_up() -> None:
+    """Compile librosa's numba functions into librosa's on-disk cache, once, at install (Makefile,
+    docker/Dockerfile). A fresh install compiles them at first use, 18-28 s per process on 2
+    cores, and the first ingest's Ray tasks would all do it at the same time."""
+    mel_spectrogram(np.ones(16000, np.float32))
+
+
 def chunk_starts(num_frames: int, chunk_frames: int = 62, num_chunks: int = 11) -> np.ndarray:
     """First frame of each chunk: k * floor((T - m) / (C - 1))."""
     if num_frames < chunk_frames:

@@ -60,8 +60,25 @@ def ensure_ray(min_cpus_for_training: float = 0.0) -> None:
         print(f"[dec-ray] joined the Ray cluster at {address}", flush=True)
         return
     cpus = max((os.cpu_count() or 1) + 1, int(min_cpus_for_training + 1.999))
-    ray.init(num_cpus=cpus, address="local")
+    start_local_ray(cpus)
     print(f"[dec-ray] started a private local Ray ({cpus} logical CPUs)", flush=True)
+
+
+# Ray Train settings for a private local Ray (environment variables, Ray Train's own; a value
+# already in the environment wins). The controller polls its workers every 0.5 s instead of 2 s:
+# on one machine that is cheap, and each run ends seconds sooner (the end of a run is seen at the
+# next poll). No preemption watcher (one more actor process per run): a one-machine Ray has no
+# node an autoscaler could reclaim. On a cluster, Ray's defaults hold.
+LOCAL_RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
+def start_local_ray(cpus: int) -> None:
+    """A private Ray on this machine, with LOCAL_RAY_TRAIN_ENV (set before Ray starts, so every
+    Ray process of it has them)."""
+    import ray
+    for key, value in LOCAL_RAY_TRAIN_ENV.items():
+        os.environ.setdefault(key, value)
+    ray.init(num_cpus=cpus, address="local")
 
 
 def check_room_for_data(training_cpus: float) -> None:
