@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # `make install TORCH_SPEC=torch` (the CUDA build from PyPI) - see README "GPU install".
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
-PIP := $(PY) -m pip install --disable-pip-version-check -q
+PIP := $(PY) -m pip install --disable-pip-version-check --no-compile -q
 DEMO_OUT ?= demo_out
 
 .PHONY: install demo test bench clean
@@ -31,7 +31,7 @@ test: install
 	$(PY) -m pytest
 
 bench: install
-	$(PY) bench/ingest.py && $(PY) bench/kmeans.py && $(PY) bench/train.py && $(PY) bench/predict.py
+	$(PY) bench/ingest.py && $(PY) bench/kmeans.py && $(PY) bench/train.py && $(PY) bench/predict.py && $(PY) bench/run_overhead.py
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache

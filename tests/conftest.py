@@ -23,8 +23,11 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])     # its callba
 
 def pytest_collection_modifyitems(config, items):
     """The `cluster` tests start Ray heads and nodes of their own and end this session's Ray:
-    they run last, as their own group, after every test that shares the session's Ray."""
-    items.sort(key=lambda item: item.get_closest_marker("cluster") is not None)
+    they run last, as their own group, after every test that shares the session's Ray. Those on
+    the shared two-node cluster come last of all: while it runs, `ray start`'s address file names
+    it, and a dec_ray driver with no address (rightly) joins it."""
+    items.sort(key=lambda item: (item.get_closest_marker("cluster") is not None,
+                                 "two_node_cluster" in getattr(item, "fixturenames", ())))
 
 
 TINY = ["model.width=0.125", "cluster.k=4", "train.batch_sentences=4", "train.epochs=2",
@@ -232,3 +235,27 @@ class LocalCluster:
         started = started_cluster_address()
         if started and started.rpartition(":")[2] == str(self.port):    # what `ray stop` would clean up
             os.remove(ADDRESS_FILE)
+
+
+@pytest.fixture(scope="session")
+def two_node_cluster():
+    """A head and a worker node of 2 CPUs each, started with the `ray` CLI, that the driver joins
+    as a user's would (token auth, Ray Train's own defaults, not those of a private local Ray).
+    The cluster tests share it; they run last, so the session's Ray is ended first."""
+    import ray
+
+    from dec_ray.service.cluster import LOCAL_RAY_TRAIN_ENV
+    ray.shutdown()
+    saved = {k: os.environ.pop(k) for k in (*LOCAL_RAY_TRAIN_ENV, "RAY_ADDRESS", "RAY_AUTH_MODE") if k in os.environ}
+    c = LocalCluster(num_cpus=2)
+    try:
+        c.add_node()
+        os.environ.update(RAY_ADDRESS=c.address, RAY_AUTH_MODE="token")
+        ray.init(address=c.address)
+        c.wait_nodes(2)
+        yield c
+    finally:
+        c.stop()
+        for k in ("RAY_ADDRESS", "RAY_AUTH_MODE"):
+            os.environ.pop(k, None)
+        os.environ.update(saved)

@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dec_ray.config import load_config
+from dec_ray.data.pools import Pool
 from dec_ray.method.learner import Learner
 from dec_ray.method.loop import fit
 from plain_pools import shard, synth_pools
@@ -24,12 +25,12 @@ CFG = ["model.width=0.125", "cluster.k=4", "train.batch_sentences=4", "train.epo
        "model.dropout=0.5"]
 
 
-def _run(rank: int, world: int, port: int, q) -> None:
+def _run(rank: int, world: int, port: int, q, stats, arrays) -> None:
     torch.set_num_threads(1)
     if world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=world)
-    stats, full = synth_pools()
+    full = {k: Pool(*v) for k, v in arrays.items()}
     pools = {k: shard(v, rank, world) for k, v in full.items()}
     # one test sentence in all: rank 1 holds none of it, yet scoring is a collective
     pools["test"] = shard(shard(full["test"], 0, len(full["test"].row_ids)), rank, world)
@@ -71,11 +72,15 @@ def _free_port():
 
 @pytest.fixture(scope="module")
 def runs():
-    """The 1-rank and the 2-rank run side by side (three processes, one thread each)."""
+    """The 1-rank and the 2-rank run side by side (three processes, one thread each), on the
+    same pools, rendered once here."""
+    stats, full = synth_pools()
+    arrays = {k: (p.chunks.numpy(), p.labels.numpy(), p.row_ids) for k, p in full.items()}
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_run, args=(r, world, port, q)) for world in (1, 2) for r in range(world)]
+    procs = [ctx.Process(target=_run, args=(r, world, port, q, stats, arrays)) for world in (1, 2)
+             for r in range(world)]
     for p in procs:
         p.start()
     got = [q.get(timeout=300) for _ in procs]      # a hang (e.g. a skipped collective) fails here

@@ -71,3 +71,23 @@ def test_a_two_axis_study_is_a_grid_with_pool_sizes_as_columns():
         by_pool = {c.pool: f"{means[c.name]:.3f} ± 0.010" for c in row}
         assert f"| {k} | {by_pool[0]} | {by_pool[100]} |" in table
     assert "CNN-regressor (t-test reference): 0.500 ± 0.010; ridge (log-mel statistics): 0.600 ± 0.010" in table
+
+
+def test_a_one_axis_study_is_a_row_per_value_with_the_references_below():
+    """Table 4 with one K: a row per pool size (a fraction resolved to its count), then the CNN
+    and ridge rows; each cell's own numbers in its row."""
+    import pandas as pd
+
+    from dec_ray.report.experiment import study_tables
+    from dec_ray.service.experiment import Study
+    spec = spec_from_dict({"config": "demo", "studies": [{"name": "k", "pool": [0, 1.0], "k": [10]}]})
+    cells = plan(spec, load_config(config_path(spec), spec.set), n_unlabeled=351)["k"]
+    assert [c.pool for c in cells] == [0, 351]
+    means = {c.name: 0.1 * i for i, c in enumerate(cells, 1)}
+    summary = pd.DataFrame([{"cell": n, "attribute": "arousal", "ccc_mean": m, "ccc_std": 0.01, "mark": ""}
+                            for n, m in {**means, "cnn": 0.5, "ridge": 0.6}.items()])
+    table = study_tables(Study(**vars(spec.studies[0])), cells, summary, ["arousal"], "cnn")
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows == ["| unlabeled pool | arousal |", "| 0 | 0.100 ± 0.010 |", "| 351 | 0.200 ± 0.010 |",
+                    "| CNN-regressor (t-test reference) | 0.500 ± 0.010 |",
+                    "| ridge (log-mel statistics) | 0.600 ± 0.010 |"]

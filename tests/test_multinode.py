@@ -11,10 +11,8 @@ import time
 
 import pytest
 import ray.cloudpickle
-from conftest import LocalCluster
 from ray.train import UserCallback
 
-from dec_ray.service.cluster import LOCAL_RAY_TRAIN_ENV
 from dec_ray.service.train import run_training
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
@@ -24,21 +22,9 @@ SPREAD = ["scale.placement_strategy=STRICT_SPREAD", "scale.cpus_per_worker=1", "
 
 
 @pytest.fixture
-def cluster(monkeypatch):
-    import ray
-    ray.shutdown()                      # the driver joins the two-node cluster instead
-    for key in LOCAL_RAY_TRAIN_ENV:     # as on a real cluster: Ray Train's own defaults
-        monkeypatch.delenv(key, raising=False)
-    c = LocalCluster(num_cpus=2)
-    try:
-        c.add_node()
-        monkeypatch.setenv("RAY_ADDRESS", c.address)
-        monkeypatch.setenv("RAY_AUTH_MODE", "token")
-        ray.init(address=c.address)
-        c.wait_nodes(2)
-        yield c
-    finally:
-        c.stop()
+def cluster(two_node_cluster):
+    two_node_cluster.wait_nodes(2)
+    return two_node_cluster
 
 
 def _placements(run):

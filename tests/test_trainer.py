@@ -9,7 +9,7 @@ import pandas as pd
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-from conftest import MODELS, RAY, LocalCluster
+from conftest import MODELS, RAY
 from ray.train import TrainingFailedError
 
 from dec_ray.data.tables import split_files
@@ -82,25 +82,21 @@ def test_interrupted_run_resumes_with_resume_flag(interrupted_run):
 
 
 @pytest.mark.cluster
-def test_ray_job_submit_to_a_local_head(tables, tmp_path):
-    """`ray start --head`, then `ray job submit --working-dir . -- dec-ray train ...`."""
-    import ray
-    ray.shutdown()            # the job's driver joins the new head, not this session's Ray
+def test_ray_job_submit_to_a_ray_cluster(tables, tmp_path, two_node_cluster):
+    """`ray job submit --working-dir . -- dec-ray train ...` to the dashboard of a head started
+    with `ray start --head` (the two-node cluster of the cluster tests)."""
     out, _ = tables
+    head = two_node_cluster
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    head = LocalCluster(num_cpus=3)
-    try:
-        run = str(tmp_path / "job_run")
-        cmd = [RAY, "job", "submit", f"--address=http://127.0.0.1:{head.dashboard_port}", f"--working-dir={repo}",
-               "--", "dec-ray", "train", "--tables", out, "--out", run, "--epochs", "1",
-               "--set", "model.width=0.125", "--set", "cluster.k=4", "--set", "train.batch_sentences=4"]
-        for _ in range(12):   # a new head's job agent can take a while to come up on a loaded machine
-            proc = subprocess.run(cmd, env=head.env, capture_output=True, text=True, timeout=600)
-            if "No available agent to submit job" not in proc.stdout + proc.stderr:
-                break
-            time.sleep(10)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        assert "succeeded" in proc.stdout
-        assert json.load(open(os.path.join(run, "result.json")))["epochs_run"] == 1
-    finally:
-        head.stop()
+    run = str(tmp_path / "job_run")
+    cmd = [RAY, "job", "submit", f"--address=http://127.0.0.1:{head.dashboard_port}", f"--working-dir={repo}",
+           "--", "dec-ray", "train", "--tables", out, "--out", run, "--epochs", "1",
+           "--set", "model.width=0.125", "--set", "cluster.k=4", "--set", "train.batch_sentences=4"]
+    for _ in range(12):   # a new head's job agent can take a while to come up on a loaded machine
+        proc = subprocess.run(cmd, env=head.env, capture_output=True, text=True, timeout=600)
+        if "No available agent to submit job" not in proc.stdout + proc.stderr:
+            break
+        time.sleep(10)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "succeeded" in proc.stdout
+    assert json.load(open(os.path.join(run, "result.json")))["epochs_run"] == 1

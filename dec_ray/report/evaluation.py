@@ -13,7 +13,6 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 import pandas as pd
-from scipy import stats as sps
 
 from dec_ray.method.losses import ccc
 
@@ -68,6 +67,7 @@ def subset_cccs(runs: Sequence[str], n_subsets: int = 4, seed: int = 0) -> pd.Da
 
 def t_test(a: Sequence[float], b: Sequence[float]) -> tuple:
     """Two-tailed two-sample t-test (Student's, pooled variance, as in the paper): (t, p)."""
+    from scipy import stats as sps     # here: every training worker imports this module (predictions_table)
     res = sps.ttest_ind(np.asarray(a, float), np.asarray(b, float), equal_var=True, alternative="two-sided")
     return float(res.statistic), float(res.pvalue)
 

@@ -15,7 +15,6 @@ import shutil
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -59,23 +58,15 @@ def load_pools(config: dict, cfg: Config, stats: Stats, rank: int, world_size: i
     expected.update({n: -(-rows.get(n, 0) // world_size) for n in EVAL_SPLITS})
     need = sum(expected.values()) * row_bytes(shape, attrs, dtype)
     storage, pin, where = placement(need, device, cfg.scale.pool_device_fraction)
-
-    def shard_pool(name: str, shard) -> Tuple[Pool, int]:
-        batches = pool_batches(shard.iter_batches(batch_size=READ_BATCH, batch_format="numpy"), cfg, stats)
-        return build_pool(batches, expected[name], shape, attrs, storage, pin, device, dtype)
-
-    # The shards stream side by side: each Ray Data execution spends most of a small split's
-    # time starting up, so reading them one after the other would add those start-ups.
-    with ThreadPoolExecutor(max(1, len(config["datasets"]))) as threads:
-        loading = {n: threads.submit(shard_pool, n, ray.train.get_dataset_shard(n)) for n in config["datasets"]}
-        evals = {n: read_pool(config["eval_files"].get(n), cfg, stats, rank, world_size, storage, pin, device)
-                 for n in EVAL_SPLITS}
-        pools: Dict[str, Optional[Pool]] = {}
-        grown = 0
-        for n, future in loading.items():
-            pools[n], g = future.result()
-            grown += g
-    pools.update(evals)
+    pools: Dict[str, Optional[Pool]] = {}
+    grown = 0
+    for n in config["datasets"]:
+        shard = ray.train.get_dataset_shard(n).iter_batches(batch_size=READ_BATCH, batch_format="numpy")
+        batches = pool_batches(shard, cfg, stats)
+        pools[n], g = build_pool(batches, expected[n], shape, attrs, storage, pin, device, dtype)
+        grown += g
+    for n in EVAL_SPLITS:
+        pools[n] = read_pool(config["eval_files"].get(n), cfg, stats, rank, world_size, storage, pin, device)
     sizes = ", ".join(f"{n} {len(p.row_ids)}" for n, p in pools.items() if p is not None)
     load = {"load_s": time.perf_counter() - t0,
             "pool_gb": sum(p.nbytes for p in pools.values() if p is not None) / 1e9,
