@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # `make install TORCH_SPEC=torch` (the CUDA build from PyPI) - see README "GPU install".
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
-PIP := $(PY) -m pip install --disable-pip-version-check --no-compile -q
+PIP := $(PY) -m pip install --disable-pip-version-check -q
 DEMO_OUT ?= demo_out
 
 .PHONY: install demo test bench clean
