@@ -114,10 +114,11 @@ def test_report_numbers_are_recomputed_from_the_saved_predictions(experiment):
         return np.mean(values), np.std(values, ddof=1)
 
     # Table 2 rows: "| <model label> | mean ± std [mark] |", one attribute (arousal)
-    for label, cell in (("DeepEmoCluster", dec), ("CNN-regressor (t-test reference)", "cnn"), ("ridge (log-mel statistics)", "ridge")):
+    rows = (("DeepEmoCluster", dec), ("CNN-regressor (t-test reference)", "cnn"), ("ridge (log-mel statistics)", "ridge"))
+    for label, cell in rows:
         row = re.search(rf"^\| {re.escape(label)} \| ([-0-9.]+) ± ([0-9.]+)", report, re.M)
         assert row, label
         d = os.path.join(out, "runs", cell)
         mean, std = cell_stats([d] if cell == "ridge" else [os.path.join(d, "seed0")])
-        assert float(row.group(1)) == pytest.approx(mean, abs=6e-4) and float(row.group(2)) == pytest.approx(std,
-                                                                                                             abs=6e-4)
+        assert float(row.group(1)) == pytest.approx(mean, abs=6e-4)
+        assert float(row.group(2)) == pytest.approx(std, abs=6e-4)
