@@ -32,13 +32,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 from bench_results import write_section  # noqa: E402
 
+from dec_ray.service.cluster import LOCAL_RAY_TRAIN_ENV  # noqa: E402
+
 TINY = ["model.width=0.125", "cluster.k=4", "train.batch_sentences=4", "train.epochs=2", "scale.workers=2",
         "scale.max_failures=0", "train.patience=0"]
-VARIANTS = {
-    "ray-defaults": ("v2", {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1"}),
-    "v1-reader": ("v1", {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1"}),
-    "local-ray": ("v1", {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}),
-}
+RAY_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1"}
+VARIANTS = {"ray-defaults": ("v2", RAY_DEFAULTS), "v1-reader": ("v1", RAY_DEFAULTS),
+            "local-ray": ("v1", LOCAL_RAY_TRAIN_ENV)}       # what start_local_ray sets
 
 
 def main() -> None:
