@@ -5,11 +5,10 @@ A run of the tiny network on a small corpus is nearly all fixed cost: the contro
 group, the Ray Data executions that stream the shards, the end of the run. The variants, each run
 ``--rounds`` times, alternated so that the machine's drift falls on all of them:
 
-- ``ray-defaults``: Ray Data's v2 Parquet reader, the Train controller polling every 2 s, the
-  preemption watcher on (what a run on a cluster gets);
-- ``v1-reader``: the same with ``scale.parquet_reader=v1``;
-- ``local-ray``: v1 reader, 0.5 s polls, no preemption watcher (``cluster.LOCAL_RAY_TRAIN_ENV``,
-  what `dec-ray` and the test suite get on one machine).
+- ``ray-defaults``: the Train controller polling every 2 s, the preemption watcher on (what a run
+  on a cluster gets);
+- ``local-ray``: 0.5 s polls, no preemption watcher (``cluster.LOCAL_RAY_TRAIN_ENV``, what
+  `dec-ray` and the test suite get on one machine).
 
 The reference measured in the same run is the runs' own training time (the sum of their epochs'
 ``epoch_time_s``): the rest of a run's wall time is its fixed cost.
@@ -37,8 +36,7 @@ from dec_ray.service.cluster import LOCAL_RAY_TRAIN_ENV  # noqa: E402
 TINY = ["model.width=0.125", "cluster.k=4", "train.batch_sentences=4", "train.epochs=2", "scale.workers=2",
         "scale.max_failures=0", "train.patience=0"]
 RAY_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1"}
-VARIANTS = {"ray-defaults": ("v2", RAY_DEFAULTS), "v1-reader": ("v1", RAY_DEFAULTS),
-            "local-ray": ("v1", LOCAL_RAY_TRAIN_ENV)}       # what start_local_ray sets
+VARIANTS = {"ray-defaults": RAY_DEFAULTS, "local-ray": LOCAL_RAY_TRAIN_ENV}       # what start_local_ray sets
 
 
 def main() -> None:
@@ -62,11 +60,11 @@ def main() -> None:
                [os.path.join(work, "corpus", "Unlabeled")])
     times = {v: {"wall": [], "train": []} for v in VARIANTS}
     for r in range(args.rounds + 1):                  # round 0 warms the workers' imports, not counted
-        for name, (reader, env) in VARIANTS.items():
+        for name, env in VARIANTS.items():
             os.environ.update(env)
             run = os.path.join(work, "runs", f"{name}_{r}")
             t = time.perf_counter()
-            run_training(tables, run, load_config(None, [*TINY, f"scale.parquet_reader={reader}"]))
+            run_training(tables, run, load_config(None, TINY))
             wall = time.perf_counter() - t
             train = sum(json.loads(x)["epoch_time_s"] for x in open(os.path.join(run, "metrics.jsonl")))
             print(f"[bench] round {r} {name}: {wall:.1f} s, of which training {train:.1f} s", flush=True)

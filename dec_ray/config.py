@@ -100,10 +100,6 @@ class ScaleConfig:
     # a GPU worker keeps its pools on the GPU when they fit in this share of its free memory,
     # else in pinned host memory (see dec_ray/data/pools.py)
     pool_device_fraction: float = 0.5
-    # Ray Data's Parquet reader for the train/unlabeled shards: "v1" (read tasks) or "v2" (Ray's
-    # newer pipeline: a file-listing stage and footer-reader actors per dataset). The tables are a
-    # known list of parts, so v1 has nothing to discover and starts no actors (bench/RESULTS.md).
-    parquet_reader: str = "v1"
 
 
 @dataclass
@@ -257,7 +253,6 @@ def validate(cfg: Config) -> None:
         "tune.search": (cfg.tune.search, ("random", "optuna")),
         "scale.placement_strategy": (cfg.scale.placement_strategy,
                                      ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")),
-        "scale.parquet_reader": (cfg.scale.parquet_reader, ("v1", "v2")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:

@@ -123,8 +123,7 @@ def trained_runs(tables, tmp_path_factory):
     from dec_ray.service.train import repeated_runs, run_training
     out = str(tmp_path_factory.mktemp("evaluate"))
     runs = dict(zip(["deepemocluster", "cnn"], repeated_runs(tables[0], out, ["deepemocluster", "cnn"], 1, None, TINY)))
-    # the VAE's shards come through Ray Data's other Parquet reader (scale.parquet_reader)
-    runs["vae"], = repeated_runs(tables[0], out, ["vae"], 1, None, TINY + ["scale.parquet_reader=v2"])
+    runs["vae"], = repeated_runs(tables[0], out, ["vae"], 1, None, TINY)
     ae = os.path.join(out, "runs", "ae", "seed0")
     cfg = load_config(None, TINY + ["model.name=ae", "train.seed=0"])
     try:

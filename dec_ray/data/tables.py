@@ -78,18 +78,68 @@ def _numpy_batches(batches: Iterator[pa.RecordBatch]):
         yield d
 
 
+def block_of(ids: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """Rank ``rank``'s contiguous block of the sorted row ids. The blocks differ in size by at most
+    one row, every row is in exactly one, and a row is in the same rank's block on every run: the
+    train and unlabeled pools are split so (Ray Data's equal split dropped up to world_size - 1
+    rows, a different one each execution). Contiguous, so each rank reads only the row groups that
+    hold its rows."""
+    ids = np.sort(np.asarray(ids, dtype=np.int64))
+    return ids[len(ids) * rank // world_size:len(ids) * (rank + 1) // world_size]
+
+
+def stride_of(ids: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """Rows i with i % world_size == rank, in row-id order (dev and test: every rank a sample of
+    every speaker, for small splits)."""
+    return np.sort(np.asarray(ids, dtype=np.int64))[rank::world_size]
+
+
+def row_ids(files: List[str]) -> np.ndarray:
+    """The sorted row ids of these files (one column read)."""
+    if not files:
+        return np.zeros(0, np.int64)
+    return np.sort(pads.dataset(files, format="parquet").to_table(columns=["row_id"])["row_id"].to_numpy())
+
+
+def training_rows(tables: str, split: str, cfg: Config) -> np.ndarray:
+    """The sentences a run trains on from ``split`` (train or unlabeled), decided from the tables
+    and the config alone: the same rows on every run and for any number of workers. The
+    unlabeled pool is all of it, none (``train.unlabeled_limit`` 0, or the CNN, which has no use
+    for it) or a seeded random subset of ``train.unlabeled_limit`` rows (the official code draws a
+    random 40K with a fixed seed)."""
+    ids = row_ids(split_files(tables, split))
+    if split != "unlabeled":
+        return ids
+    limit = cfg.train.unlabeled_limit
+    if limit == 0 or cfg.model.name == "cnn":
+        return ids[:0]
+    if 0 < limit < len(ids):
+        return np.sort(np.random.default_rng(cfg.train.seed).choice(ids, limit, replace=False))
+    return ids
+
+
+def read_rows(files: List[str], mine: np.ndarray, cfg: Config, stats: Stats,
+              storage: torch.device = torch.device("cpu"), pin: bool = False,
+              label_device: torch.device = torch.device("cpu")) -> Pool:
+    """The rows ``mine`` of these files, streamed batch by batch into a Pool sized exactly. The
+    range bounds let Parquet skip row groups that hold none of them."""
+    mine = np.sort(np.asarray(mine, dtype=np.int64))
+    batches = iter(())
+    if len(mine):
+        ds = pads.dataset(files, format="parquet")
+        f = pc.field("row_id")
+        where = (f >= int(mine[0])) & (f <= int(mine[-1])) & f.isin(pa.array(mine))
+        batches = _numpy_batches(ds.to_batches(columns=COLUMNS, filter=where, batch_size=READ_BATCH))
+    pool, _ = build_pool(pool_batches(batches, cfg, stats), len(mine), chunk_shape(cfg),
+                         len(cfg.model.attributes), storage, pin, label_device, dtype=storage_dtype(cfg))
+    return pool
+
+
 def read_pool(files: List[str], cfg: Config, stats: Stats, rank: int = 0, world_size: int = 1,
               storage: torch.device = torch.device("cpu"), pin: bool = False,
               label_device: torch.device = torch.device("cpu")) -> Optional[Pool]:
-    """Rows i with i % world_size == rank (in row-id order) of these files, streamed batch by batch
-    into a Pool: every sentence is read by exactly one rank, and no rank holds the whole split.
-    None when there are no files."""
+    """This rank's stride (``stride_of``) of these files: every sentence is read by exactly one
+    rank, and no rank holds the whole split. None when there are no files."""
     if not files:
         return None
-    ds = pads.dataset(files, format="parquet")
-    ids = np.sort(ds.to_table(columns=["row_id"])["row_id"].to_numpy())
-    mine = ids[rank::world_size]
-    scan = ds.to_batches(columns=COLUMNS, filter=pc.field("row_id").isin(pa.array(mine)), batch_size=READ_BATCH)
-    pool, _ = build_pool(pool_batches(_numpy_batches(scan), cfg, stats), len(mine), chunk_shape(cfg),
-                         len(cfg.model.attributes), storage, pin, label_device, dtype=storage_dtype(cfg))
-    return pool
+    return read_rows(files, stride_of(row_ids(files), rank, world_size), cfg, stats, storage, pin, label_device)

@@ -34,6 +34,15 @@ def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
     return c.to(t.device)
 
 
+def all_reduce_differentiable(t: torch.Tensor) -> torch.Tensor:
+    """Sum of a tensor over ranks through which gradients flow back to every rank's input
+    (``torch.distributed.nn``): a statistic of the global batch as a differentiable term."""
+    if not is_distributed():
+        return t
+    from torch.distributed.nn.functional import all_reduce as autograd_all_reduce
+    return autograd_all_reduce(t.to(comm_device())).to(t.device)
+
+
 def _reduce_int(n: int, op) -> int:
     if not is_distributed():
         return n
@@ -56,6 +65,17 @@ def broadcast(t: torch.Tensor, src: int = 0) -> None:
     dist.broadcast(c, src=src)
     if c is not t:
         t.copy_(c)
+
+
+def gather_tensors(t: torch.Tensor) -> torch.Tensor:
+    """(world, *t.shape): every rank's tensor of the same shape, in rank order, on t's device."""
+    rank, size = world()
+    if size == 1:
+        return t[None]
+    c = t.to(comm_device())
+    out = [torch.empty_like(c) for _ in range(size)]
+    dist.all_gather(out, c)
+    return torch.stack(out).to(t.device)
 
 
 def gather_objects(obj):

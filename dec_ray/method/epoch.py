@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from dec_ray.data.pools import Pool
-from dec_ray.method.distributed import rank_seed, sum_over_ranks, world
+from dec_ray.method.distributed import all_reduce_differentiable, rank_seed, sum_over_ranks, world
 from dec_ray.method.learner import Batch, Learner
 from dec_ray.method.losses import ccc_loss, vae_kl
 from dec_ray.method.sampler import uniform_cluster_indices
@@ -42,7 +42,8 @@ class Stage:
 
 # --- the loss terms ---
 def emotion(out, batch: Batch) -> torch.Tensor:
-    return ccc_loss(out["pred"], batch.labels)
+    """1 - CCC over the global batch (every rank's share of it; see ``losses.ccc_torch``)."""
+    return ccc_loss(out["pred"], batch.labels, reduce=all_reduce_differentiable)
 
 
 def pseudo_label_ce(pseudo: torch.Tensor, weight: float = 1.0) -> Loss:
@@ -50,10 +51,17 @@ def pseudo_label_ce(pseudo: torch.Tensor, weight: float = 1.0) -> Loss:
 
 
 def reconstruction(beta: float, weight: float = 1.0) -> Loss:
+    """Mean squared error per input element; for the VAE plus beta * KL on the same scale.
+
+    A standard VAE minimises sum-over-elements reconstruction + beta * sum-over-latents KL per
+    sample. Both are divided here by the elements per chunk (62 x 128), so beta weighs the KL as in
+    that objective (a per-element mean beside a per-sample sum weighted it 7936 times too heavily,
+    and every latent unit collapsed to the prior)."""
     def loss(out, batch: Batch) -> torch.Tensor:
         rec = nn.functional.mse_loss(out["recon"].float(), batch.x)
         if "mu" in out:                                     # the VAE's KL term
-            rec = rec + beta * vae_kl(out["mu"].float(), out["logvar"].float())
+            per_element = beta / batch.x[0].numel()
+            rec = rec + per_element * vae_kl(out["mu"].float(), out["logvar"].float())
         return weight * rec
     return loss
 
@@ -109,7 +117,7 @@ class Epoch:
         self.logs.update({f"{name}_embed_s": t1 - t0, f"{name}_kmeans_s": t2 - t1, f"{name}_cluster_s": t2 - t0,
                           f"{name}_kmeans_obj": res.objective, f"{name}_nonempty": int((res.sizes > 0).sum())})
         learner.reset_top(s)
-        return res.assignment, uniform_cluster_indices(res.assignment, seed=s, rank=self.rank)
+        return res.assignment, uniform_cluster_indices(res.assignment, seed=s, rank=self.rank, k=len(res.sizes))
 
     def train(self, prefix: str, pool: Pool, indices: torch.Tensor, stage: Stage) -> None:
         t0 = time.perf_counter()

@@ -57,16 +57,17 @@ def run_ridge(tables: str, out: str, attributes: Sequence[str] = ("arousal",)) -
     mean, std = xtr.mean(0), xtr.std(0) + 1e-8
     norm = {s: (d[0], (d[1] - mean) / std, d[2]) for s, d in data.items() if d is not None}
     preds = {s: np.zeros_like(d[2]) for s, d in norm.items()}
-    alphas = {}
+    alphas, dev_cccs = {}, {}
     for j, a in enumerate(attributes):
-        fits = {al: fit_ridge(norm["train"][1], norm["train"][2][:, j:j + 1], al) for al in ALPHAS}
+        fits = {al: fit_ridge(norm["train"][1], norm["train"][2][:, j], al) for al in ALPHAS}
         dev_ccc = {al: ccc(norm["dev"][1] @ w + b, norm["dev"][2][:, j]) for al, (w, b) in fits.items()}
-        alphas[a] = float(max(dev_ccc, key=dev_ccc.get))
+        alphas[a], dev_cccs[a] = float(max(dev_ccc, key=dev_ccc.get)), dev_ccc
         w, b = fits[alphas[a]]
         for s, (_, x, _) in norm.items():
-            preds[s][:, j] = (x @ w + b)[:, 0]
+            preds[s][:, j] = x @ w + b
     os.makedirs(out, exist_ok=True)
     result = {"model": "ridge", "attributes": attributes, "alpha": alphas,
+              "dev_ccc_per_alpha": {a: {str(al): float(v) for al, v in c.items()} for a, c in dev_cccs.items()},
               "dev_ccc": {a: ccc(preds["dev"][:, j], norm["dev"][2][:, j]) for j, a in enumerate(attributes)}}
     for s in ("dev", "test"):
         if s in norm:

@@ -81,16 +81,6 @@ def start_local_ray(cpus: int) -> None:
     ray.init(num_cpus=cpus, address="local")
 
 
-def check_room_for_data(training_cpus: float) -> None:
-    """Warn when training would hold every CPU of the cluster (Ray Data would then stall)."""
-    import ray
-    total = ray.cluster_resources().get("CPU", 0)
-    if total < training_cpus + 1:
-        print(f"[dec-ray] warning: the cluster has {total:g} CPUs and training holds {training_cpus:g}; "
-              "Ray Data needs at least one more to read the tables. Lower scale.workers or "
-              "scale.cpus_per_worker, or add a node.", flush=True)
-
-
 def runs_that_fit(workers: int, cpus_per_worker: float, use_gpu: bool = False, cap: int = 0) -> int:
     """How many training runs (Tune trials) fit on the cluster at once: each holds its workers plus
     one CPU for the trial's own driver, one CPU stays free for Ray Data; with GPUs, one per worker.

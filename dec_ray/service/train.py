@@ -28,53 +28,45 @@ import torch
 from dec_ray.config import Config, config_from_dict, load_config
 from dec_ray.data.files import atomic_path, write_json
 from dec_ray.data.normalization import Stats
-from dec_ray.data.pools import Pool, build_pool, placement, row_bytes
-from dec_ray.data.tables import (COLUMNS, READ_BATCH, chunk_shape, is_complete, pool_batches, read_pool,
-                                 run_tables, split_files, split_rows, storage_dtype)
+from dec_ray.data.pools import Pool, placement, row_bytes
+from dec_ray.data.tables import (block_of, chunk_shape, is_complete, read_rows, row_ids, run_tables,
+                                 split_files, split_rows, storage_dtype, stride_of, training_rows)
 from dec_ray.method.distributed import gather_objects
 from dec_ray.method.learner import MIN_SENTENCES_PER_WORKER_BATCH, Learner, batch_sentences
 from dec_ray.method.loop import LoopState, fit
 from dec_ray.report.evaluation import predictions_table
-from dec_ray.service.cluster import check_room_for_data, ensure_ray
+from dec_ray.service.cluster import ensure_ray
 
-DATASETS = ("train", "unlabeled")          # streamed through Ray Data, split between workers
-EVAL_SPLITS = ("dev", "test")              # read by each worker, its stride only
-SHARD_SLACK = 1.05                         # a Ray Data shard's rows: its even share + 5 % + one batch
+DATASETS = ("train", "unlabeled")          # trained on: each worker reads its block of the rows
+EVAL_SPLITS = ("dev", "test")              # scored: each worker reads its stride
 STATE_FILE = "state.pt"
 
 
 def load_pools(config: dict, cfg: Config, stats: Stats, rank: int, world_size: int,
                device: torch.device) -> Tuple[Dict[str, Optional[Pool]], Dict[str, float], str]:
-    """This worker's pools: its Ray Data shard of train/unlabeled and its stride of dev/test, each
-    streamed into a buffer sized up front (``pools.PoolBuilder``), placed by ``pools.placement``.
-    Returns them, the load metrics (``load_s``, ``pool_gb``, ``worker_peak_rss_gb``) and the line
-    that says where they are and how much memory they take."""
-    import ray.train
+    """This worker's pools: its block of the train and unlabeled rows (``tables.block_of``) and its
+    stride of dev/test, each streamed into a buffer of exactly its size, placed by
+    ``pools.placement``. Returns them, the load metrics (``load_s``, ``pool_gb``,
+    ``worker_peak_rss_gb``) and the line that says where they are and how much memory they take."""
     t0 = time.perf_counter()
     shape, attrs, dtype = chunk_shape(cfg), len(cfg.model.attributes), storage_dtype(cfg)
-    rows = config["rows"]
-    expected = {n: (rows[n] if world_size == 1 else min(rows[n], math.ceil(rows[n] / world_size * SHARD_SLACK)
-                                                        + READ_BATCH)) for n in config["datasets"]}
-    expected.update({n: -(-rows.get(n, 0) // world_size) for n in EVAL_SPLITS})
-    need = sum(expected.values()) * row_bytes(shape, attrs, dtype)
+    tables = config["tables"]
+    selected = {n: training_rows(tables, n, cfg) for n in DATASETS}
+    mine = {n: block_of(ids, rank, world_size) for n, ids in selected.items() if len(ids)}
+    mine.update({n: stride_of(row_ids(split_files(tables, n)), rank, world_size) for n in EVAL_SPLITS
+                 if split_files(tables, n)})
+    need = sum(len(ids) for ids in mine.values()) * row_bytes(shape, attrs, dtype)
     storage, pin, where = placement(need, device, cfg.scale.pool_device_fraction)
-    pools: Dict[str, Optional[Pool]] = {}
-    grown = 0
-    for n in config["datasets"]:
-        shard = ray.train.get_dataset_shard(n).iter_batches(batch_size=READ_BATCH, batch_format="numpy")
-        batches = pool_batches(shard, cfg, stats)
-        pools[n], g = build_pool(batches, expected[n], shape, attrs, storage, pin, device, dtype)
-        grown += g
-    for n in EVAL_SPLITS:
-        pools[n] = read_pool(config["eval_files"].get(n), cfg, stats, rank, world_size, storage, pin, device)
+    pools: Dict[str, Optional[Pool]] = {n: None for n in (*DATASETS, *EVAL_SPLITS)}
+    for n, ids in mine.items():        # a rank with no rows of a split still gets an empty pool
+        pools[n] = read_rows(split_files(tables, n), ids, cfg, stats, storage, pin, device)
     sizes = ", ".join(f"{n} {len(p.row_ids)}" for n, p in pools.items() if p is not None)
     load = {"load_s": time.perf_counter() - t0,
             "pool_gb": sum(p.nbytes for p in pools.values() if p is not None) / 1e9,
             "worker_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}    # kB -> GB (Linux)
     line = (f"pools per worker: {sizes} sentences = {load['pool_gb']:.2f} GB, {where}; "
             f"{load['pool_gb'] * world_size:.2f} GB over {world_size} workers; loaded in {load['load_s']:.1f} s, "
-            f"peak host memory of the worker {load['worker_peak_rss_gb']:.2f} GB"
-            + (f"; a shard outgrew its estimate {grown}x" if grown else ""))
+            f"peak host memory of the worker {load['worker_peak_rss_gb']:.2f} GB")
     return pools, load, line
 
 
@@ -122,7 +114,6 @@ def _save_checkpoint(out: str, payload: dict, extra_files: Optional[Dict[str, pa
 def train_loop_per_worker(config: dict) -> None:
     """One Ray Train worker: load its shards, restore the loop state, run ``loop.fit``."""
     import ray
-    import ray.data
     import ray.train
     import ray.train.torch
 
@@ -134,7 +125,6 @@ def train_loop_per_worker(config: dict) -> None:
     torch.set_num_threads(max(1, int(cfg.scale.cpus_per_worker)))
     if cfg.cluster.faiss_threads == 0:
         cfg.cluster.faiss_threads = max(1, int(cfg.scale.cpus_per_worker))
-    ray.data.DataContext.get_current().enable_progress_bars = False   # one progress line per epoch instead
     device = ray.train.torch.get_device()
     pools, load, pool_line = load_pools(config, cfg, stats, rank, world_size, device)
     if rank == 0:
@@ -176,19 +166,6 @@ def train_loop_per_worker(config: dict) -> None:
     report(result["metrics"], state, tables)
 
 
-def unlabeled_subset(files, n: int, seed: int) -> np.ndarray:
-    """Row ids of a random ``n`` of the unlabeled rows, seeded: the same rows on every run and for
-    any number of workers (the official code draws a random 40K with a fixed seed)."""
-    ids = np.sort(pads.dataset(files, format="parquet").to_table(columns=["row_id"])["row_id"].to_numpy())
-    if n >= len(ids):
-        return ids
-    return np.sort(np.random.default_rng(seed).choice(ids, n, replace=False))
-
-
-def _keep_rows(batch: pa.Table, keep: np.ndarray) -> pa.Table:
-    return batch.filter(pc.is_in(batch["row_id"], value_set=pa.array(keep)))
-
-
 def resolve_batch(cfg: Config, n_train: int) -> str:
     """Shrink ``train.batch_sentences`` when an epoch would make too few steps; returns the line
     that says what was chosen."""
@@ -205,39 +182,23 @@ def resolve_batch(cfg: Config, n_train: int) -> str:
 def build_trainer(tables: str, out: str, cfg: Config, stats: Stats, name: str = "train",
                   extra_callbacks=None):
     """The TorchTrainer for one run; also used by the tuner inside each trial."""
-    import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False       # the workers print one line per epoch; bars would bury it
-    context.use_datasource_v2 = cfg.scale.parquet_reader == "v2"
-    datasets = {}
-    eval_files = {s: split_files(tables, s) for s in EVAL_SPLITS}
     for split in ("train", "dev"):
         if not split_files(tables, split):
             raise ValueError(f"{tables}: the {split} split is empty; training needs train and dev")
-    n_train = split_rows(tables, "train")
-    if n_train < MIN_SENTENCES_PER_WORKER_BATCH * cfg.scale.workers:
-        raise ValueError(f"{tables}: {n_train} Train sentences for {cfg.scale.workers} workers; each worker "
+    rows = {s: len(training_rows(tables, s, cfg)) for s in DATASETS}
+    if rows["train"] < MIN_SENTENCES_PER_WORKER_BATCH * cfg.scale.workers:
+        raise ValueError(f"{tables}: {rows['train']} Train sentences for {cfg.scale.workers} workers; each worker "
                          f"needs at least {MIN_SENTENCES_PER_WORKER_BATCH}")
-    lines = [resolve_batch(cfg, n_train)]
-    rows = {s: split_rows(tables, s) for s in (*DATASETS, *EVAL_SPLITS)}
-    for split in DATASETS:
-        files = split_files(tables, split)
-        if not files:
-            continue
-        ds = ray.data.read_parquet(files, columns=COLUMNS)
-        if split == "unlabeled":
-            if cfg.train.unlabeled_limit == 0 or cfg.model.name == "cnn":
-                continue
-            if cfg.train.unlabeled_limit > 0:
-                keep = unlabeled_subset(files, cfg.train.unlabeled_limit, cfg.train.seed)
-                ds = ds.map_batches(_keep_rows, fn_kwargs={"keep": keep}, batch_format="pyarrow")
-                rows["unlabeled"] = len(keep)
-                lines.append(f"unlabeled: a random {len(keep)} sentences (train.unlabeled_limit, seed "
-                             f"{cfg.train.seed})")
-        datasets[split] = ds
+    lines = [resolve_batch(cfg, rows["train"])]
+    available = split_rows(tables, "unlabeled")
+    if rows["unlabeled"] < available and rows["unlabeled"] > 0:
+        lines.append(f"unlabeled: a random {rows['unlabeled']} of {available} sentences (train.unlabeled_limit, "
+                     f"seed {cfg.train.seed})")
+    elif available and cfg.model.name != "cnn":
+        lines.append(f"unlabeled: {rows['unlabeled']} sentences")
     m = cfg.model
     print(f"[dec-ray] {m.name} ({m.encoder} encoder, width {m.width:g}, init {m.init}), K={cfg.cluster.k}, "
           f"{cfg.train.epochs} epochs, SGD lr {cfg.train.lr:g} momentum {cfg.train.momentum:g}, "
@@ -246,8 +207,7 @@ def build_trainer(tables: str, out: str, cfg: Config, stats: Stats, name: str = 
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "stats": asdict(stats), "out": out,
-                           "datasets": sorted(datasets), "eval_files": eval_files,
-                           "rows": rows},
+                           "tables": tables},
         scaling_config=ScalingConfig(num_workers=s.workers, use_gpu=s.use_gpu,
                                      resources_per_worker={"CPU": s.cpus_per_worker},
                                      placement_strategy=s.placement_strategy),
@@ -255,8 +215,6 @@ def build_trainer(tables: str, out: str, cfg: Config, stats: Stats, name: str = 
                              checkpoint_config=CheckpointConfig(num_to_keep=s.num_to_keep),
                              failure_config=FailureConfig(max_failures=s.max_failures),
                              callbacks=extra_callbacks),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split="all"),
     )
 
 
@@ -304,7 +262,6 @@ def run_training(tables: str, out: str, cfg: Optional[Config] = None, resume: bo
         raise ValueError(f"{tables}: not a finished ingest (no _SUCCESS); run `dec-ray ingest` first")
     stats = Stats.load(os.path.join(tables, "stats.json"))
     ensure_ray(cfg.scale.workers * cfg.scale.cpus_per_worker)
-    check_room_for_data(cfg.scale.workers * cfg.scale.cpus_per_worker)
     os.makedirs(out, exist_ok=True)
     trainer = build_trainer(os.path.abspath(tables), out, cfg, stats, extra_callbacks=callbacks)  # settles the batch
     cfg.save(os.path.join(out, "config.yaml"))                            # as run, for --resume
