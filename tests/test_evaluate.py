@@ -14,7 +14,7 @@ from dec_ray.data.tables import read_pool, split_files
 from dec_ray.method.kmeans import kmeans
 from dec_ray.method.learner import Learner
 from dec_ray.method.losses import ccc
-from dec_ray.report.analysis import dependence, eta_squared, mutual_information
+from dec_ray.report.analysis import dependence, eta_squared, mutual_information, sentence_permutation
 from dec_ray.report.evaluation import evaluate_runs, split_test_set, subset_cccs, summarize, t_test
 
 
@@ -61,6 +61,43 @@ def test_dependence_measures_on_known_cases():
 
 
 @pytest.mark.slow
+def test_ccc_refuses_arrays_that_would_broadcast():
+    y = np.linspace(1, 7, 50)
+    assert ccc(y, y) == pytest.approx(1.0)
+    for pred, gold in ((y[:, None], y), (y, y[:, None]), (y[:-1], y), (np.float64(3.0), y)):
+        with pytest.raises(ValueError, match="1-d arrays of equal length"):
+            ccc(pred, gold)
+
+
+def test_ridge_chooses_its_alpha_by_the_dev_ccc_of_a_real_fit():
+    from dec_ray.report.ridge import ALPHAS, choose_alpha
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=40)
+    x = rng.normal(size=(300, 40))
+    y = x @ w + rng.normal(scale=0.5, size=300)
+    alpha, wf, b, dev = choose_alpha(x[:200], y[:200], x[200:], y[200:])
+    scores = [dev[a] for a in ALPHAS]
+    assert alpha == max(dev, key=dev.get) and dev[alpha] > 0.95          # a good fit is found and kept
+    assert scores[-1] < 0.5 * scores[0]       # the alphas differ for real (broadcast, all were ~1e-18)
+    assert ccc(x[200:] @ wf + b, y[200:]) == pytest.approx(dev[alpha])
+
+
+def test_the_chance_level_keeps_sentences_and_speakers_together():
+    # 30 speakers x 4 sentences x 11 chunks; emotion-blind clusters: one per speaker group, whose
+    # mean arousal differs by speaker. Permuting chunks calls that structure emotional; whole
+    # sentences within speaker do not.
+    rng = np.random.default_rng(1)
+    speakers = np.repeat(np.arange(30), 4)
+    y = np.repeat(rng.normal(4, 1, 30)[speakers] + rng.normal(0, 0.3, 120), 11)
+    clusters = np.repeat(speakers % 5, 11)
+    chunk_level = dependence(clusters, {"arousal": y}, n_random=50).iloc[0]
+    sentence_level = dependence(clusters, {"arousal": y}, n_random=50, chunks=11, groups=speakers).iloc[0]
+    assert chunk_level.eta2 > chunk_level.eta2_random_p95
+    assert sentence_level.eta2 <= sentence_level.eta2_random_p95 + 1e-12
+    perm = sentence_permutation(clusters, 11, speakers, rng).reshape(120, 11)
+    assert (perm == perm[:, :1]).all() and np.array_equal(perm[:, 0], clusters[::11])
+
+
 def test_evaluate_runs_end_to_end(trained_runs, tmp_path):
     out = str(tmp_path / "eval")
     runs = [trained_runs["deepemocluster"], trained_runs["cnn"]]

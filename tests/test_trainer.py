@@ -80,6 +80,23 @@ def test_interrupted_run_resumes_with_resume_flag(interrupted_run):
     assert what["result"]["epochs_run"] == 2
     starts, epochs = _epochs_per_start(run)
     assert len(starts) == 2 and starts[1] >= 1 and sorted(set(epochs)) == [0, 1]    # resumed, not from scratch
+    first, again = [json.loads(x)["rows"] for x in open(os.path.join(run, "placement.jsonl"))]
+    assert first == again                                   # each rank holds the same rows after the restart
+
+
+def test_every_train_and_unlabeled_row_is_trained_on_by_one_rank(trained_runs, tables):
+    """Ray Data's equal split dropped up to workers - 1 rows per dataset, a different one each time;
+    the tables here have an odd number of unlabeled rows."""
+    rows = json.load(open(os.path.join(tables[0], "_SUCCESS")))["rows"]
+    assert rows["unlabeled"] % 2 == 1
+    for model in ("deepemocluster", "vae"):
+        m = json.loads(open(os.path.join(trained_runs[model], "metrics.jsonl")).readline())
+        assert (m["train_rows"], m["unlabeled_rows"]) == (rows["train"], rows["unlabeled"]), model
+        held = json.loads(open(os.path.join(trained_runs[model], "placement.jsonl")).readline())["rows"]
+        counts = [r["unlabeled"][0] for r in held]
+        assert sum(counts) == rows["unlabeled"] and max(counts) - min(counts) == 1
+    cnn = json.loads(open(os.path.join(trained_runs["cnn"], "metrics.jsonl")).readline())
+    assert cnn["unlabeled_rows"] == 0                       # the CNN has no use for the pool
 
 
 @pytest.mark.cluster

@@ -204,3 +204,18 @@ def test_an_epoch_on_the_gpu_with_the_pool_on_the_device_or_pinned(pools, tiny_c
     assert np.isfinite(logs["train_ccc"]) and logs["unlabeled_nonempty"] >= 2
     cpu = learner.embed(p["train"]).numpy()
     np.testing.assert_allclose(learner.embed(moved["train"]).cpu().numpy(), cpu, atol=2e-2)
+
+
+def test_the_vae_weighs_its_kl_as_a_standard_vae_does():
+    """Per input element: (sum of squared errors + beta * KL summed over latents) / elements."""
+    from dec_ray.method.epoch import reconstruction
+    from dec_ray.method.learner import Batch
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 1, 62, 128, generator=g)
+    out = {"recon": torch.randn(6, 1, 62, 128, generator=g), "mu": torch.randn(6, 256, generator=g),
+           "logvar": 0.1 * torch.randn(6, 256, generator=g)}
+    batch = Batch(x, torch.arange(6), None)
+    kl = -0.5 * (1 + out["logvar"] - out["mu"] ** 2 - out["logvar"].exp()).sum()
+    for beta in (1.0, 4.0):
+        expected = (((out["recon"] - x) ** 2).sum() + beta * kl) / x.numel()
+        assert float(reconstruction(beta)(out, batch)) == pytest.approx(float(expected), rel=1e-5)

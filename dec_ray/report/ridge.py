@@ -47,6 +47,16 @@ def fit_ridge(x: np.ndarray, y: np.ndarray, alpha: float):
     return w, ym - xm @ w
 
 
+def choose_alpha(xtr: np.ndarray, ytr: np.ndarray, xdev: np.ndarray, ydev: np.ndarray,
+                 alphas: Sequence[float] = ALPHAS):
+    """Fit one attribute (1-d labels) for each alpha and keep the best by dev CCC:
+    (alpha, weights, intercept, {alpha: dev CCC})."""
+    fits = {al: fit_ridge(xtr, ytr, al) for al in alphas}
+    dev_ccc = {al: ccc(xdev @ w + b, ydev) for al, (w, b) in fits.items()}
+    best = max(dev_ccc, key=dev_ccc.get)
+    return float(best), *fits[best], dev_ccc
+
+
 def run_ridge(tables: str, out: str, attributes: Sequence[str] = ("arousal",)) -> Dict:
     """Fit on Train, choose alpha on dev (per attribute), score dev and test; write a run folder."""
     attributes: List[str] = list(attributes)
@@ -59,10 +69,8 @@ def run_ridge(tables: str, out: str, attributes: Sequence[str] = ("arousal",)) -
     preds = {s: np.zeros_like(d[2]) for s, d in norm.items()}
     alphas, dev_cccs = {}, {}
     for j, a in enumerate(attributes):
-        fits = {al: fit_ridge(norm["train"][1], norm["train"][2][:, j], al) for al in ALPHAS}
-        dev_ccc = {al: ccc(norm["dev"][1] @ w + b, norm["dev"][2][:, j]) for al, (w, b) in fits.items()}
-        alphas[a], dev_cccs[a] = float(max(dev_ccc, key=dev_ccc.get)), dev_ccc
-        w, b = fits[alphas[a]]
+        alphas[a], w, b, dev_cccs[a] = choose_alpha(norm["train"][1], norm["train"][2][:, j],
+                                                    norm["dev"][1], norm["dev"][2][:, j])
         for s, (_, x, _) in norm.items():
             preds[s][:, j] = x @ w + b
     os.makedirs(out, exist_ok=True)

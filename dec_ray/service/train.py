@@ -7,8 +7,8 @@ CCC per attribute, de-normalised labels).
 """
 from __future__ import annotations
 
+import hashlib
 import json
-import math
 import os
 import resource
 import shutil
@@ -68,6 +68,11 @@ def load_pools(config: dict, cfg: Config, stats: Stats, rank: int, world_size: i
             f"{load['pool_gb'] * world_size:.2f} GB over {world_size} workers; loaded in {load['load_s']:.1f} s, "
             f"peak host memory of the worker {load['worker_peak_rss_gb']:.2f} GB")
     return pools, load, line
+
+
+def rows_digest(ids: np.ndarray) -> list:
+    """[count, digest] of a rank's row ids: which rows it holds, in a few bytes."""
+    return [len(ids), hashlib.sha1(np.sort(ids).astype(np.int64).tobytes()).hexdigest()[:12]]
 
 
 def say(line: str) -> None:
@@ -141,12 +146,16 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             say(f"[dec-ray] resumed from checkpoint after epoch {state.epoch}")
     log = MetricsLog(out) if rank == 0 else None
-    placement = gather_objects({"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()})
-    if rank == 0:       # where each rank runs, once per (re)start: the failure tests read it
+    placement = gather_objects({"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+                                "rows": {n: rows_digest(p.row_ids) for n, p in pools.items() if p is not None}})
+    # the true counts: every row of every split, each on one rank
+    load.update({f"{n}_rows": sum(p["rows"].get(n, [0])[0] for p in placement) for n in DATASETS})
+    if rank == 0:       # where each rank runs and which rows it holds, once per (re)start
         with open(os.path.join(out, "placement.jsonl"), "a") as f:
             f.write(json.dumps({"time": time.time(), "start_epoch": state.epoch + 1,
                                 "nodes": [p["node"] for p in placement],
-                                "pids": [p["pid"] for p in placement]}) + "\n")
+                                "pids": [p["pid"] for p in placement],
+                                "rows": [p["rows"] for p in placement]}) + "\n")
 
     def report(metrics: Dict, st: LoopState, tables: Optional[Dict[str, pa.Table]] = None) -> None:
         metrics = {**metrics, **load}
