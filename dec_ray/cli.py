@@ -1,7 +1,8 @@
 """`dec-ray` command line: one subcommand per use.
 
 Exit status: 0 success; 1 finished, with rejects or failed trials worth a look; 2 bad usage or
-input that stopped the job before it began; 3 a crash (an unexpected error, traceback printed).
+input that stopped the job before it began; 3 a crash (an unexpected error, traceback printed);
+4 the run's workers could not get their resources (what holds them is printed).
 Paths are made absolute here: Ray's workers run in other directories."""
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from typing import List, Optional
 
 from dec_ray.config import ConfigError
 from dec_ray.data.corpus import CorpusError
+from dec_ray.service.cluster import ResourcesUnavailable
 
-EXIT_OK, EXIT_REJECTS, EXIT_USAGE, EXIT_CRASH = 0, 1, 2, 3
+EXIT_OK, EXIT_REJECTS, EXIT_USAGE, EXIT_CRASH, EXIT_NO_RESOURCES = 0, 1, 2, 3, 4
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -57,8 +59,17 @@ def cmd_train(args) -> int:
         if not args.tables or not args.out:
             raise ValueError("--tables and --out are required (or --resume RUN)")
         summary = run_training(args.tables, args.out, load_config(args.config, overrides))
-    print(json.dumps(summary, indent=1))
+    print(result_line(summary, args.resume or args.out))
     return 0
+
+
+def result_line(summary: dict, run: str) -> str:
+    """A finished run in one line: where its result is, its best epoch, dev and test CCC."""
+    def cccs(d):
+        return ", ".join(f"{a} {v:.3f}" for a, v in (d or {}).items() if v is not None) or "-"
+    return (f"[dec-ray] {summary['model']} done: best epoch {summary['best_epoch']} of {summary['epochs_run']}; "
+            f"dev CCC {cccs(summary['dev_ccc'])}; test CCC {cccs(summary['test_ccc'])}; "
+            f"{os.path.join(run, 'result.json')}")
 
 
 def cmd_tune(args) -> int:
@@ -139,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     ray_args = argparse.ArgumentParser(add_help=False)
     ray_args.add_argument("--address", help="the Ray cluster to join (else RAY_ADDRESS, else the one `ray start` "
                                             "started for this user, else a private local Ray)")
+    ray_args.add_argument("--verbose", action="store_true",
+                          help="Ray's own console lines too (by default they go to Ray's logs only)")
 
     p = sub.add_parser("synth", help="write a small emotional-speech corpus in the MSP-Podcast layout")
     p.add_argument("out")
@@ -249,11 +262,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     absolute_paths(args)
     if getattr(args, "address", None):
         os.environ["RAY_ADDRESS"] = args.address          # Ray's own convention, for every ray.init
+    if getattr(args, "verbose", False):
+        os.environ["DEC_RAY_VERBOSE"] = "1"               # read by dec_ray.service.console
     try:
         return args.func(args)
     except (ConfigError, CorpusError, FileNotFoundError, ValueError) as e:
         print(f"dec-ray {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except ResourcesUnavailable as e:
+        print(f"dec-ray {args.command}: stopped (exit {EXIT_NO_RESOURCES}): {e}", file=sys.stderr)
+        return EXIT_NO_RESOURCES
     except KeyboardInterrupt:
         raise
     except Exception:

@@ -100,6 +100,9 @@ class ScaleConfig:
     # a GPU worker keeps its pools on the GPU when they fit in this share of its free memory,
     # else in pinned host memory (see dec_ray/data/pools.py)
     pool_device_fraction: float = 0.5
+    # how long a run may wait for its workers' resources before it stops and says what holds them
+    # (a private local Ray: before it starts; any cluster: Ray Train's start-up tries, 60 s each)
+    resource_wait_s: float = 300.0
 
 
 @dataclass
@@ -114,6 +117,14 @@ class TuneConfig:
 
 
 @dataclass
+class TrackingConfig:
+    mlflow_uri: str = ""            # e.g. file:///path/mlruns or http://server:5000; "" = off
+    wandb_project: str = ""         # "" = off (needs `pip install wandb` and a login)
+    experiment: str = "dec_ray"     # the MLflow experiment
+    run_name: str = ""              # "" = the run folder's name
+
+
+@dataclass
 class Config:
     features: FeatureConfig = field(default_factory=FeatureConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
@@ -122,6 +133,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

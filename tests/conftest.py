@@ -107,7 +107,7 @@ class KillRankAfter(UserCallback):
         self.run, self.epoch, self.rank = run, epoch, rank
 
     def after_report(self, run_context, metrics, checkpoint):
-        if checkpoint is not None and metrics[0].get("epoch") == self.epoch and not metrics[0].get("done"):
+        if checkpoint is not None and metrics[0].get("epoch") == self.epoch and not metrics[0].get("final"):
             placement = json.loads(open(os.path.join(self.run, "placement.jsonl")).read().splitlines()[-1])
             os.kill(placement["pids"][self.rank], signal.SIGKILL)
 

@@ -70,9 +70,25 @@ def test_lost_node_recovers_from_checkpoint(cluster, tables, tiny_cfg, tmp_path)
     assert epochs[-1] == 3 and sorted(set(epochs)) == [0, 1, 2, 3]
 
 
+PROBE = """
+import ray
+from dec_ray.service.cluster import ensure_ray
+ensure_ray()
+
+@ray.remote
+def alive_actors():
+    from ray.util.state import list_actors       # no address: how Ray Train's own actors call it
+    return len(list_actors(filters=[("state", "=", "ALIVE")]))
+
+ray.get(alive_actors.remote(), timeout=120)
+print("STATE_API_OK")
+"""
+
+
 def test_dec_ray_never_joins_a_ray_it_was_not_told_about(tmp_path):
     """Another user's private head, on its own port and temp dir, runs on this machine: a dec_ray
-    driver with no address starts its own local Ray instead of attaching to it."""
+    driver with no address starts its own local Ray instead of attaching to it, and the processes
+    of that Ray find their own cluster, not the other."""
     from conftest import RAY, free_port
     from dec_ray.service.cluster import reachable
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
@@ -86,11 +102,13 @@ def test_dec_ray_never_joins_a_ray_it_was_not_told_about(tmp_path):
         while not reachable(f"127.0.0.1:{port}"):             # the other head is up before we look
             assert head.poll() is None and time.time() < deadline, "the other head did not start"
             time.sleep(0.5)
-        probe = ("import ray; from dec_ray.service.cluster import ensure_ray; ensure_ray(); "
-                 "print('NODE_TEMP', ray.get_runtime_context().gcs_address)")
-        proc = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert "started a private local Ray" in proc.stdout, proc.stdout
+        # Ray's own processes (Train's placement-group cleaner) ask the state API with no address:
+        # beside another Ray that scan found two ("Found multiple active Ray instances"), the
+        # cleaner died and ended runs kept their placement groups
+        assert "STATE_API_OK" in proc.stdout, proc.stdout + proc.stderr[-2000:]
     finally:
         os.killpg(head.pid, 9)
         head.wait(60)

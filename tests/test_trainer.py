@@ -84,6 +84,24 @@ def test_interrupted_run_resumes_with_resume_flag(interrupted_run):
     assert first == again                                   # each rank holds the same rows after the restart
 
 
+def test_a_run_that_cannot_get_its_cpus_says_what_holds_them_and_stops(tables, tmp_path, capsys, ray_local):
+    """A placement group left by another run holds 2 of the 3 CPUs: a 2-worker run waits its
+    bound, then stops with exit status 4 and names the group, instead of waiting forever."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from dec_ray.cli import main
+    held = placement_group([{"CPU": 1}, {"CPU": 1}], name="left-by-another-run")
+    ray_local.get(held.ready(), timeout=60)
+    try:
+        t0 = time.time()
+        code = main(["train", "--tables", tables[0], "--out", str(tmp_path / "run"), "--set", "scale.workers=2",
+                     "--set", "scale.resource_wait_s=2"])
+        err = capsys.readouterr().err
+        assert code == 4 and time.time() - t0 < 60, err
+        assert "left-by-another-run" in err and "2 CPU" in err and "scale.resource_wait_s" in err
+    finally:
+        remove_placement_group(held)
+
+
 def test_every_train_and_unlabeled_row_is_trained_on_by_one_rank(trained_runs, tables):
     """Ray Data's equal split dropped up to workers - 1 rows per dataset, a different one each time;
     the tables here have an odd number of unlabeled rows."""

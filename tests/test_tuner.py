@@ -1,6 +1,7 @@
 """Ray Tune searches with tiny models on the test corpus: grid + random with ASHA, optuna + resume."""
 import csv
 import glob
+import json
 import os
 
 import pytest
@@ -35,6 +36,15 @@ def test_search_with_asha_stops_the_trial_that_cannot_learn(tables, tiny_cfg, tm
     assert os.path.exists(rows[0]["checkpoint"])
     # the trial that learns runs every epoch (max_t = epochs + final report); ASHA stops the other
     assert [(r["train.lr_regressor"], r["epochs"]) for r in rows] == [(0.005, 4), (0.0, 1)], rows
+    # every trial folder holds its model and result: the finished trial scored on test, the
+    # stopped one with its best weights so far and no test score ("done" in the final report once
+    # ended the finishing trial before it could write them)
+    results = [json.load(open(os.path.join(t, "result.json"))) for t in glob.glob(os.path.join(run, "trials", "*"))]
+    assert all(os.path.exists(os.path.join(t, "model.pt")) for t in glob.glob(os.path.join(run, "trials", "*")))
+    finished = [r for r in results if not r.get("stopped")]
+    stopped = [r for r in results if r.get("stopped")]
+    assert len(finished) == len(stopped) == 1
+    assert finished[0]["test_ccc"]["arousal"] is not None and stopped[0]["test_ccc"]["arousal"] is None
 
 
 def test_optuna_search_then_resume_of_the_finished_search(tables, tiny_cfg, tmp_path, ray_local):

@@ -101,6 +101,20 @@ def row_ids(files: List[str]) -> np.ndarray:
     return np.sort(pads.dataset(files, format="parquet").to_table(columns=["row_id"])["row_id"].to_numpy())
 
 
+SENTENCE_INFO = ["row_id", "segment_id", "speaker", "path"]
+
+
+def with_sentence_info(predictions: pa.Table, tables: str, split: str) -> pa.Table:
+    """A predictions table with each sentence's segment_id (MSP-Podcast's FileName), speaker and
+    path beside its row_id, read from the tables."""
+    files = split_files(tables, split)
+    if not files or "segment_id" in predictions.column_names:
+        return predictions
+    info = pads.dataset(files, format="parquet").to_table(columns=SENTENCE_INFO)
+    joined = predictions.join(info, "row_id", join_type="left outer").sort_by("row_id")
+    return joined.select(SENTENCE_INFO + [c for c in predictions.column_names if c != "row_id"])
+
+
 def training_rows(tables: str, split: str, cfg: Config) -> np.ndarray:
     """The sentences a run trains on from ``split`` (train or unlabeled), decided from the tables
     and the config alone: the same rows on every run and for any number of workers. The

@@ -35,12 +35,18 @@ def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
 
 
 def all_reduce_differentiable(t: torch.Tensor) -> torch.Tensor:
-    """Sum of a tensor over ranks through which gradients flow back to every rank's input
-    (``torch.distributed.nn``): a statistic of the global batch as a differentiable term."""
+    """Sum of a tensor over ranks through which gradients flow back to every rank's input (the
+    backward is the same all-reduce of the gradients): a statistic of the global batch as a
+    differentiable term."""
     if not is_distributed():
         return t
-    from torch.distributed.nn.functional import all_reduce as autograd_all_reduce
-    return autograd_all_reduce(t.to(comm_device())).to(t.device)
+    from torch.distributed import _functional_collectives as fc
+    c = t.to(comm_device())
+    if hasattr(fc, "all_reduce_backward"):            # the functional collective has a backward
+        out = fc.all_reduce(c, "sum", dist.group.WORLD)
+        return (out.wait() if hasattr(out, "wait") else out).to(t.device)
+    from torch.distributed.nn.functional import all_reduce as autograd_all_reduce    # older torch
+    return autograd_all_reduce(c).to(t.device)
 
 
 def _reduce_int(n: int, op) -> int:

@@ -12,12 +12,16 @@ device but k x d centroids when a cluster is empty, and the scalars the result r
 """
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
 from typing import Optional, Union
 
-import faiss
-import faiss.contrib.torch_utils  # noqa: F401  (lets faiss indexes take torch tensors)
+# faiss's loader reports at INFO each CPU build it probes and fails to find (ModuleNotFoundError
+# lines), which Ray Train's workers print; its warnings and errors still show
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+import faiss  # noqa: E402
+import faiss.contrib.torch_utils  # noqa: F401,E402  (lets faiss indexes take torch tensors)
 import numpy as np
 import torch
 

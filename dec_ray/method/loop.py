@@ -40,7 +40,7 @@ def fit(learner: Learner, pools: Dict[str, Optional[Pool]], state: Optional[Loop
     ``train.patience`` epochs without improvement (0: run every epoch, as the official code), and
     finally score the best weights on dev and test. ``report(metrics, state)`` is called after each
     epoch (the Ray worker saves its checkpoint there). Every rank calls this; ``pools["test"]`` is
-    None only when there is no test split at all. Returns the final metrics (``done == 1``) and the
+    None only when there is no test split at all. Returns the final metrics (``final == 1``; not ``done``, a key Ray Tune reserves: it ends the trial there) and the
     dev/test evaluations of the best weights."""
     cfg = learner.cfg
     state = state or LoopState()
@@ -58,13 +58,13 @@ def fit(learner: Learner, pools: Dict[str, Optional[Pool]], state: Optional[Loop
         else:
             state.bad_epochs += 1
         report({"epoch": epoch, **logs, **ev, "best_dev_loss": state.best_loss, "best_epoch": state.best_epoch,
-                "epoch_time_s": time.time() - t0, "done": 0}, state)
+                "epoch_time_s": time.time() - t0, "final": 0}, state)
         if cfg.train.patience > 0 and state.bad_epochs >= cfg.train.patience:
             break
 
     learner.net.load_state_dict(state.best_model)
     final = {"epoch": max(state.epoch, 0), "best_epoch": state.best_epoch, "best_dev_loss": state.best_loss,
-             "done": 1, "early_stopped": int(state.epoch + 1 < cfg.train.epochs)}
+             "final": 1, "early_stopped": int(state.epoch + 1 < cfg.train.epochs)}
     evals = {"dev": learner.evaluate(pools["dev"], "dev")}
     if pools.get("test") is not None:
         evals["test"] = learner.evaluate(pools["test"], "test")

@@ -16,7 +16,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from dec_ray.data.files import write_json
-from dec_ray.data.tables import split_files
+from dec_ray.data.tables import split_files, with_sentence_info
 from dec_ray.method.losses import ccc
 from dec_ray.report.evaluation import predictions_table
 
@@ -79,8 +79,8 @@ def run_ridge(tables: str, out: str, attributes: Sequence[str] = ("arousal",)) -
               "dev_ccc": {a: ccc(preds["dev"][:, j], norm["dev"][2][:, j]) for j, a in enumerate(attributes)}}
     for s in ("dev", "test"):
         if s in norm:
-            pq.write_table(predictions_table(norm[s][0], preds[s], norm[s][2], attributes),
-                           os.path.join(out, f"{s}_predictions.parquet"))
+            pq.write_table(with_sentence_info(predictions_table(norm[s][0], preds[s], norm[s][2], attributes),
+                                              tables, s), os.path.join(out, f"{s}_predictions.parquet"))
     if "test" in norm:
         result["test_ccc"] = {a: ccc(preds["test"][:, j], norm["test"][2][:, j]) for j, a in enumerate(attributes)}
     write_json(os.path.join(out, "result.json"), result)          # last: marks the run finished

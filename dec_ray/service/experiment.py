@@ -193,27 +193,29 @@ def is_finished(run: str) -> bool:
 
 # --- running (Ray) ---
 
-def train_one(config: dict) -> None:
-    """A Tune trial: one run folder, trained, resumed, or (finished already) left alone."""
+def train_one(config: dict, runs: List[str], tables: str, cfg_path: str, overrides: List[List[str]]) -> None:
+    """A Tune trial: one run folder (``config["i"]``; the constants come through
+    ``tune.with_parameters``), trained, resumed, or (finished already) left alone."""
     from ray import tune
     from dec_ray.service.train import run_training
     i = config["i"]
-    run, t0 = config["_runs"][i], time.time()
+    run, t0 = runs[i], time.time()
     if not is_finished(run):
         if os.path.exists(os.path.join(run, "config.yaml")):
             run_training(None, run, resume=True)
         else:
             if os.path.exists(run):          # killed before its config was saved: nothing to keep
                 shutil.rmtree(run)
-            run_training(config["_tables"], run, load_config(config["_config"], config["_overrides"][i]))
+            run_training(tables, run, load_config(cfg_path, overrides[i]))
     with open(os.path.join(run, "result.json")) as f:
         result = json.load(f)
     tune.report({"test_ccc": result["test_ccc"], "dev_ccc": result["dev_ccc"], "train_s": time.time() - t0,
                  "best_epoch": result["best_epoch"]})
 
 
-def progress_callback(out: str, total: int, done: int):
-    """A Tune callback that prints one line per finished or failed run."""
+def progress_callback(out: str, runs: List[str], total: int, done: int):
+    """A Tune callback that prints one line per finished or failed run, with the time so far and
+    an estimate of the time left (runs left x mean time of the runs finished here)."""
     from ray import tune
 
     class Progress(tune.Callback):
@@ -222,9 +224,11 @@ def progress_callback(out: str, total: int, done: int):
 
         def _line(self, trial, what: str) -> None:
             self.done += 1
-            run = os.path.relpath(trial.config["_runs"][trial.config["i"]], out)
-            print(f"[experiment] {self.done}/{total} {run}: {what} ({(time.time() - self.t0) / 60:.1f} min)",
-                  flush=True)
+            here = self.done - done
+            run = os.path.relpath(runs[trial.config["i"]], out)
+            spent = (time.time() - self.t0) / 60
+            eta = f", about {spent / here * (total - self.done):.0f} min left" if self.done < total else ""
+            print(f"[experiment] {self.done}/{total} {run}: {what} ({spent:.1f} min{eta})", flush=True)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             r = trial.last_result or {}
@@ -245,14 +249,15 @@ def train_pending(tables: str, out: str, cfg_path: str, pending: Dict[str, List[
     per_run = base.scale.workers * base.scale.cpus_per_worker + 1
     ensure_ray(per_run * max(1, spec.parallel_runs))    # a private local Ray gets room for parallel_runs
     runs = sorted(pending)
+    trainable = tune.with_parameters(train_one, runs=runs, tables=tables, cfg_path=cfg_path,
+                                     overrides=[pending[r] for r in runs])
     tuner = tune.Tuner(
-        train_one,
-        param_space={"i": tune.grid_search(list(range(len(runs)))), "_runs": runs, "_tables": tables,
-                     "_config": cfg_path, "_overrides": [pending[r] for r in runs]},
+        trainable,
+        param_space={"i": tune.grid_search(list(range(len(runs))))},
         tune_config=tune.TuneConfig(max_concurrent_trials=runs_that_fit(
             base.scale.workers, base.scale.cpus_per_worker, base.scale.use_gpu, spec.parallel_runs)),
         run_config=tune.RunConfig(name=time.strftime("grid-%Y%m%d-%H%M%S"), storage_path=os.path.join(out, "tune"),
-                                  callbacks=[progress_callback(out, total, total - len(runs))], verbose=0))
+                                  callbacks=[progress_callback(out, runs, total, total - len(runs))], verbose=0))
     grid = tuner.fit()
     return sorted(runs[r.config["i"]] for r in grid if r.error is not None)
 

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import resource
-import shutil
-import sys
 import tempfile
 import time
 from dataclasses import asdict
@@ -30,12 +29,15 @@ from dec_ray.data.files import atomic_path, write_json
 from dec_ray.data.normalization import Stats
 from dec_ray.data.pools import Pool, placement, row_bytes
 from dec_ray.data.tables import (block_of, chunk_shape, is_complete, read_rows, row_ids, run_tables,
-                                 split_files, split_rows, storage_dtype, stride_of, training_rows)
+                                 split_files, split_rows, storage_dtype, stride_of, training_rows,
+                                 with_sentence_info)
 from dec_ray.method.distributed import gather_objects
 from dec_ray.method.learner import MIN_SENTENCES_PER_WORKER_BATCH, Learner, batch_sentences
 from dec_ray.method.loop import LoopState, fit
 from dec_ray.report.evaluation import predictions_table
-from dec_ray.service.cluster import ensure_ray
+from dec_ray.service.cluster import ResourcesUnavailable, ensure_ray, is_private, resource_holders, wait_for_room
+from dec_ray.service.console import quiet_train_worker
+from dec_ray.service.tracking import open_log, say
 
 DATASETS = ("train", "unlabeled")          # trained on: each worker reads its block of the rows
 EVAL_SPLITS = ("dev", "test")              # scored: each worker reads its stride
@@ -75,34 +77,6 @@ def rows_digest(ids: np.ndarray) -> list:
     return [len(ids), hashlib.sha1(np.sort(ids).astype(np.int64).tobytes()).hexdigest()[:12]]
 
 
-def say(line: str) -> None:
-    """One console line from a worker. Ray Train V2 patches ``print`` in its workers to both
-    print and log each message, so the driver would show every line twice; writing to the
-    stream directly shows it once."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
-
-class MetricsLog:
-    """Rank 0's per-epoch line, metrics.jsonl and TensorBoard scalars."""
-
-    def __init__(self, out: str):
-        from torch.utils.tensorboard import SummaryWriter
-        self.jsonl = open(os.path.join(out, "metrics.jsonl"), "a")
-        self.tb = SummaryWriter(os.path.join(out, "tensorboard"))
-
-    def write(self, m: Dict) -> None:
-        self.jsonl.write(json.dumps(m) + "\n")
-        self.jsonl.flush()
-        for k, v in m.items():
-            if isinstance(v, (int, float)) and k != "epoch":
-                self.tb.add_scalar(k, v, m["epoch"])
-        self.tb.flush()
-        ccc = " ".join(f"{k[8:]}={v:.3f}" for k, v in m.items() if k.startswith("dev_ccc_"))
-        say(f"[dec-ray] epoch {m['epoch']:3d}  dev_loss={m['dev_loss']:.4f}  dev CCC {ccc}  "
-            f"best={m['best_dev_loss']:.4f}@{m['best_epoch']}  {m['epoch_time_s']:.1f}s")
-
-
 def _save_checkpoint(out: str, payload: dict, extra_files: Optional[Dict[str, pa.Table]] = None):
     """A Ray Checkpoint from a fresh dir under RUN/ (Ray deletes it after the upload); the state
     file is written then renamed (atomic)."""
@@ -122,6 +96,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    quiet_train_worker()
     cfg = config_from_dict(config["cfg"])
     stats = Stats(**config["stats"])
     out = config["out"]
@@ -145,7 +120,7 @@ def train_loop_per_worker(config: dict) -> None:
         state = LoopState(**st["loop"])
         if rank == 0:
             say(f"[dec-ray] resumed from checkpoint after epoch {state.epoch}")
-    log = MetricsLog(out) if rank == 0 else None
+    log = open_log(out, cfg, rank)
     placement = gather_objects({"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
                                 "rows": {n: rows_digest(p.row_ids) for n, p in pools.items() if p is not None}})
     # the true counts: every row of every split, each on one rank
@@ -162,9 +137,13 @@ def train_loop_per_worker(config: dict) -> None:
         checkpoint = None
         if rank == 0:
             checkpoint = _save_checkpoint(out, {"learner": learner.state(), "loop": st.to_dict()}, tables)
-            if not metrics["done"]:
+            if not metrics["final"]:
                 log.write(metrics)
-        ray.train.report(metrics, checkpoint=checkpoint, delete_local_checkpoint_after_upload=True)
+            else:
+                log.close(metrics)
+        # only rank 0's metrics reach Ray (Train's results, Tune); every rank takes part in the report
+        ray.train.report(metrics if rank == 0 else {}, checkpoint=checkpoint,
+                         delete_local_checkpoint_after_upload=True)
 
     result = fit(learner, pools, state, report)
     if state.epoch + 1 < cfg.train.epochs and rank == 0:
@@ -192,6 +171,7 @@ def build_trainer(tables: str, out: str, cfg: Config, stats: Stats, name: str = 
                   extra_callbacks=None):
     """The TorchTrainer for one run; also used by the tuner inside each trial."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from dec_ray.service.console import train_logging_config
     from ray.train.torch import TorchTrainer
 
     for split in ("train", "dev"):
@@ -222,9 +202,42 @@ def build_trainer(tables: str, out: str, cfg: Config, stats: Stats, name: str = 
                                      placement_strategy=s.placement_strategy),
         run_config=RunConfig(name=name, storage_path=os.path.join(out, "ray"),
                              checkpoint_config=CheckpointConfig(num_to_keep=s.num_to_keep),
-                             failure_config=FailureConfig(max_failures=s.max_failures),
-                             callbacks=extra_callbacks),
+                             failure_config=FailureConfig(max_failures=s.max_failures,
+                                                          controller_failure_limit=start_tries(s) - 1),
+                             callbacks=extra_callbacks, logging_config=train_logging_config()),
     )
+
+
+WORKER_GROUP_START_S = 60.0      # Ray Train's wait for a worker group (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S)
+
+
+def start_tries(s) -> int:
+    """How often Ray Train may try to start the worker group: ``scale.resource_wait_s`` in all."""
+    timeout = float(os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", WORKER_GROUP_START_S))
+    return max(1, math.ceil(s.resource_wait_s / timeout))
+
+
+def worker_resources(cfg: Config) -> Dict[str, float]:
+    s = cfg.scale
+    return {"CPU": s.workers * s.cpus_per_worker, "GPU": float(s.workers) if s.use_gpu else 0.0}
+
+
+def fit_or_say_why(trainer, cfg: Config):
+    """``trainer.fit()``; a run whose workers never got their resources stops with
+    ResourcesUnavailable, naming what holds them (Ray Train alone would keep trying)."""
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+    from ray.train.v2.api.exceptions import ControllerError
+    if is_private():
+        wait_for_room(worker_resources(cfg), cfg.scale.resource_wait_s)
+    try:
+        return trainer.fit()
+    except ControllerError as e:
+        if not isinstance(e.controller_failure, WorkerGroupStartupTimeoutError):
+            raise
+        need = ", ".join(f"{v:g} {k}" for k, v in worker_resources(cfg).items() if v)
+        raise ResourcesUnavailable(
+            f"the run's workers ({need}) did not start within scale.resource_wait_s = {cfg.scale.resource_wait_s:g} s. "
+            "Held by:\n  " + "\n  ".join(resource_holders() or ["(nothing listed)"])) from None
 
 
 def finalize(out: str, cfg: Config, stats: Stats, result) -> dict:
@@ -234,9 +247,11 @@ def finalize(out: str, cfg: Config, stats: Stats, result) -> dict:
         raise RuntimeError("training finished without a checkpoint")
     with ckpt.as_directory() as d:
         st = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
-        for f in ("dev_predictions.parquet", "test_predictions.parquet"):
+        for split in EVAL_SPLITS:
+            f = f"{split}_predictions.parquet"
             if os.path.exists(os.path.join(d, f)):
-                shutil.copy(os.path.join(d, f), os.path.join(out, f))
+                with atomic_path(os.path.join(out, f)) as tmp:
+                    pq.write_table(with_sentence_info(pq.read_table(os.path.join(d, f)), run_tables(out), split), tmp)
     with atomic_path(os.path.join(out, "model.pt")) as tmp:
         torch.save({"config": cfg.to_dict(), "stats": asdict(stats), "model": st["loop"]["best_model"]}, tmp)
     m = result.metrics or {}
@@ -251,6 +266,31 @@ def finalize(out: str, cfg: Config, stats: Stats, result) -> dict:
         "model_path": os.path.join(out, "model.pt"),
         "checkpoint": ckpt.path,
     }
+    write_json(os.path.join(out, "result.json"), summary)
+    return summary
+
+
+def finalize_from_checkpoint(out: str) -> dict:
+    """model.pt and result.json of a run that ended without ``finalize`` (a Tune trial its scheduler
+    stopped): the best weights so far from its newest checkpoint, the dev scores of its best epoch
+    from metrics.jsonl, ``stopped: true``, and no test scores: it was never scored on test."""
+    import glob
+    cfg = load_config(os.path.join(out, "config.yaml"))
+    stats = Stats.load(os.path.join(out, "stats.json"))
+    states = sorted(glob.glob(os.path.join(out, "ray", "*", "checkpoint_*", STATE_FILE)), key=os.path.getmtime)
+    if not states:
+        raise RuntimeError(f"{out}: no checkpoint to finalize from")
+    loop = torch.load(states[-1], map_location="cpu", weights_only=True)["loop"]
+    with atomic_path(os.path.join(out, "model.pt")) as tmp:
+        torch.save({"config": cfg.to_dict(), "stats": asdict(stats), "model": loop["best_model"]}, tmp)
+    epochs = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+    best = next((m for m in epochs if m["epoch"] == loop["best_epoch"]), {})
+    attrs = cfg.model.attributes
+    summary = {"model": cfg.model.name, "attributes": attrs, "stopped": True, "best_epoch": loop["best_epoch"],
+               "epochs_run": loop["epoch"] + 1, "best_dev_loss": loop["best_loss"],
+               "batch_sentences": cfg.train.batch_sentences,
+               "dev_ccc": {a: best.get(f"dev_ccc_{a}") for a in attrs}, "test_ccc": {a: None for a in attrs},
+               "model_path": os.path.join(out, "model.pt"), "checkpoint": os.path.dirname(states[-1])}
     write_json(os.path.join(out, "result.json"), summary)
     return summary
 
@@ -277,7 +317,7 @@ def run_training(tables: str, out: str, cfg: Optional[Config] = None, resume: bo
     stats.save(os.path.join(out, "stats.json"))
     with open(os.path.join(out, "tables.txt"), "w") as f:
         f.write(os.path.abspath(tables))
-    return finalize(out, cfg, stats, trainer.fit())
+    return finalize(out, cfg, stats, fit_or_say_why(trainer, cfg))
 
 
 def repeated_runs(tables: str, out: str, models: Sequence[str], repeats: int, cfg_path=None,

@@ -47,26 +47,69 @@ def trial_config(base: dict, sampled: dict) -> Config:
     return config_from_dict(data)
 
 
-def run_trial(config: dict) -> None:
-    """One trial: a TorchTrainer whose reports reach Tune through TuneReportCallback."""
+def trial_dir(out: str, trial_id: str) -> str:
+    return os.path.join(out, "trials", trial_id)
+
+
+def run_trial(config: dict, base: dict, stats: dict, tables: str, out: str) -> None:
+    """One trial: a TorchTrainer whose reports reach Tune through TuneReportCallback. ``config``
+    holds only the sampled keys; the constants come through ``tune.with_parameters`` (once, in the
+    object store), so Tune's console and state show what was searched, nothing else."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
-    from dec_ray.service.train import build_trainer, finalize
+    from dec_ray.service.train import build_trainer, finalize, fit_or_say_why
 
-    sampled = {k: v for k, v in config.items() if not k.startswith("_")}
-    cfg = trial_config(config["_base"], sampled)
-    stats = Stats(**config["_stats"])
-    ctx = tune.get_context()
-    out = os.path.join(config["_out"], "trials", ctx.get_trial_id())
-    os.makedirs(out, exist_ok=True)
-    trainer = build_trainer(config["_tables"], out, cfg, stats, name="train",
-                            extra_callbacks=[TuneReportCallback()])
-    cfg.save(os.path.join(out, "config.yaml"))          # with the batch size build_trainer settled
-    finalize(out, cfg, stats, trainer.fit())
+    cfg = trial_config(base, config)
+    st = Stats(**stats)
+    run = trial_dir(out, tune.get_context().get_trial_id())
+    os.makedirs(run, exist_ok=True)
+    with open(os.path.join(run, "tables.txt"), "w") as f:
+        f.write(tables)
+    trainer = build_trainer(tables, run, cfg, st, name="train", extra_callbacks=[TuneReportCallback()])
+    cfg.save(os.path.join(run, "config.yaml"))          # with the batch size build_trainer settled
+    st.save(os.path.join(run, "stats.json"))
+    finalize(out=run, cfg=cfg, stats=st, result=fit_or_say_why(trainer, cfg))
+
+
+def trial_lines(metric: str):
+    """A Tune callback that prints the product's lines: a trial's start (what was sampled), each
+    epoch's metric, its end (finished, stopped by the scheduler, or failed)."""
+    from ray import tune
+
+    class TrialLines(tune.Callback):
+        def on_trial_start(self, iteration, trials, trial, **info):
+            sampled = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                for k, v in (trial.config or {}).items())
+            print(f"[tune] trial {trial.trial_id} started: {sampled}", flush=True)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if metric in result and not result.get("final"):
+                print(f"[tune] trial {trial.trial_id} epoch {result.get('epoch', '?')}: {metric}={result[metric]:.4f}",
+                      flush=True)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            last = trial.last_result or {}
+            how = "finished" if last.get("final") else "stopped by the scheduler"
+            print(f"[tune] trial {trial.trial_id} {how} after {last.get('epoch', -1) + 1} epochs", flush=True)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            print(f"[tune] trial {trial.trial_id} failed: {trial.error_file or ''}", flush=True)
+
+    return TrialLines()
+
+
+def finalize_stopped(run: str) -> Optional[dict]:
+    """A trial the scheduler stopped ends without ``finalize``: its folder gets model.pt (the best
+    weights so far, from its last checkpoint) and a result.json that says it was stopped, with its
+    best dev scores and no test scores (it was never scored on test). Nothing for a finished trial."""
+    from dec_ray.service.train import finalize_from_checkpoint
+    if os.path.exists(os.path.join(run, "result.json")) or not os.path.exists(os.path.join(run, "config.yaml")):
+        return None
+    return finalize_from_checkpoint(run)
 
 
 def run_tune(tables: str, out: str, cfg: Config, space_spec: Optional[Dict[str, dict]] = None,
-             resume: bool = False) -> List[dict]:
+             resume: bool = False, verbose: bool = False) -> List[dict]:
     """Run (or resume) the search; write trials.csv, best_config.yaml; return the sorted trials."""
     from ray import tune
     from dec_ray.service.cluster import ensure_ray, runs_that_fit
@@ -84,22 +127,25 @@ def run_tune(tables: str, out: str, cfg: Config, space_spec: Optional[Dict[str, 
     if t.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
         search_alg = OptunaSearch()
-    trainable = run_trial          # 1 CPU for the trial driver; its TorchTrainer requests the workers
+    # 1 CPU for the trial driver; its TorchTrainer requests the workers
+    trainable = tune.with_parameters(run_trial, base=cfg.to_dict(), stats=stats.__dict__, tables=tables, out=out)
     if resume and tune.Tuner.can_restore(os.path.join(out, "tune")):
         tuner = tune.Tuner.restore(os.path.join(out, "tune"), trainable, resume_errored=True)
     else:
-        param_space = dict(space, _base=cfg.to_dict(), _stats=stats.__dict__, _tables=tables, _out=out)
         tuner = tune.Tuner(
-            trainable, param_space=param_space,
+            trainable, param_space=space,
             tune_config=tune.TuneConfig(metric=t.metric, mode=t.mode, num_samples=t.samples, scheduler=scheduler,
                                         search_alg=search_alg, max_concurrent_trials=runs_that_fit(
                                             cfg.scale.workers, cfg.scale.cpus_per_worker, cfg.scale.use_gpu,
                                             t.max_concurrent)),
-            run_config=tune.RunConfig(name="tune", storage_path=out))
+            run_config=tune.RunConfig(name="tune", storage_path=out, verbose=1 if verbose else 0,
+                                      callbacks=[trial_lines(t.metric)]))
     grid = tuner.fit()
     rows = []
     for r in grid:
-        conf = {k: v for k, v in (r.config or {}).items() if not k.startswith("_")}
+        conf = dict(r.config or {})
+        if (r.metrics or {}).get("trial_id"):
+            finalize_stopped(trial_dir(out, r.metrics["trial_id"]))
         df = r.metrics_dataframe
         best = None
         if df is not None and t.metric in df:
