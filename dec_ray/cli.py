@@ -7,7 +7,6 @@ Paths are made absolute here: Ray's workers run in other directories."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import traceback
