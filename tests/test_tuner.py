@@ -34,7 +34,8 @@ def test_search_with_asha_stops_the_trial_that_cannot_learn(tables, tiny_cfg, tm
     best = load_config(os.path.join(run, "best_config.yaml"))
     assert best.cluster.k == rows[0]["cluster.k"] and best.train.lr_regressor == rows[0]["train.lr_regressor"] == 0.005
     assert os.path.exists(rows[0]["checkpoint"])
-    # the trial that learns runs every epoch (max_t = epochs + final report); ASHA stops the other
+    # the trial that learns runs every epoch and ends by itself (max_t past its final report); ASHA
+    # stops the other
     assert [(r["train.lr_regressor"], r["epochs"]) for r in rows] == [(0.005, 4), (0.0, 1)], rows
     # every trial folder holds its model and result: the finished trial scored on test, the
     # stopped one with its best weights so far and no test score ("done" in the final report once

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, Optional
+from typing import TYPE_CHECKING, Callable, Dict, Optional
 
 import numpy as np
 import torch
@@ -82,6 +82,8 @@ class Learner:
         # train.batch_sentences is the global batch; each rank takes its share of it
         self.batch_chunks = max(1, t.batch_sentences // size) * cfg.features.num_chunks
         self.amp = t.amp and device.type == "cuda"
+        # called as on_batch(done, total) after each training batch (rank 0's progress line)
+        self.on_batch: Optional[Callable[[int, int], None]] = None
         self.normalize = stats.feature_normalizer(device)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = t.cudnn_benchmark
@@ -168,6 +170,8 @@ class Learner:
             for opt in optimisers:          # a stage without the emotion loss never steps Adam on zeros
                 opt.step()
             trained += len(batch.idx)
+            if self.on_batch is not None:
+                self.on_batch(b + 1, n_batches)
             for k, v in parts.items():                       # summed on the device: no sync per batch
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
         self.sync_buffers()

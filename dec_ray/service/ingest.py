@@ -35,6 +35,7 @@ from dec_ray.data.normalization import Stats
 from dec_ray.data.parts import write_part
 from dec_ray.data.tables import split_files
 from dec_ray.service.cluster import ensure_ray
+from dec_ray.service.progress import ProgressLine
 
 # Bytes of one sentence row: C * m * n_mels values (+ ~2 KB of frame sums and metadata).
 ROW_OVERHEAD_BYTES = 2200
@@ -104,8 +105,9 @@ def _run_parts(parts: List[dict], out: str, cfg: Config) -> None:
     # One CPU per task; Ray sets OMP_NUM_THREADS to a task's CPUs, so BLAS/OpenMP pools do not
     # oversubscribe the cores. (A per-task runtime_env would cost a fresh worker process per part.)
     ds = ds.map(process, num_cpus=cfg.ingest.num_cpus_per_task)
+    bar = ProgressLine("ingest: parts written", len(parts))
     for _ in ds.iter_rows():
-        pass
+        bar.step()
 
 
 def compute_stats(out: str, fc: FeatureConfig) -> Stats:

@@ -37,6 +37,7 @@ from dec_ray.method.loop import LoopState, fit
 from dec_ray.report.evaluation import predictions_table
 from dec_ray.service.cluster import ResourcesUnavailable, ensure_ray, is_private, resource_holders, wait_for_room
 from dec_ray.service.console import quiet_train_worker
+from dec_ray.service.progress import ProgressLine
 from dec_ray.service.tracking import open_log, say
 
 DATASETS = ("train", "unlabeled")          # trained on: each worker reads its block of the rows
@@ -77,6 +78,20 @@ def rows_digest(ids: np.ndarray) -> list:
     return [len(ids), hashlib.sha1(np.sort(ids).astype(np.int64).tobytes()).hexdigest()[:12]]
 
 
+def batch_progress(every_s: float = 30.0):
+    """Rank 0's line within a long training pass: batches done of the pass and the time left; a
+    pass shorter than ``every_s`` prints nothing (the epoch line reports it)."""
+    bar = None
+
+    def on_batch(done: int, total: int) -> None:
+        nonlocal bar
+        if done == 1:
+            bar = ProgressLine("[dec-ray]   training pass: batches", total, every_s, say)
+        if done < total:
+            bar.step()
+    return on_batch
+
+
 def _save_checkpoint(out: str, payload: dict, extra_files: Optional[Dict[str, pa.Table]] = None):
     """A Ray Checkpoint from a fresh dir under RUN/ (Ray deletes it after the upload); the state
     file is written then renamed (atomic)."""
@@ -110,6 +125,8 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0:
         say(f"[dec-ray] {pool_line}")
     learner = Learner(cfg, stats, device, wrap=ray.train.torch.prepare_model)
+    if rank == 0:
+        learner.on_batch = batch_progress()
 
     state = LoopState()
     ckpt = ray.train.get_checkpoint()

@@ -121,7 +121,10 @@ def run_tune(tables: str, out: str, cfg: Config, space_spec: Optional[Dict[str, 
     t = cfg.tune
     scheduler = None
     if t.scheduler == "asha":
-        scheduler = tune.schedulers.ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs + 1,
+        # a trial reports once per epoch and once more at its end; ASHA stops a trial when it reaches
+        # max_t, so max_t lies past the final report: a trial that runs every epoch ends by itself
+        # and writes model.pt and result.json
+        scheduler = tune.schedulers.ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs + 2,
                                                   grace_period=t.grace_period, reduction_factor=2)
     search_alg = None
     if t.search == "optuna":
