@@ -13,12 +13,14 @@ def test_laptop_preset_plans_each_shared_cell_once():
     # DeepEmoCluster without a pool (K 10, lambda 1) is in Tables 2, 3, 4 and the lambda study
     shared = "deepemocluster_pool0_k10_lambda1"
     assert all(shared in names[s] for s in ("models", "pool", "k", "lambda"))
-    assert names["pool"] == [shared, "deepemocluster_pool176_k10_lambda1", "deepemocluster_pool351_k10_lambda1"]
+    assert names["pool"][:3] == [shared, "deepemocluster_pool176_k10_lambda1", "deepemocluster_pool351_k10_lambda1"]
+    # the paper's semi-supervised baselines get the pool where DeepEmoCluster has it (Table 3)
+    assert names["pool"][3:] == [f"{m}_pool{n}_lambda1" for m in ("ae", "vae") for n in (0, 176, 351)]
     assert names["models"][1:] == ["cnn", "ae_pool0_lambda1", "vae_pool0_lambda1"]
     distinct = {c for group in cells.values() for c in group}
-    assert len(distinct) == 11
+    assert len(distinct) == 15
     runs = all_runs(cells, spec.seeds, "/exp")
-    assert len(runs) == 11 * spec.seeds
+    assert len(runs) == 15 * spec.seeds
     assert runs["/exp/runs/cnn/seed1"][1] == 1
     cnn = next(c for c in distinct if c.model == "cnn")
     assert cnn.overrides() == ["model.name=cnn", "train.unlabeled_limit=0"]

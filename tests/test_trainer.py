@@ -84,6 +84,29 @@ def test_interrupted_run_resumes_with_resume_flag(interrupted_run):
     assert first == again                                   # each rank holds the same rows after the restart
 
 
+def test_metrics_go_where_ray_users_look(trained_runs, tables):
+    """TensorBoard tags grouped, losses named as losses, hyperparameters logged; the CNN run also
+    went to MLflow (a local file store) through Ray's setup_mlflow; predictions carry the
+    sentence's segment_id, speaker and path."""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run = trained_runs["cnn"]
+    events = EventAccumulator(os.path.join(run, "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"dev/ccc_loss", "dev/ccc_arousal", "train/ccc_loss", "time/epoch_time_s", "data/train_rows"} <= tags
+    assert not any(t.startswith(("train_", "dev_")) for t in tags)        # nothing left ungrouped
+    store = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(run))), "mlruns")
+    client = MlflowClient(tracking_uri=f"file://{store}")
+    (mlrun,) = client.search_runs([client.get_experiment_by_name("dec_ray").experiment_id])
+    assert mlrun.data.params["model.name"] == "cnn" and mlrun.data.params["cluster.k"] == "4"
+    assert [m.step for m in client.get_metric_history(mlrun.info.run_id, "dev/ccc_arousal")] == [0, 1]
+    assert "test/ccc_arousal" in mlrun.data.metrics and mlrun.info.status == "FINISHED"
+    preds = pq.read_table(os.path.join(run, "test_predictions.parquet"))
+    assert preds.column_names[:4] == ["row_id", "segment_id", "speaker", "path"]
+    assert all(os.path.exists(p) for p in preds["path"].to_pylist())
+
+
 def test_a_run_that_cannot_get_its_cpus_says_what_holds_them_and_stops(tables, tmp_path, capsys, ray_local):
     """A placement group left by another run holds 2 of the 3 CPUs: a 2-worker run waits its
     bound, then stops with exit status 4 and names the group, instead of waiting forever."""

@@ -65,6 +65,12 @@ def subset_cccs(runs: Sequence[str], n_subsets: int = 4, seed: int = 0) -> pd.Da
     return pd.DataFrame(rows)
 
 
+T_TEST_ASSUMPTION = (
+    "The t-test treats the subsets x runs values as independent samples, as the paper does. They are "
+    "not: the subsets of one run share its weights and the runs share the test sentences, so the "
+    "p-values are optimistic; read them as a screen, and the differences of means as the result.")
+
+
 def t_test(a: Sequence[float], b: Sequence[float]) -> tuple:
     """Two-tailed two-sample t-test (Student's, pooled variance, as in the paper): (t, p)."""
     from scipy import stats as sps     # here: every training worker imports this module (predictions_table)
@@ -114,7 +120,7 @@ def evaluate_runs(runs: Sequence[str], out: str, n_subsets: int = 4, seed: int =
     with open(os.path.join(out, "evaluation.md"), "w") as f:
         f.write(f"# Evaluation\n\nTest set in {n_subsets} random equal subsets (seed {seed}) x the runs of each "
                 f"model; sentence-level CCC on the 1..7 scale; two-tailed Student t-test of {reference} "
-                f"against each baseline.\n\n{table}\n\nRuns:\n" + "".join(f"- {r}\n" for r in runs))
+                f"against each baseline.\n\n{table}\n\n{T_TEST_ASSUMPTION}\n\nRuns:\n" + "".join(f"- {r}\n" for r in runs))
     evaluation_bars(summary, os.path.join(out, "evaluation.png"))
     return {"summary": summary, "values": values, "table": table,
             "files": [os.path.join(out, n) for n in ("evaluation.md", "evaluation.csv", "ccc_values.csv",

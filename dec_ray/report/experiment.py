@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import pandas as pd
 
-from dec_ray.report.evaluation import subset_cccs, t_test
+from dec_ray.report.evaluation import T_TEST_ASSUMPTION, subset_cccs, t_test
 
 AXES = (("model", "model"), ("pool", "unlabeled pool"), ("k", "K"), ("lambda_ce", "lambda"))
 LABELS = {"deepemocluster": "DeepEmoCluster", "cnn": "CNN-regressor", "ae": "CNN-AE", "vae": "CNN-VAE",
@@ -174,7 +174,7 @@ def write_report(out: str, spec, cells: Dict[str, list], runs: Dict[str, tuple],
         f"Test CCC (sentence level, 1..7 scale): the test set in {spec.subsets} random equal subsets x "
         f"{spec.seeds} training run(s) per cell = {spec.subsets * spec.seeds} values; mean ± std. ▲ / ▼: above / "
         f"below the CNN-regressor with p < {spec.alpha} (two-tailed Student t-test). The ridge reference is one "
-        f"deterministic fit, so its std is over the test subsets only.\n",
+        f"deterministic fit, so its std is over the test subsets only. {T_TEST_ASSUMPTION}\n",
         f"- command: `{info['invocations'][0]['command']}`" + "".join(
             f"\n- resumed: `{i['command']}` ({i['trained']} runs trained)" for i in info["invocations"][1:]),
         f"- tables: `{info['tables']}`",
