@@ -118,7 +118,7 @@ class TuneConfig:
 
 @dataclass
 class TrackingConfig:
-    mlflow_uri: str = ""            # e.g. file:///path/mlruns or http://server:5000; "" = off
+    mlflow_uri: str = ""            # e.g. sqlite:///path/mlflow.db or http://server:5000; "" = off
     wandb_project: str = ""         # "" = off (needs `pip install wandb` and a login)
     experiment: str = "dec_ray"     # the MLflow experiment
     run_name: str = ""              # "" = the run folder's name

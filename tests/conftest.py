@@ -123,9 +123,9 @@ def trained_runs(tables, tmp_path_factory):
     from dec_ray.service.train import repeated_runs, run_training
     out = str(tmp_path_factory.mktemp("evaluate"))
     runs = dict(zip(["deepemocluster"], repeated_runs(tables[0], out, ["deepemocluster"], 1, None, TINY)))
-    # the CNN run also logs to MLflow, into a local file store (Ray's setup_mlflow on rank 0)
+    # the CNN run also logs to MLflow, into a local store (Ray's setup_mlflow on rank 0)
     runs["cnn"], = repeated_runs(tables[0], out, ["cnn"], 1, None,
-                                 TINY + [f"tracking.mlflow_uri=file://{os.path.join(out, 'mlruns')}"])
+                                 TINY + [f"tracking.mlflow_uri=sqlite:///{os.path.join(out, 'mlflow.db')}"])
     runs["vae"], = repeated_runs(tables[0], out, ["vae"], 1, None, TINY)
     ae = os.path.join(out, "runs", "ae", "seed0")
     cfg = load_config(None, TINY + ["model.name=ae", "train.seed=0"])

@@ -86,7 +86,7 @@ def test_interrupted_run_resumes_with_resume_flag(interrupted_run):
 
 def test_metrics_go_where_ray_users_look(trained_runs, tables):
     """TensorBoard tags grouped, losses named as losses, hyperparameters logged; the CNN run also
-    went to MLflow (a local file store) through Ray's setup_mlflow; predictions carry the
+    went to MLflow (a local SQLite store) through Ray's setup_mlflow; predictions carry the
     sentence's segment_id, speaker and path."""
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -96,8 +96,8 @@ def test_metrics_go_where_ray_users_look(trained_runs, tables):
     tags = set(events.Tags()["scalars"])
     assert {"dev/ccc_loss", "dev/ccc_arousal", "train/ccc_loss", "time/epoch_time_s", "data/train_rows"} <= tags
     assert not any(t.startswith(("train_", "dev_")) for t in tags)        # nothing left ungrouped
-    store = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(run))), "mlruns")
-    client = MlflowClient(tracking_uri=f"file://{store}")
+    store = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(run))), "mlflow.db")
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
     (mlrun,) = client.search_runs([client.get_experiment_by_name("dec_ray").experiment_id])
     assert mlrun.data.params["model.name"] == "cnn" and mlrun.data.params["cluster.k"] == "4"
     assert [m.step for m in client.get_metric_history(mlrun.info.run_id, "dev/ccc_arousal")] == [0, 1]
