@@ -20,7 +20,9 @@ def test_predict_matches_the_trainers_test_predictions(tables, trained_runs, tmp
     run = trained_runs["deepemocluster"]
     trainer_preds = pq.read_table(os.path.join(run, "test_predictions.parquet")).to_pandas()
     test = pads.dataset(split_files(out, "test"), format="parquet").to_table(columns=["row_id", "path"]).to_pandas()
-    expected = trainer_preds.merge(test, on="row_id").set_index("path")["pred_arousal"]
+    assert trainer_preds[["row_id", "path"]].sort_values("row_id").to_numpy().tolist() == \
+        test.sort_values("row_id").to_numpy().tolist()            # the run's predictions name their files
+    expected = trainer_preds.set_index("path")["pred_arousal"]
 
     audio = str(tmp_path / "audio")
     os.makedirs(audio)

@@ -101,7 +101,7 @@ def test_metrics_go_where_ray_users_look(trained_runs, tables):
     (mlrun,) = client.search_runs([client.get_experiment_by_name("dec_ray").experiment_id])
     assert mlrun.data.params["model.name"] == "cnn" and mlrun.data.params["cluster.k"] == "4"
     assert [m.step for m in client.get_metric_history(mlrun.info.run_id, "dev/ccc_arousal")] == [0, 1]
-    assert "test/ccc_arousal" in mlrun.data.metrics and mlrun.info.status == "FINISHED"
+    assert "result/test_ccc_arousal" in mlrun.data.metrics and mlrun.info.status == "FINISHED"
     preds = pq.read_table(os.path.join(run, "test_predictions.parquet"))
     assert preds.column_names[:4] == ["row_id", "segment_id", "speaker", "path"]
     assert all(os.path.exists(p) for p in preds["path"].to_pylist())

@@ -95,8 +95,8 @@ class MetricsLog:
         self.tb.add_hparams({k: v if isinstance(v, (int, float, str, bool)) else str(v)
                              for k, v in hparams(self.cfg).items()}, scores, run_name=".")
         self.tb.close()
-        if self.mlflow is not None:
-            self.mlflow.log_metrics({tag(k): float(v) for k, v in final.items()
+        if self.mlflow is not None:      # the best weights' scores, apart from the per-epoch series
+            self.mlflow.log_metrics({f"result/{k}": float(v) for k, v in final.items()
                                      if k.startswith(("dev_", "test_")) and isinstance(v, (int, float))})
             self.mlflow.end_run()
         if self.wandb is not None:
