@@ -84,6 +84,12 @@ class TrainConfig:
     patience: int = 0               # early stopping on dev loss; 0: every epoch (official), best kept
     seed: int = 0
     unlabeled_limit: int = -1       # a random subset (seeded by train.seed) of this many; -1: all, 0: none
+    # the label-scarce setting: a seeded random fraction of Train keeps its labels (train.label_seed
+    # picks which: the same sentences for every model, run seed and number of workers); the rest of
+    # Train joins the unlabeled pool without its labels ("pool") or is left out ("drop")
+    label_fraction: float = 1.0
+    label_seed: int = 0
+    label_rest: str = "pool"
     amp: bool = True                # bf16 autocast, on GPU only
     channels_last: bool = True      # channels-last convolutions, on GPU only
     cudnn_benchmark: bool = True    # cuDNN picks the fastest kernels for the fixed chunk shape, on GPU only
@@ -262,6 +268,7 @@ def validate(cfg: Config) -> None:
         "cluster.mode": (cfg.cluster.mode, ("separate", "joint")),
         "cluster.assign": (cfg.cluster.assign, ("faiss", "torch")),
         "tune.scheduler": (cfg.tune.scheduler, ("asha", "none")),
+        "train.label_rest": (cfg.train.label_rest, ("pool", "drop")),
         "tune.search": (cfg.tune.search, ("random", "optuna")),
         "scale.placement_strategy": (cfg.scale.placement_strategy,
                                      ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")),
@@ -272,6 +279,8 @@ def validate(cfg: Config) -> None:
     bad = [a for a in cfg.model.attributes if a not in ATTRIBUTES]
     if bad or not cfg.model.attributes:
         raise ConfigError(f"model.attributes={cfg.model.attributes}; choose from {ATTRIBUTES}")
+    if not 0 < cfg.train.label_fraction <= 1:
+        raise ConfigError(f"train.label_fraction={cfg.train.label_fraction}; a share of Train in (0, 1]")
     if cfg.cluster.k < 2:
         raise ConfigError("cluster.k must be >= 2")
     if cfg.scale.workers < 1:

@@ -107,6 +107,40 @@ def test_metrics_go_where_ray_users_look(trained_runs, tables):
     assert all(os.path.exists(p) for p in preds["path"].to_pylist())
 
 
+def test_a_label_scarce_run_trains_on_the_same_labeled_sentences_for_any_number_of_workers(tables, tiny_cfg,
+                                                                                        tmp_path):
+    """A quarter of Train keeps its labels (drawn with train.label_seed, not the run's seed); the
+    rest joins the unlabeled pool without labels, never twice; the ridge fits the same sentences."""
+    from dec_ray.data.tables import block_of, labeled_stats, row_ids, training_rows
+    from dec_ray.report.ridge import run_ridge
+    from dec_ray.service.train import rows_digest
+    out, _ = tables
+    cfg = tiny_cfg("train.label_fraction=0.25", "train.epochs=1")
+    train, unlabeled = row_ids(split_files(out, "train")), row_ids(split_files(out, "unlabeled"))
+    kept, pool = training_rows(out, "train", cfg), training_rows(out, "unlabeled", cfg)
+    assert len(kept) == round(0.25 * len(train)) and not set(kept) & set(pool)
+    assert sorted(set(pool)) == sorted(pool) and set(pool) == set(unlabeled) | (set(train) - set(kept))
+    assert np.array_equal(kept, training_rows(out, "train", tiny_cfg("train.label_fraction=0.25", "train.seed=3")))
+    assert not np.array_equal(kept, training_rows(out, "train", tiny_cfg("train.label_fraction=0.25",
+                                                                           "train.label_seed=1")))
+    assert len(training_rows(out, "unlabeled", tiny_cfg("train.label_fraction=0.25", "train.label_rest=drop"))) \
+        == len(unlabeled)
+    run = str(tmp_path / "run")
+    run_training(out, run, cfg)
+    m = json.loads(open(os.path.join(run, "metrics.jsonl")).readline())
+    assert (m["train_rows"], m["unlabeled_rows"]) == (len(kept), len(pool))
+    held = json.loads(open(os.path.join(run, "placement.jsonl")).readline())["rows"]
+    for n, ids in (("train", kept), ("unlabeled", pool)):       # each worker read its block of them
+        assert [h[n] for h in held] == [rows_digest(block_of(ids, r, 2)) for r in range(2)]
+        assert sorted(np.concatenate([block_of(ids, r, 2) for r in range(2)])) == list(block_of(ids, 0, 1))
+    stats = labeled_stats(out, cfg)                            # labels z-scored with the kept ones only
+    gold = pads.dataset(split_files(out, "train"), format="parquet").to_table(columns=["row_id", "arousal"])
+    gold = gold.to_pandas().set_index("row_id").loc[kept, "arousal"]
+    assert stats.label_mean["arousal"] == pytest.approx(gold.mean()) and stats.num_train_sentences == len(kept)
+    assert json.load(open(os.path.join(run, "stats.json")))["label_mean"]["arousal"] == pytest.approx(gold.mean())
+    assert run_ridge(out, str(tmp_path / "ridge"), ["arousal"], kept)["train_sentences"] == len(kept)
+
+
 def test_a_run_that_cannot_get_its_cpus_says_what_holds_them_and_stops(tables, tmp_path, capsys, ray_local):
     """A placement group left by another run holds 2 of the 3 CPUs: a 2-worker run waits its
     bound, then stops with exit status 4 and names the group, instead of waiting forever."""

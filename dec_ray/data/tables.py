@@ -7,6 +7,7 @@ holds the Train statistics; TABLES/_SUCCESS marks a finished ingest (README, "Sc
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Iterator, List, Optional, Tuple
 
@@ -115,28 +116,68 @@ def with_sentence_info(predictions: pa.Table, tables: str, split: str) -> pa.Tab
     return joined.select(SENTENCE_INFO + [c for c in predictions.column_names if c != "row_id"])
 
 
+def labeled_rows(train_ids: np.ndarray, cfg: Config) -> np.ndarray:
+    """The Train sentences that keep their labels: all, or a random ``train.label_fraction`` of
+    them drawn with ``train.label_seed`` (at least 2)."""
+    f = cfg.train.label_fraction
+    if f >= 1:
+        return np.sort(train_ids)
+    n = min(len(train_ids), max(2, int(round(f * len(train_ids)))))
+    return np.sort(np.random.default_rng(cfg.train.label_seed).choice(np.sort(train_ids), n, replace=False))
+
+
 def training_rows(tables: str, split: str, cfg: Config) -> np.ndarray:
-    """The sentences a run trains on from ``split`` (train or unlabeled), decided from the tables
-    and the config alone: the same rows on every run and for any number of workers. The
-    unlabeled pool is all of it, none (``train.unlabeled_limit`` 0, or the CNN, which has no use
-    for it) or a seeded random subset of ``train.unlabeled_limit`` rows (the official code draws a
-    random 40K with a fixed seed)."""
-    ids = row_ids(split_files(tables, split))
-    if split != "unlabeled":
-        return ids
+    """The sentences a run trains on as ``split`` (train: labeled; unlabeled: the pool), decided
+    from the tables and the config alone: the same rows on every run and for any number of workers.
+    Train: ``labeled_rows``. The pool: none (``train.unlabeled_limit`` 0, or the CNN, which has no
+    use for it); else the unlabeled split, all of it or a seeded random ``train.unlabeled_limit`` of
+    it (the official code draws a random 40K with a fixed seed), plus, in the label-scarce setting
+    with ``train.label_rest: pool``, the Train sentences whose labels were set aside."""
+    train = row_ids(split_files(tables, "train"))
+    kept = labeled_rows(train, cfg)
+    if split == "train":
+        return kept
     limit = cfg.train.unlabeled_limit
     if limit == 0 or cfg.model.name == "cnn":
-        return ids[:0]
+        return train[:0]
+    ids = row_ids(split_files(tables, "unlabeled"))
     if 0 < limit < len(ids):
-        return np.sort(np.random.default_rng(cfg.train.seed).choice(ids, limit, replace=False))
+        ids = np.sort(np.random.default_rng(cfg.train.seed).choice(ids, limit, replace=False))
+    if cfg.train.label_rest == "pool":
+        ids = np.union1d(ids, np.setdiff1d(train, kept))
     return ids
+
+
+def pool_files(tables: str, split: str, cfg: Config) -> List[str]:
+    """The files that hold ``training_rows(tables, split, cfg)``."""
+    files = split_files(tables, split)
+    if split == "unlabeled" and cfg.train.label_fraction < 1 and cfg.train.label_rest == "pool":
+        files = files + split_files(tables, "train")
+    return files
+
+
+def labeled_stats(tables: str, cfg: Config) -> Stats:
+    """The run's statistics: the tables' (feature statistics over all Train audio, labels or not),
+    with the label mean and std over the sentences that keep their labels: a label-scarce run
+    never sees the others' labels, not even through the normalisation."""
+    stats = Stats.load(os.path.join(tables, "stats.json"))
+    if cfg.train.label_fraction >= 1:
+        return stats
+    kept = training_rows(tables, "train", cfg)
+    t = pads.dataset(split_files(tables, "train"), format="parquet").to_table(
+        columns=["row_id", *cfg.model.attributes], filter=pc.field("row_id").isin(pa.array(kept)))
+    values = {a: t[a].to_numpy(zero_copy_only=False).astype(np.float64) for a in cfg.model.attributes}
+    return dataclasses.replace(stats, label_mean={**stats.label_mean, **{a: float(v.mean()) for a, v in values.items()}},
+                               label_std={**stats.label_std, **{a: float(v.std()) for a, v in values.items()}},
+                               num_train_sentences=len(kept))
 
 
 def read_rows(files: List[str], mine: np.ndarray, cfg: Config, stats: Stats,
               storage: torch.device = torch.device("cpu"), pin: bool = False,
-              label_device: torch.device = torch.device("cpu")) -> Pool:
+              label_device: torch.device = torch.device("cpu"), labels: bool = True) -> Pool:
     """The rows ``mine`` of these files, streamed batch by batch into a Pool sized exactly. The
-    range bounds let Parquet skip row groups that hold none of them."""
+    range bounds let Parquet skip row groups that hold none of them. ``labels=False``: the pool
+    holds NaN labels whatever the files say (Train sentences set aside in the unlabeled pool)."""
     mine = np.sort(np.asarray(mine, dtype=np.int64))
     batches = iter(())
     if len(mine):
@@ -144,6 +185,9 @@ def read_rows(files: List[str], mine: np.ndarray, cfg: Config, stats: Stats,
         f = pc.field("row_id")
         where = (f >= int(mine[0])) & (f <= int(mine[-1])) & f.isin(pa.array(mine))
         batches = _numpy_batches(ds.to_batches(columns=COLUMNS, filter=where, batch_size=READ_BATCH))
+        if not labels:
+            batches = ({**b, **{a: np.full(len(b["row_id"]), np.nan, np.float32) for a in ATTRIBUTES}}
+                       for b in batches)
     pool, _ = build_pool(pool_batches(batches, cfg, stats), len(mine), chunk_shape(cfg),
                          len(cfg.model.attributes), storage, pin, label_device, dtype=storage_dtype(cfg))
     return pool

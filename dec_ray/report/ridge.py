@@ -9,7 +9,7 @@ predictions), so `dec-ray evaluate` scores it with the paper's protocol. No Ray 
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import pyarrow.dataset as pads
@@ -57,12 +57,17 @@ def choose_alpha(xtr: np.ndarray, ytr: np.ndarray, xdev: np.ndarray, ydev: np.nd
     return float(best), *fits[best], dev_ccc
 
 
-def run_ridge(tables: str, out: str, attributes: Sequence[str] = ("arousal",)) -> Dict:
-    """Fit on Train, choose alpha on dev (per attribute), score dev and test; write a run folder."""
+def run_ridge(tables: str, out: str, attributes: Sequence[str] = ("arousal",),
+              train_rows: Optional[np.ndarray] = None) -> Dict:
+    """Fit on Train (``train_rows`` of it: the labeled sentences of a label-scarce run), choose
+    alpha on dev (per attribute), score dev and test; write a run folder."""
     attributes: List[str] = list(attributes)
     data = {s: read_split(tables, s, attributes) for s in ("train", "dev", "test")}
     if data["train"] is None or data["dev"] is None:
         raise ValueError(f"{tables}: ridge needs the train and dev splits")
+    if train_rows is not None:
+        keep = np.isin(data["train"][0], train_rows)
+        data["train"] = tuple(d[keep] for d in data["train"])
     _, xtr, ytr = data["train"]
     mean, std = xtr.mean(0), xtr.std(0) + 1e-8
     norm = {s: (d[0], (d[1] - mean) / std, d[2]) for s, d in data.items() if d is not None}
@@ -74,7 +79,7 @@ def run_ridge(tables: str, out: str, attributes: Sequence[str] = ("arousal",)) -
         for s, (_, x, _) in norm.items():
             preds[s][:, j] = x @ w + b
     os.makedirs(out, exist_ok=True)
-    result = {"model": "ridge", "attributes": attributes, "alpha": alphas,
+    result = {"model": "ridge", "attributes": attributes, "alpha": alphas, "train_sentences": int(len(xtr)),
               "dev_ccc_per_alpha": {a: {str(al): float(v) for al, v in c.items()} for a, c in dev_cccs.items()},
               "dev_ccc": {a: ccc(preds["dev"][:, j], norm["dev"][2][:, j]) for j, a in enumerate(attributes)}}
     for s in ("dev", "test"):

@@ -28,9 +28,9 @@ from dec_ray.config import Config, config_from_dict, load_config
 from dec_ray.data.files import atomic_path, write_json
 from dec_ray.data.normalization import Stats
 from dec_ray.data.pools import Pool, placement, row_bytes
-from dec_ray.data.tables import (block_of, chunk_shape, is_complete, read_rows, row_ids, run_tables,
-                                 split_files, split_rows, storage_dtype, stride_of, training_rows,
-                                 with_sentence_info)
+from dec_ray.data.tables import (block_of, chunk_shape, is_complete, labeled_stats, pool_files, read_rows,
+                                 row_ids, run_tables, split_files, split_rows, storage_dtype, stride_of,
+                                 training_rows, with_sentence_info)
 from dec_ray.method.distributed import gather_objects
 from dec_ray.method.learner import MIN_SENTENCES_PER_WORKER_BATCH, Learner, batch_sentences
 from dec_ray.method.loop import LoopState, fit
@@ -62,7 +62,8 @@ def load_pools(config: dict, cfg: Config, stats: Stats, rank: int, world_size: i
     storage, pin, where = placement(need, device, cfg.scale.pool_device_fraction)
     pools: Dict[str, Optional[Pool]] = {n: None for n in (*DATASETS, *EVAL_SPLITS)}
     for n, ids in mine.items():        # a rank with no rows of a split still gets an empty pool
-        pools[n] = read_rows(split_files(tables, n), ids, cfg, stats, storage, pin, device)
+        pools[n] = read_rows(pool_files(tables, n, cfg), ids, cfg, stats, storage, pin, device,
+                             labels=n != "unlabeled")
     sizes = ", ".join(f"{n} {len(p.row_ids)}" for n, p in pools.items() if p is not None)
     load = {"load_s": time.perf_counter() - t0,
             "pool_gb": sum(p.nbytes for p in pools.values() if p is not None) / 1e9,
@@ -199,11 +200,17 @@ def build_trainer(tables: str, out: str, cfg: Config, stats: Stats, name: str = 
         raise ValueError(f"{tables}: {rows['train']} Train sentences for {cfg.scale.workers} workers; each worker "
                          f"needs at least {MIN_SENTENCES_PER_WORKER_BATCH}")
     lines = [resolve_batch(cfg, rows["train"])]
+    t = cfg.train
+    if t.label_fraction < 1:
+        rest = split_rows(tables, "train") - rows["train"]
+        lines.append(f"labels: {rows['train']} of {split_rows(tables, 'train')} Train sentences (train.label_fraction "
+                     f"{t.label_fraction:g}, seed {t.label_seed}); the other {rest} "
+                     + ("join the pool without labels" if t.label_rest == "pool" else "are left out"))
     available = split_rows(tables, "unlabeled")
-    if rows["unlabeled"] < available and rows["unlabeled"] > 0:
-        lines.append(f"unlabeled: a random {rows['unlabeled']} of {available} sentences (train.unlabeled_limit, "
-                     f"seed {cfg.train.seed})")
-    elif available and cfg.model.name != "cnn":
+    if 0 < t.unlabeled_limit < available:
+        lines.append(f"unlabeled: {rows['unlabeled']} sentences, of them a random {t.unlabeled_limit} of the "
+                     f"{available} unlabeled (train.unlabeled_limit, seed {t.seed})")
+    elif cfg.model.name != "cnn" and (available or rows["unlabeled"]):
         lines.append(f"unlabeled: {rows['unlabeled']} sentences")
     m = cfg.model
     print(f"[dec-ray] {m.name} ({m.encoder} encoder, width {m.width:g}, init {m.init}), K={cfg.cluster.k}, "
@@ -326,7 +333,7 @@ def run_training(tables: str, out: str, cfg: Optional[Config] = None, resume: bo
         raise ValueError(f"{out} already holds a run; use --resume {out} or a new folder")
     if not is_complete(tables):
         raise ValueError(f"{tables}: not a finished ingest (no _SUCCESS); run `dec-ray ingest` first")
-    stats = Stats.load(os.path.join(tables, "stats.json"))
+    stats = labeled_stats(tables, cfg)
     ensure_ray(cfg.scale.workers * cfg.scale.cpus_per_worker)
     os.makedirs(out, exist_ok=True)
     trainer = build_trainer(os.path.abspath(tables), out, cfg, stats, extra_callbacks=callbacks)  # settles the batch
@@ -350,7 +357,9 @@ def repeated_runs(tables: str, out: str, models: Sequence[str], repeats: int, cf
             run = os.path.join(out, "runs", "ridge")
             runs.append(run)
             if not os.path.exists(os.path.join(run, "result.json")):
-                run_ridge(tables, run, load_config(cfg_path, list(overrides)).model.attributes)
+                cfg = load_config(cfg_path, list(overrides))
+                rows = training_rows(tables, "train", cfg) if cfg.train.label_fraction < 1 else None
+                run_ridge(tables, run, cfg.model.attributes, rows)
             continue
         for seed in range(repeats):
             run = os.path.join(out, "runs", model, f"seed{seed}")

@@ -57,10 +57,11 @@ def run_trial(config: dict, base: dict, stats: dict, tables: str, out: str) -> N
     object store), so Tune's console and state show what was searched, nothing else."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
+    from dec_ray.data.tables import labeled_stats
     from dec_ray.service.train import build_trainer, finalize, fit_or_say_why
 
     cfg = trial_config(base, config)
-    st = Stats(**stats)
+    st = labeled_stats(tables, cfg) if cfg.train.label_fraction < 1 else Stats(**stats)
     run = trial_dir(out, tune.get_context().get_trial_id())
     os.makedirs(run, exist_ok=True)
     with open(os.path.join(run, "tables.txt"), "w") as f:
