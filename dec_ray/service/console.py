@@ -19,10 +19,13 @@ def ray_log_level() -> str:
 
 
 def quiet_ray() -> None:
-    """Before Ray starts in this process: Ray Data's console at WARNING (its file log unchanged)."""
+    """Before Ray starts in this process: Ray Data's console at WARNING (its file log unchanged);
+    Ray Tune's classic console, which ``verbose=0`` silences (its newer one prints an experiment
+    header and result paths whatever the verbosity; dec_ray prints its own lines per trial)."""
     if verbose():
         return
     os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", RAY_DATA_LOGGING)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if "ray.data" in sys.modules:               # imported already: configure it again
         from ray.data._internal.logging import configure_logging
         configure_logging()
