@@ -1,4 +1,5 @@
 """The experiment spec and its plan of cells (no Ray, no training)."""
+import numpy as np
 import pytest
 
 from dec_ray.config import ConfigError, load_config
@@ -93,3 +94,39 @@ def test_a_one_axis_study_is_a_row_per_value_with_the_references_below():
     assert rows == ["| unlabeled pool | arousal |", "| 0 | 0.100 ± 0.010 |", "| 351 | 0.200 ± 0.010 |",
                     "| CNN-regressor (t-test reference) | 0.500 ± 0.010 |",
                     "| ridge (log-mel statistics) | 0.600 ± 0.010 |"]
+
+
+def test_a_label_scarce_study_is_tested_against_the_cnn_with_the_same_labels(tmp_path):
+    """A `labels` axis: each share of labels gets its own CNN reference (and ridge), each cell is
+    tested against the CNN trained on the same labeled sentences, and the table has the shares as
+    columns with the references of each share below."""
+    import pandas as pd
+
+    from dec_ray.report.experiment import cell_summary, study_plot, study_tables
+    from dec_ray.service.experiment import Study
+    spec = spec_from_dict({"config": "demo", "studies": [
+        {"name": "scarce", "models": ["deepemocluster", "cnn"], "pool": [1.0], "labels": [0.125, 0.25, 1.0]}]})
+    cells = plan(spec, load_config(config_path(spec), spec.set), n_unlabeled=351)
+    scarce = cells["scarce"]
+    assert [c.name for c in cells["_reference"]] == ["cnn", "cnn_labels0.25", "cnn_labels0.125"]
+    dec = [c for c in scarce if c.model == "deepemocluster"]
+    assert [c.name for c in dec] == [f"deepemocluster_pool351_k10_lambda1{s}" for s in ("_labels0.125", "_labels0.25", "")]
+    assert "train.label_fraction=0.125" in dec[0].overrides() and not any("label_fraction" in o for o in dec[2].overrides())
+    # the t-test of each cell is against the CNN at its own share
+    rng = np.random.default_rng(0)
+    values = pd.DataFrame([{"cell": c, "attribute": "arousal", "run": f"{c}/{r}", "ccc": mu + 0.01 * rng.normal()}
+                           for c, mu in (("cnn_labels0.25", 0.3), ("deepemocluster_pool351_k10_lambda1_labels0.25", 0.5),
+                                         ("cnn", 0.7), ("deepemocluster_pool351_k10_lambda1", 0.5))
+                           for r in range(8)])
+    summary = cell_summary(values, "cnn", 0.05).set_index("cell")
+    assert summary.loc["deepemocluster_pool351_k10_lambda1_labels0.25", "mark"] == "▲"
+    assert summary.loc["deepemocluster_pool351_k10_lambda1", "mark"] == "▼"
+    means = {c.name: 0.1 * i for i, c in enumerate(scarce, 1)}
+    table_summary = pd.DataFrame([{"cell": n, "attribute": "arousal", "ccc_mean": m, "ccc_std": 0.01, "mark": ""}
+                                  for n, m in {**means, "ridge_labels0.125": 0.45, "ridge_labels0.25": 0.55,
+                                               "ridge": 0.65}.items()])
+    study = Study(**vars(spec.studies[0]))
+    table = study_tables(study, scarce, table_summary, ["arousal"], "cnn")
+    assert "| model | 0.125 | 0.25 | 1 |" in table
+    assert "ridge (log-mel statistics) (labels 0.25): 0.550 ± 0.010" in table
+    assert study_plot(study, scarce, table_summary, ["arousal"], "cnn", str(tmp_path / "scarce.png"))

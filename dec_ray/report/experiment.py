@@ -17,28 +17,44 @@ import pandas as pd
 
 from dec_ray.report.evaluation import T_TEST_ASSUMPTION, subset_cccs, t_test
 
-AXES = (("model", "model"), ("pool", "unlabeled pool"), ("k", "K"), ("lambda_ce", "lambda"))
+AXES = (("model", "model"), ("pool", "unlabeled pool"), ("k", "K"), ("lambda_ce", "lambda"),
+        ("labels", "labelled share of Train"))
+COLUMN_AXES = ("pool", "labels")       # in a two-axis grid, these are the columns
 LABELS = {"deepemocluster": "DeepEmoCluster", "cnn": "CNN-regressor", "ae": "CNN-AE", "vae": "CNN-VAE",
           "ridge": "ridge (log-mel statistics)"}
 
 
-def cell_values(runs: Dict[str, tuple], ridge: str, subsets: int) -> pd.DataFrame:
-    """One row per (run, subset, attribute) of every finished run, with the run's cell name."""
+def labels_suffix(labels: float) -> str:
+    """How a cell's (and its references') name says its share of labels: nothing for all of Train."""
+    return "" if labels >= 1 else f"_labels{labels:g}"
+
+
+def labels_of(cell_name: str) -> str:
+    """The labels suffix of a cell name ("" for all of Train)."""
+    i = cell_name.find("_labels")
+    return "" if i < 0 else cell_name[i:]
+
+
+def cell_values(runs: Dict[str, tuple], ridges: Dict[float, str], subsets: int) -> pd.DataFrame:
+    """One row per (run, subset, attribute) of every finished run, with the run's cell name; the
+    ridge references (one per share of labels) are cells "ridge", "ridge_labels0.25", ..."""
     finished = [r for r in runs if os.path.exists(os.path.join(r, "result.json"))]
-    values = subset_cccs([*finished, ridge], subsets, seed=0)
+    values = subset_cccs([*finished, *ridges.values()], subsets, seed=0)
     names = {r: runs[r][0].name for r in finished}
-    names[ridge] = "ridge"
+    names.update({path: "ridge" + labels_suffix(f) for f, path in ridges.items()})
     values["cell"] = values["run"].map(names)
     return values
 
 
 def cell_summary(values: pd.DataFrame, reference: str, alpha: float) -> pd.DataFrame:
-    """Mean, std, n and the t-test against the reference cell, per (cell, attribute)."""
+    """Mean, std, n and the t-test against the reference cell with the same labels (the CNN
+    trained on the same labeled sentences), per (cell, attribute)."""
     rows = []
     for (cell, attr), g in values.groupby(["cell", "attribute"], sort=False):
-        ref = values[(values["cell"] == reference) & (values["attribute"] == attr)]["ccc"]
+        ref_cell = reference + labels_of(cell)
+        ref = values[(values["cell"] == ref_cell) & (values["attribute"] == attr)]["ccc"]
         t = p = np.nan
-        if cell != reference and len(ref) > 1 and len(g) > 1:
+        if cell != ref_cell and len(ref) > 1 and len(g) > 1:
             t, p = t_test(g["ccc"], ref)
         rows.append({"cell": cell, "attribute": attr, "ccc_mean": g["ccc"].mean(),
                      "ccc_std": g["ccc"].std(ddof=1) if len(g) > 1 else 0.0, "n": len(g), "runs": g["run"].nunique(),
@@ -56,7 +72,8 @@ def fmt(summary: pd.DataFrame, cell: str, attr: str) -> str:
 
 def varying(study) -> List[str]:
     """The axes the study sets more than one value for (model, pool, k, lambda_ce)."""
-    values = {"model": study.models, "pool": study.pool, "k": study.k, "lambda_ce": study.lambda_ce}
+    values = {"model": study.models, "pool": study.pool, "k": study.k, "lambda_ce": study.lambda_ce,
+              "labels": getattr(study, "labels", [])}
     return [a for a, _ in AXES if len(values[a]) > 1]
 
 
@@ -68,13 +85,24 @@ def format_value(axis: str, v) -> str:
     return LABELS.get(v, v) if axis == "model" else ("-" if v is None else f"{v:g}")
 
 
+def references(cells, reference: str) -> List[tuple]:
+    """(label, cell name) of the CNN and the ridge at each share of labels the cells use."""
+    shares = sorted({c.labels for c in cells}, reverse=True)
+    out = []
+    for f in shares:
+        at = "" if len(shares) == 1 and f >= 1 else f", labels {f:g}"
+        out += [(LABELS[reference] + f" (t-test reference{at})", reference + labels_suffix(f)),
+                (LABELS["ridge"] + (f" ({at[2:]})" if at else ""), "ridge" + labels_suffix(f))]
+    return out
+
+
 def study_tables(study, cells, summary: pd.DataFrame, attrs: List[str], reference: str) -> str:
     axes = varying(study) or ["model"]
     title = study.title or study.name
-    refs = [(LABELS[reference] + " (t-test reference)", reference), (LABELS["ridge"], "ridge")]
+    refs = references(cells, reference)
     head = f"### {title}\n\n"
     if len(axes) == 2:
-        rows_axis, cols_axis = sorted(axes, key=lambda a: a == "pool")      # pool sizes as the columns
+        rows_axis, cols_axis = sorted(axes, key=lambda a: a in COLUMN_AXES)    # pool / labels as the columns
         row_vals = list(dict.fromkeys(getattr(c, rows_axis) for c in cells))
         col_vals = list(dict.fromkeys(getattr(c, cols_axis) for c in cells))
         out = [head]
@@ -110,14 +138,14 @@ def study_plot(study, cells, summary: pd.DataFrame, attrs: List[str], reference:
     from dec_ray.report.plots import _pyplot, evaluation_bars
     axes = [a for a in varying(study) if a != "model"]
     if not axes:                    # models only (Table 2): bars, with the ridge reference beside them
-        names = [c.name for c in cells] + ["ridge"]
+        names = [c.name for c in cells] + ["ridge" + labels_suffix(cells[0].labels)]
         s = summary[summary["cell"].isin(names)].copy()
         s["model"] = s["cell"].map({c.name: LABELS.get(c.model, c.model) for c in cells} | {"ridge": "ridge"})
         s["significant"] = np.where(s["mark"] != "", "yes", "")
         s = s.sort_values("cell", key=lambda col: col.map(names.index))
         evaluation_bars(s, path)
         return True
-    x_axis = "pool" if "pool" in axes else axes[0]
+    x_axis = "labels" if "labels" in axes else "pool" if "pool" in axes else axes[0]
     other = [a for a in varying(study) if a != x_axis]
     plt = _pyplot()
     fig, axs = plt.subplots(1, len(attrs), figsize=(max(6.0, 4.5 * len(attrs)), 3.8), squeeze=False)
@@ -131,10 +159,15 @@ def study_plot(study, cells, summary: pd.DataFrame, attrs: List[str], reference:
             ax.errorbar([getattr(c, x_axis) for c in group], s["ccc_mean"], yerr=s["ccc_std"], marker="o",
                         capsize=3, label=", ".join(f"{dict(AXES)[o]} {axis_value(group[0], o)}" for o in other)
                         or LABELS.get(group[0].model, group[0].model))
-        for cell, style in ((reference, "--"), ("ridge", ":")):
-            r = summary[(summary["cell"] == cell) & (summary["attribute"] == a)]
-            if not r.empty:
-                ax.axhline(r["ccc_mean"].iloc[0], ls=style, color="gray", label=LABELS[cell])
+        shares = sorted({c.labels for c in cells})
+        for base, style in ((reference, "--"), ("ridge", ":")):
+            names = [base + labels_suffix(f) for f in shares]
+            r = summary[summary["attribute"] == a].set_index("cell").reindex(names)
+            if x_axis == "labels":              # the references at each share, as lines of their own
+                ax.errorbar(shares, r["ccc_mean"], yerr=r["ccc_std"], ls=style, marker="s", color="gray",
+                            capsize=3, label=LABELS[base])
+            elif r["ccc_mean"].notna().any():
+                ax.axhline(r["ccc_mean"].dropna().iloc[0], ls=style, color="gray", label=LABELS[base])
         ax.set_xlabel(dict(AXES)[x_axis] + (" (sentences)" if x_axis == "pool" else ""))
         ax.set_ylabel(f"test CCC, {a}")
         ax.legend(fontsize=7)
@@ -159,11 +192,12 @@ def best_clustering_run(runs: Dict[str, tuple]) -> Optional[str]:
     return best
 
 
-def write_report(out: str, spec, cells: Dict[str, list], runs: Dict[str, tuple], ridge: str, info: dict,
-                 reference: str = "cnn") -> str:
-    """OUT/report.md (+ cells.csv, ccc_values.csv, one PNG per study, analysis/); returns its path."""
+def write_report(out: str, spec, cells: Dict[str, list], runs: Dict[str, tuple], ridges: Dict[float, str],
+                 info: dict, reference: str = "cnn") -> str:
+    """OUT/report.md (+ cells.csv, ccc_values.csv, one PNG per study, analysis/); returns its path.
+    ``ridges``: the ridge reference's run folder at each share of labels."""
     from dec_ray.report.analysis import analyze_run, dependence_lines
-    values = cell_values(runs, ridge, spec.subsets)
+    values = cell_values(runs, ridges, spec.subsets)
     summary = cell_summary(values, reference, spec.alpha)
     values.to_csv(os.path.join(out, "ccc_values.csv"), index=False)
     summary.to_csv(os.path.join(out, "cells.csv"), index=False)
@@ -173,7 +207,8 @@ def write_report(out: str, spec, cells: Dict[str, list], runs: Dict[str, tuple],
         "# DeepEmoCluster studies\n",
         f"Test CCC (sentence level, 1..7 scale): the test set in {spec.subsets} random equal subsets x "
         f"{spec.seeds} training run(s) per cell = {spec.subsets * spec.seeds} values; mean ± std. ▲ / ▼: above / "
-        f"below the CNN-regressor with p < {spec.alpha} (two-tailed Student t-test). The ridge reference is one "
+        f"below the CNN-regressor trained on the same labels with p < {spec.alpha} (two-tailed Student t-test). "
+        "The ridge reference is one "
         f"deterministic fit, so its std is over the test subsets only. {T_TEST_ASSUMPTION}\n",
         f"- command: `{info['invocations'][0]['command']}`" + "".join(
             f"\n- resumed: `{i['command']}` ({i['trained']} runs trained)" for i in info["invocations"][1:]),
@@ -196,8 +231,9 @@ def write_report(out: str, spec, cells: Dict[str, list], runs: Dict[str, tuple],
         an = analyze_run(best, os.path.join(out, "analysis"))
         parts.append(f"### Clusters of the best DeepEmoCluster run (by dev CCC): {os.path.relpath(best, out)}\n\n"
                      "K-means on its Train embeddings; how much of each attribute's variance the clusters "
-                     "explain (eta²) and their mutual information with it, against random assignments of "
-                     f"the same sizes:\n\n{dependence_lines(an['dependence'])}\n\n"
+                     "explain (eta²) and their mutual information with it, against their chance level "
+                     "(whole sentences' cluster patterns dealt out again within speaker):"
+                     f"\n\n{dependence_lines(an['dependence'])}\n\n"
                      "![clusters](analysis/cluster_attributes.png)\n")
     path = os.path.join(out, "report.md")
     with open(path, "w") as f:

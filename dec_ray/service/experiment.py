@@ -1,7 +1,9 @@
 """`dec-ray experiment`: the paper's studies as one resumable job (a Ray Tune grid of training runs).
 
 A spec (YAML, dataclasses below) names the studies: Table 2 (the models, supervised), Table 3
-(unlabeled pool sizes), Table 4 (K x pool size), and any grid over model, pool, K and lambda.
+(unlabeled pool sizes), Table 4 (K x pool size), and any grid over model, pool, K, lambda and the
+share of Train that keeps its labels (``labels``: the label-scarce study; each share has its own
+CNN and ridge references, trained on the same labeled sentences).
 Every cell of every study is trained ``seeds`` times; a cell shared by two studies (DeepEmoCluster
 without a pool is in Tables 2, 3 and 4) is trained once. Each run is an ordinary run folder,
 OUT/runs/CELL/seedR, so a restarted experiment skips finished runs and resumes interrupted ones
@@ -24,6 +26,7 @@ import yaml
 
 from dec_ray.config import Config, ConfigError, load_config, preset_path
 from dec_ray.data.files import write_json
+from dec_ray.report.experiment import labels_suffix
 
 MODELS = ("deepemocluster", "cnn", "ae", "vae")
 REFERENCE = "cnn"          # the paper's tests are against the CNN-regressor
@@ -41,6 +44,7 @@ class Study:
     pool: List[Size] = field(default_factory=lambda: [0])
     k: List[int] = field(default_factory=list)
     lambda_ce: List[float] = field(default_factory=list)
+    labels: List[float] = field(default_factory=list)       # train.label_fraction values; none: 1.0
 
 
 @dataclass
@@ -74,6 +78,8 @@ def spec_from_dict(data: dict) -> ExperimentSpec:
         bad = [m for m in study.models if m not in MODELS]
         if bad or not study.models:
             raise ConfigError(f"study {study.name}: models must be among {', '.join(MODELS)} (got {study.models})")
+        if any(not (isinstance(f, (int, float)) and 0 < f <= 1) for f in study.labels):
+            raise ConfigError(f"study {study.name}: labels are shares of Train in (0, 1] (got {study.labels})")
         studies.append(study)
     if not studies:
         raise ConfigError("experiment spec: no studies")
@@ -129,6 +135,7 @@ class Cell:
     pool: Optional[int] = None
     k: Optional[int] = None
     lambda_ce: Optional[float] = None
+    labels: float = 1.0                 # the share of Train that keeps its labels
 
     @property
     def name(self) -> str:
@@ -139,7 +146,7 @@ class Cell:
             parts.append(f"k{self.k}")
         if self.lambda_ce is not None:
             parts.append(f"lambda{self.lambda_ce:g}")
-        return "_".join(parts)
+        return "_".join(parts) + labels_suffix(self.labels)
 
     def overrides(self) -> List[str]:
         out = [f"model.name={self.model}", f"train.unlabeled_limit={self.pool if self.pool is not None else 0}"]
@@ -147,15 +154,23 @@ class Cell:
             out.append(f"cluster.k={self.k}")
         if self.lambda_ce is not None:
             out.append(f"train.lambda_ce={self.lambda_ce}")
+        if self.labels < 1:
+            out.append(f"train.label_fraction={self.labels}")
         return out
 
 
-def make_cell(model: str, pool: int, k: int, lambda_ce: float) -> Cell:
+def reference_cells(cells: Sequence[Cell]) -> List[Cell]:
+    """The CNN-regressor at every share of labels the cells use: each cell's t-test reference."""
+    return [Cell(REFERENCE, labels=f) for f in sorted({c.labels for c in cells} | {1.0}, reverse=True)]
+
+
+def make_cell(model: str, pool: int, k: int, lambda_ce: float, labels: float = 1.0) -> Cell:
+    labels = float(labels)
     if model == "cnn":                  # supervised only: no pool, no clusters, no second loss
-        return Cell("cnn")
+        return Cell("cnn", labels=labels)
     if model in ("ae", "vae"):          # lambda weighs the reconstruction loss in the labeled stage
-        return Cell(model, pool, None, float(lambda_ce))
-    return Cell(model, pool, int(k), float(lambda_ce))
+        return Cell(model, pool, None, float(lambda_ce), labels)
+    return Cell(model, pool, int(k), float(lambda_ce), labels)
 
 
 def study_cells(study: Study, base: Config, n_unlabeled: int) -> List[Cell]:
@@ -164,16 +179,18 @@ def study_cells(study: Study, base: Config, n_unlabeled: int) -> List[Cell]:
         for size in study.pool:
             for k in study.k or [base.cluster.k]:
                 for lam in study.lambda_ce or [base.train.lambda_ce]:
-                    cell = make_cell(model, pool_count(size, n_unlabeled), k, lam)
-                    if cell not in cells:
-                        cells.append(cell)
+                    for labels in study.labels or [base.train.label_fraction]:
+                        cell = make_cell(model, pool_count(size, n_unlabeled), k, lam, labels)
+                        if cell not in cells:
+                            cells.append(cell)
     return cells
 
 
 def plan(spec: ExperimentSpec, base: Config, n_unlabeled: int) -> Dict[str, List[Cell]]:
-    """Cells per study, plus the reference cell (CNN) every table is tested against."""
+    """Cells per study, plus the reference cells (the CNN at each share of labels) the tables are
+    tested against."""
     cells = {s.name: study_cells(s, base, n_unlabeled) for s in spec.studies}
-    cells["_reference"] = [Cell(REFERENCE)]
+    cells["_reference"] = reference_cells([c for group in cells.values() for c in group])
     return cells
 
 
@@ -289,7 +306,7 @@ def machine() -> str:
 def run_experiment(tables: str, out: str, spec: ExperimentSpec, overrides: Sequence[str] = (),
                    command: str = "") -> Dict:
     """Train what is missing, then write the report. Returns {"report", "failed", "runs"}."""
-    from dec_ray.data.tables import is_complete, split_rows
+    from dec_ray.data.tables import is_complete, split_rows, training_rows
     from dec_ray.report.experiment import write_report
     from dec_ray.report.ridge import run_ridge
     t0 = time.time()
@@ -306,9 +323,15 @@ def run_experiment(tables: str, out: str, spec: ExperimentSpec, overrides: Seque
     with open(os.path.join(out, "spec.yaml"), "w") as f:
         yaml.safe_dump({**spec.to_dict(), "config": cfg_path, "set": [*spec.set, *overrides]}, f, sort_keys=False)
 
-    ridge = os.path.join(out, "runs", "ridge")
-    if not is_finished(ridge):
-        run_ridge(tables, ridge, base.model.attributes)
+    ridges = {}
+    for ref in cells["_reference"]:              # one ridge per share of labels, on the same sentences
+        ridges[ref.labels] = ridge = os.path.join(out, "runs", "ridge" + labels_suffix(ref.labels))
+        if not is_finished(ridge):
+            rows = None
+            if ref.labels < 1:
+                rows = training_rows(tables, "train", load_config(cfg_path, [*spec.set, *overrides,
+                                                                            f"train.label_fraction={ref.labels}"]))
+            run_ridge(tables, ridge, base.model.attributes, rows)
     pending = {r: [*spec.set, *overrides, *cell.overrides(), f"train.seed={seed}"]
                for r, (cell, seed) in runs.items() if not is_finished(r)}
     print(f"[experiment] {len(spec.studies)} studies, {len({c for g in cells.values() for c in g})} cells x "
@@ -324,5 +347,5 @@ def run_experiment(tables: str, out: str, spec: ExperimentSpec, overrides: Seque
     info.update(tables=tables, failed=failed, total_s=round(sum(i["elapsed_s"] for i in info["invocations"]), 1),
                 machine=machine())
     write_json(os.path.join(out, "experiment.json"), info)
-    report = write_report(out, spec, cells, runs, ridge, info, REFERENCE)
+    report = write_report(out, spec, cells, runs, ridges, info, REFERENCE)
     return {"report": report, "failed": failed, "runs": sorted(runs)}
