@@ -110,6 +110,13 @@ def cmd_evaluate(args) -> int:
     res = evaluate_runs(runs, args.out, args.subsets, args.seed, args.reference, args.alpha)
     print(res["table"])
     print("\nwritten: " + ", ".join(res["files"]))
+    if args.cross:
+        from dec_ray.report.cross_corpus import score_runs_on
+        for name, folders in score_runs_on(runs, args.cross).items():
+            cross = evaluate_runs(folders, os.path.join(args.out, "cross", name), args.subsets, args.seed,
+                                  args.reference, args.alpha)
+            print(f"\non {name} (trained on the runs' own corpus, normalised with its statistics):\n{cross['table']}")
+            print("written: " + ", ".join(cross["files"]))
     return 0
 
 
@@ -210,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random test subsets")
     p.add_argument("--reference", default="deepemocluster", help="the model each baseline is tested against")
     p.add_argument("--alpha", type=float, default=0.05)
+    p.add_argument("--cross", nargs="+", metavar="NAME=TABLES", default=[],
+                   help="also score every run on these corpora's test splits (tables of `dec-ray ingest`): "
+                        "one table per corpus under OUT/cross/NAME")
     _add_config_args(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -245,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 PATH_ARGS = ("corpus", "out", "tables", "unlabeled", "run", "audio", "runs", "resume", "config", "space", "spec")
+# --cross NAME=TABLES: report/cross_corpus.parse_corpus makes its path absolute
 
 
 def absolute_paths(args: argparse.Namespace) -> None:

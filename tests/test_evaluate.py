@@ -154,3 +154,27 @@ def test_the_linear_reference_is_scored_with_the_protocol(trained_runs, tables, 
     assert np.allclose(x[:, :128], [[0.0], [1.0]]) and np.allclose(x[:, 128:], 0.0)     # log-mel mean, std
     ev = evaluate_runs([trained_runs["deepemocluster"], run], str(tmp_path / "eval"))
     assert set(ev["values"]["model"]) == {"deepemocluster", "ridge"} and len(ev["values"]) == 8
+
+
+@pytest.mark.slow
+def test_cross_corpus_scoring_from_the_saved_predictions(trained_runs, tables, tmp_path):
+    """A run scored on another corpus's tables: here the same tables under another name, so its
+    cross predictions must equal the run's own saved test predictions, and the protocol scores them
+    as it scores the run; the ridge is scored from its saved weights the same way."""
+    from dec_ray.report.cross_corpus import score_runs_on
+    from dec_ray.report.ridge import run_ridge
+    ridge = str(tmp_path / "ridge")
+    run_ridge(tables[0], ridge)
+    runs = [trained_runs["deepemocluster"], ridge]
+    out = str(tmp_path / "eval")
+    assert main(["evaluate", "--runs", *runs, "--out", out, "--cross", f"again={tables[0]}"]) == 0
+    folders = score_runs_on(runs, [f"again={tables[0]}"])["again"]
+    for run, cross in zip(runs, folders):
+        own = pd.read_parquet(os.path.join(run, "test_predictions.parquet")).sort_values("row_id")
+        got = pd.read_parquet(os.path.join(cross, "test_predictions.parquet")).sort_values("row_id")
+        assert got["row_id"].tolist() == own["row_id"].tolist() and "speaker" in got
+        np.testing.assert_allclose(got["pred_arousal"], own["pred_arousal"], atol=2e-3)
+        np.testing.assert_allclose(got["gold_arousal"], own["gold_arousal"], atol=1e-5)
+    own_values = pd.read_csv(os.path.join(out, "ccc_values.csv"))
+    cross_values = pd.read_csv(os.path.join(out, "cross", "again", "ccc_values.csv"))
+    np.testing.assert_allclose(cross_values["ccc"], own_values["ccc"], atol=5e-3)

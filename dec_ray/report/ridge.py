@@ -57,6 +57,14 @@ def choose_alpha(xtr: np.ndarray, ytr: np.ndarray, xdev: np.ndarray, ydev: np.nd
     return float(best), *fits[best], dev_ccc
 
 
+def load_ridge(run: str) -> Dict:
+    """The fitted reference of a ridge run (RUN/ridge.npz): feature mean/std, weights, intercepts."""
+    z = np.load(os.path.join(run, "ridge.npz"))
+    attrs = [str(a) for a in z["attributes"]]
+    return {"attributes": attrs, "mean": z["mean"], "std": z["std"], "w": {a: z[f"w_{a}"] for a in attrs},
+            "b": {a: float(z[f"b_{a}"]) for a in attrs}}
+
+
 def run_ridge(tables: str, out: str, attributes: Sequence[str] = ("arousal",),
               train_rows: Optional[np.ndarray] = None) -> Dict:
     """Fit on Train (``train_rows`` of it: the labeled sentences of a label-scarce run), choose
@@ -72,10 +80,11 @@ def run_ridge(tables: str, out: str, attributes: Sequence[str] = ("arousal",),
     mean, std = xtr.mean(0), xtr.std(0) + 1e-8
     norm = {s: (d[0], (d[1] - mean) / std, d[2]) for s, d in data.items() if d is not None}
     preds = {s: np.zeros_like(d[2]) for s, d in norm.items()}
-    alphas, dev_cccs = {}, {}
+    alphas, dev_cccs, weights, biases = {}, {}, {}, {}
     for j, a in enumerate(attributes):
         alphas[a], w, b, dev_cccs[a] = choose_alpha(norm["train"][1], norm["train"][2][:, j],
                                                     norm["dev"][1], norm["dev"][2][:, j])
+        weights[a], biases[a] = w, float(b)
         for s, (_, x, _) in norm.items():
             preds[s][:, j] = x @ w + b
     os.makedirs(out, exist_ok=True)
@@ -88,5 +97,7 @@ def run_ridge(tables: str, out: str, attributes: Sequence[str] = ("arousal",),
                                               tables, s), os.path.join(out, f"{s}_predictions.parquet"))
     if "test" in norm:
         result["test_ccc"] = {a: ccc(preds["test"][:, j], norm["test"][2][:, j]) for j, a in enumerate(attributes)}
+    np.savez(os.path.join(out, "ridge.npz"), mean=mean, std=std, attributes=np.array(attributes),
+             **{f"w_{a}": weights[a] for a in attributes}, **{f"b_{a}": np.array(biases[a]) for a in attributes})
     write_json(os.path.join(out, "result.json"), result)          # last: marks the run finished
     return result
