@@ -67,6 +67,9 @@ class ClusterConfig:
     l2_normalize: bool = False
     assign: str = "faiss"           # E-step: faiss flat index (fed torch tensors) | torch (matmul + argmin)
     faiss_threads: int = 0          # 0: one per CPU this worker owns
+    # stage (b)'s draw of labeled chunks: "uniform" over the clusters (the method as published) or
+    # "natural" (every chunk once, in random order: the regressor sees the data's own distribution)
+    labeled_sampler: str = "uniform"
 
 
 @dataclass
@@ -90,6 +93,8 @@ class TrainConfig:
     label_fraction: float = 1.0
     label_seed: int = 0
     label_rest: str = "pool"
+    augment_pool: bool = False      # SpecAugment views in the pseudo-label stage (method/augment.py)
+    warmup_epochs: int = 0          # the first N epochs train the pseudo-label stage on the pool only
     amp: bool = True                # bf16 autocast, on GPU only
     channels_last: bool = True      # channels-last convolutions, on GPU only
     cudnn_benchmark: bool = True    # cuDNN picks the fastest kernels for the fixed chunk shape, on GPU only
@@ -269,6 +274,7 @@ def validate(cfg: Config) -> None:
         "cluster.assign": (cfg.cluster.assign, ("faiss", "torch")),
         "tune.scheduler": (cfg.tune.scheduler, ("asha", "none")),
         "train.label_rest": (cfg.train.label_rest, ("pool", "drop")),
+        "cluster.labeled_sampler": (cfg.cluster.labeled_sampler, ("uniform", "natural")),
         "tune.search": (cfg.tune.search, ("random", "optuna")),
         "scale.placement_strategy": (cfg.scale.placement_strategy,
                                      ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")),

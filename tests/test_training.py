@@ -219,3 +219,57 @@ def test_the_vae_weighs_its_kl_as_a_standard_vae_does():
     for beta in (1.0, 4.0):
         expected = (((out["recon"] - x) ** 2).sum() + beta * kl) / x.numel()
         assert float(reconstruction(beta)(out, batch)) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_spec_augment_masks_one_band_in_time_and_one_in_frequency_after_a_circular_shift():
+    from dec_ray.method.augment import MAX_FREQ_MASK, MAX_SHIFT, MAX_TIME_MASK, spec_augment
+    ones = torch.ones(64, 62, 128)
+    out = spec_augment(ones, torch.Generator().manual_seed(0))
+    zero_t = (out == 0).all(2)                                 # whole masked frames (N, 62)
+    zero_f = (out == 0).all(1)                                 # whole masked bins (N, 128)
+    assert int(zero_t.sum(1).max()) <= MAX_TIME_MASK and int(zero_f.sum(1).max()) <= MAX_FREQ_MASK
+    assert zero_t.sum(1).float().mean() > 2 and zero_f.sum(1).float().mean() > 4
+    for i in range(64):                                        # each mask one contiguous band
+        for band in (zero_t[i].nonzero().flatten(), zero_f[i].nonzero().flatten()):
+            assert len(band) == 0 or int(band[-1] - band[0]) == len(band) - 1
+    assert ((out == 0) == (zero_t[:, :, None] | zero_f[:, None, :])).all()    # nothing else
+    ramp = torch.arange(62.0)[None, :, None].expand(8, 62, 128) + 1
+    shifted = spec_augment(ramp, torch.Generator().manual_seed(1))
+    for i in range(8):                                         # unmasked frames: a circular shift
+        col = shifted[i, :, int((shifted[i] != 0).sum(0).argmax())]      # a bin outside the mask
+        kept = col != 0
+        s = int(((torch.arange(62.0) + 1 - col) % 62)[kept][0])
+        s = s - 62 if s > 31 else s
+        assert abs(s) <= MAX_SHIFT and torch.equal(col[kept], ((torch.arange(62.0) - s) % 62 + 1)[kept])
+    assert torch.equal(spec_augment(ones, torch.Generator().manual_seed(0)), out)
+    assert not torch.equal(spec_augment(ones, torch.Generator().manual_seed(2)), out)
+
+
+def test_the_method_options_change_what_they_claim(pools, tiny_cfg):
+    """cluster.labeled_sampler=natural draws every labeled chunk once; train.warmup_epochs trains
+    the pool alone (the regressor untouched); train.augment_pool feeds the pseudo-label stage views."""
+    from dec_ray.method.epoch import Epoch
+    stats, p = pools
+    learner = Learner(tiny_cfg(), stats, torch.device("cpu"))
+    _, natural = Epoch(learner, 0).cluster_pool("train", p["train"], sampler="natural")
+    assert sorted(natural.tolist()) == list(range(p["train"].n_chunks))
+    _, uniform = Epoch(learner, 0).cluster_pool("train", p["train"])
+    assert sorted(uniform.tolist()) != list(range(p["train"].n_chunks))
+
+    warm = Learner(tiny_cfg("train.warmup_epochs=1"), stats, torch.device("cpu"))
+    reg = _params(warm.net.regressor)
+    logs = run_epoch(warm, 0, p["train"], p["unlabeled"])
+    assert logs["unlabeled_ce"] > 0 and "train_ccc" not in logs and _same(reg, _params(warm.net.regressor))
+    assert "train_ccc" in run_epoch(warm, 1, p["train"], p["unlabeled"])
+
+    seen = []
+    for augment in (False, True):
+        lrn = Learner(tiny_cfg(), stats, torch.device("cpu"))
+        lrn.model.register_forward_hook(lambda m, inp, out: seen.append(inp[0].detach().clone()))
+        res = lrn.pseudo_labels(p["unlabeled"], seed=0)
+        lrn.reset_top(0)
+        seen.clear()
+        lrn.train(p["unlabeled"], torch.arange(p["unlabeled"].n_chunks), pseudo_labels_stage(res.assignment, augment))
+        batch = seen[0]
+        plain = p["unlabeled"].chunk_inputs(torch.arange(len(batch)), lrn.normalize)
+        assert torch.equal(batch, plain) != augment

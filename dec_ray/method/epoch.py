@@ -38,6 +38,7 @@ class Stage:
     losses: Dict[str, Loss]
     regressor: bool = False
     top: bool = False
+    augment: bool = False             # SpecAugment views of the batch (method/augment.py)
 
 
 # --- the loss terms ---
@@ -67,9 +68,9 @@ def reconstruction(beta: float, weight: float = 1.0) -> Loss:
 
 
 # --- the stages ---
-def pseudo_labels_stage(pseudo: torch.Tensor) -> Stage:
-    """Stage (a): cross-entropy on the pseudo-labels only."""
-    return Stage({"ce": pseudo_label_ce(pseudo)}, top=True)
+def pseudo_labels_stage(pseudo: torch.Tensor, augment: bool = False) -> Stage:
+    """Stage (a): cross-entropy on the pseudo-labels only (of augmented views, with ``augment``)."""
+    return Stage({"ce": pseudo_label_ce(pseudo)}, top=True, augment=augment)
 
 
 def supervised_stage(lambda_: float, pseudo: Optional[torch.Tensor] = None,
@@ -94,7 +95,7 @@ class Epoch:
     """One epoch's context: the seeds, the logs, and the two steps every model composes."""
 
     def __init__(self, learner: Learner, epoch: int):
-        self.learner = learner
+        self.learner, self.epoch = learner, epoch
         self.rank = world()[0]
         self.seed = learner.cfg.train.seed * 100_003 + epoch * 4
         self.logs: Dict[str, float] = {}
@@ -105,8 +106,9 @@ class Epoch:
         g.manual_seed(rank_seed(self.seed + offset, self.rank))
         return torch.randperm(pool.n_chunks, generator=g, device=self.learner.device)
 
-    def cluster_pool(self, name: str, pool: Pool, offset: int = 0):
-        """Embed -> K-means -> fresh top layer -> sampler; returns (pseudo-labels, chunk ids)."""
+    def cluster_pool(self, name: str, pool: Pool, offset: int = 0, sampler: str = "uniform"):
+        """Embed -> K-means -> fresh top layer -> sampler (``uniform`` over the global clusters, or
+        ``natural``: every chunk once, shuffled); returns (pseudo-labels, chunk ids)."""
         learner, s = self.learner, self.seed + offset
         t0 = time.perf_counter()
         emb = learner.embed(pool)
@@ -117,6 +119,8 @@ class Epoch:
         self.logs.update({f"{name}_embed_s": t1 - t0, f"{name}_kmeans_s": t2 - t1, f"{name}_cluster_s": t2 - t0,
                           f"{name}_kmeans_obj": res.objective, f"{name}_nonempty": int((res.sizes > 0).sum())})
         learner.reset_top(s)
+        if sampler == "natural":
+            return res.assignment, self.shuffled(pool, offset)
         return res.assignment, uniform_cluster_indices(res.assignment, seed=s, rank=self.rank, k=len(res.sizes))
 
     def train(self, prefix: str, pool: Pool, indices: torch.Tensor, stage: Stage) -> None:
@@ -141,10 +145,13 @@ def deepemocluster_epoch(e: Epoch, train: Pool, unlabeled: Optional[Pool]) -> No
         e.train("joint_unl_", both, idx[idx >= train.n_chunks], pseudo_labels_stage(pseudo))
         e.train("joint_", both, idx[idx < train.n_chunks], supervised_stage(lam, pseudo))
         return
+    pool_only = e.epoch < cfg.train.warmup_epochs
     if has_rows(unlabeled):
         pseudo, idx = e.cluster_pool("unlabeled", unlabeled)
-        e.train("unlabeled_", unlabeled, idx, pseudo_labels_stage(pseudo))
-    pseudo, idx = e.cluster_pool("train", train, offset=1)
+        e.train("unlabeled_", unlabeled, idx, pseudo_labels_stage(pseudo, cfg.train.augment_pool))
+        if pool_only:                   # warm-up (train.warmup_epochs): the pool alone
+            return
+    pseudo, idx = e.cluster_pool("train", train, offset=1, sampler=cfg.cluster.labeled_sampler)
     e.train("train_", train, idx, supervised_stage(lam, pseudo))
 
 

@@ -26,6 +26,7 @@ from dec_ray.data.normalization import Stats
 from dec_ray.data.pools import Pool
 from dec_ray.method.distributed import broadcast, gather_objects, min_over_ranks, rank_seed, world
 from dec_ray.method.kmeans import kmeans
+from dec_ray.method.augment import spec_augment
 from dec_ray.method.losses import ccc, ccc_loss, sentence_means
 from dec_ray.method.models import model_from_config
 
@@ -152,9 +153,14 @@ class Learner:
                                    else int(len(indices) > 0))
         sums: Dict[str, torch.Tensor] = {}
         trained = 0
+        views = None
+        if stage.augment:                   # one stream per rank, reproducible (seeded with the stage)
+            views = torch.Generator(device=self.device)
+            views.manual_seed(int(torch.randint(0, 2 ** 62, (1,)).item()))
         for b in range(n_batches):
             rows = slice(b * self.batch_chunks, (b + 1) * self.batch_chunks)
-            batch = Batch(pool.chunk_inputs(at_pool[rows], self.normalize), indices[rows], pool)
+            x = pool.chunk_inputs(at_pool[rows], self.normalize)
+            batch = Batch(spec_augment(x, views) if views is not None else x, indices[rows], pool)
             out = self._forward(batch.x, self.model)
             parts = {name: loss(out, batch) for name, loss in stage.losses.items()}
             total = sum(parts.values())
