@@ -36,7 +36,7 @@ from dec_ray.method.learner import MIN_SENTENCES_PER_WORKER_BATCH, Learner, batc
 from dec_ray.method.loop import LoopState, fit
 from dec_ray.report.evaluation import predictions_table
 from dec_ray.service.cluster import ResourcesUnavailable, ensure_ray, is_private, resource_holders, wait_for_room
-from dec_ray.service.console import quiet_train_worker
+from dec_ray.service.console import quiet_train_worker, train_logging_config
 from dec_ray.service.progress import ProgressLine
 from dec_ray.service.tracking import open_log, say
 
@@ -189,7 +189,6 @@ def build_trainer(tables: str, out: str, cfg: Config, stats: Stats, name: str = 
                   extra_callbacks=None):
     """The TorchTrainer for one run; also used by the tuner inside each trial."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from dec_ray.service.console import train_logging_config
     from ray.train.torch import TorchTrainer
 
     for split in ("train", "dev"):

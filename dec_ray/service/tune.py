@@ -110,10 +110,11 @@ def finalize_stopped(run: str) -> Optional[dict]:
 
 
 def run_tune(tables: str, out: str, cfg: Config, space_spec: Optional[Dict[str, dict]] = None,
-             resume: bool = False, verbose: bool = False) -> List[dict]:
+             resume: bool = False) -> List[dict]:
     """Run (or resume) the search; write trials.csv, best_config.yaml; return the sorted trials."""
     from ray import tune
     from dec_ray.service.cluster import ensure_ray, runs_that_fit
+    from dec_ray.service.console import verbose
     out = os.path.abspath(out)
     tables = os.path.abspath(tables)
     stats = Stats.load(os.path.join(tables, "stats.json"))
@@ -142,7 +143,7 @@ def run_tune(tables: str, out: str, cfg: Config, space_spec: Optional[Dict[str, 
                                         search_alg=search_alg, max_concurrent_trials=runs_that_fit(
                                             cfg.scale.workers, cfg.scale.cpus_per_worker, cfg.scale.use_gpu,
                                             t.max_concurrent)),
-            run_config=tune.RunConfig(name="tune", storage_path=out, verbose=1 if verbose else 0,
+            run_config=tune.RunConfig(name="tune", storage_path=out, verbose=1 if verbose() else 0,
                                       callbacks=[trial_lines(t.metric)]))
     grid = tuner.fit()
     rows = []
