@@ -17,7 +17,7 @@ class ProgressLine:
         spent = time.monotonic() - self.t0
         share = self.done / self.total if self.total else 1.0
         left = f", about {spent / self.done * (self.total - self.done):.0f} s left" \
-            if 0 < self.done < self.total else ""
+            if 0 < self.done < self.total and 10 * self.done >= self.total else ""   # once the pace is known
         return f"{self.what}: {self.done}/{self.total} ({100 * share:.0f} %), {spent:.0f} s{left}"
 
     def step(self, n: int = 1) -> None:
