@@ -70,6 +70,10 @@ class ClusterConfig:
     # stage (b)'s draw of labeled chunks: "uniform" over the clusters (the method as published) or
     # "natural" (every chunk once, in random order: the regressor sees the data's own distribution)
     labeled_sampler: str = "uniform"
+    # the pseudo-labels: "none" = nearest centroid (K-means, as published) or "sinkhorn" = a balanced
+    # equipartition around the centroids (SeLa, SwAV); sinkhorn_eps: its temperature
+    balance: str = "none"
+    sinkhorn_eps: float = 0.05
 
 
 @dataclass
@@ -275,6 +279,7 @@ def validate(cfg: Config) -> None:
         "tune.scheduler": (cfg.tune.scheduler, ("asha", "none")),
         "train.label_rest": (cfg.train.label_rest, ("pool", "drop")),
         "cluster.labeled_sampler": (cfg.cluster.labeled_sampler, ("uniform", "natural")),
+        "cluster.balance": (cfg.cluster.balance, ("none", "sinkhorn")),
         "tune.search": (cfg.tune.search, ("random", "optuna")),
         "scale.placement_strategy": (cfg.scale.placement_strategy,
                                      ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")),

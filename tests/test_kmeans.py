@@ -50,7 +50,8 @@ def _rank_main(rank, world, port, x, init, q):
     part = np.array_split(x, world)[rank]
     res = kmeans(part, init.shape[0], seed=0, init_centroids=init, threads=1)
     auto = kmeans(part, init.shape[0], seed=5, threads=1)     # its own initialisation (global row draw)
-    q.put((rank, res.centroids, res.objective, res.sizes, auto.centroids))
+    balanced = kmeans(part, init.shape[0], seed=0, init_centroids=init, threads=1, balance="sinkhorn")
+    q.put((rank, res.centroids, res.objective, res.sizes, auto.centroids, balanced.assignment))
     dist.destroy_process_group()
 
 
@@ -65,6 +66,7 @@ def test_two_gloo_ranks_give_the_one_rank_centroids():
     init = x[np.random.default_rng(1).choice(len(x), 20, replace=False)]
     single = kmeans(x, 20, seed=0, init_centroids=init)
     single_auto = kmeans(x, 20, seed=5)
+    single_balanced = kmeans(x, 20, seed=0, init_centroids=init, balance="sinkhorn")
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = _free_port()
@@ -74,7 +76,10 @@ def test_two_gloo_ranks_give_the_one_rank_centroids():
     got = sorted(q.get(timeout=120) for _ in range(2))
     for p in procs:
         p.join(30)
-    for rank, centroids, obj, sizes, auto in got:
+    # the Sinkhorn equipartition sums its columns over ranks: the 1-rank pseudo-labels
+    balanced = np.concatenate([g[5] for g in got])
+    assert (balanced != single_balanced.assignment).mean() < 0.002
+    for rank, centroids, obj, sizes, auto, _ in got:
         np.testing.assert_allclose(centroids, single.centroids, rtol=1e-4, atol=1e-4)
         assert np.isclose(obj, single.objective, rtol=1e-5)
         assert np.array_equal(sizes, single.sizes)
@@ -134,3 +139,17 @@ def test_kmeans_on_cuda_tensors_equals_the_cpu(assign):
     assert gpu.assignment.is_cuda
     assert (gpu.assignment.cpu() == cpu.assignment).float().mean() > 0.999
     assert gpu.objective == pytest.approx(cpu.objective, rel=1e-4)
+
+
+def test_sinkhorn_pseudo_labels_are_balanced_where_kmeans_is_not():
+    """A dense cloud of 900 rows inside a wide one of 100: K-means gives the dense cloud two big
+    clusters and the wide one a handful of rows each; the Sinkhorn equipartition around the same
+    centroids gives every cluster about N/K rows (SeLa/SwAV), and the centroids stay K-means'."""
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, 1, (900, 4)), rng.normal(0, 6, (100, 4))]).astype(np.float32)
+    plain = kmeans(x, 5, niter=10, seed=0)
+    balanced = kmeans(x, 5, niter=10, seed=0, balance="sinkhorn")
+    assert plain.sizes.max() / plain.sizes.min() > 10
+    assert np.allclose(plain.centroids, balanced.centroids)
+    assert balanced.sizes.min() >= 0.85 * 200 and balanced.sizes.max() <= 1.15 * 200, balanced.sizes
+    assert balanced.objective >= plain.objective          # balance costs distortion, by construction

@@ -24,8 +24,9 @@ import faiss  # noqa: E402
 import faiss.contrib.torch_utils  # noqa: F401,E402  (lets faiss indexes take torch tensors)
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from dec_ray.method.distributed import all_reduce, world
+from dec_ray.method.distributed import all_reduce, is_distributed, world
 
 SPLIT_EPS = 1.0 / 1024
 ASSIGNERS = ("faiss", "torch")
@@ -139,10 +140,39 @@ def _cluster_sums(x: torch.Tensor, idx: torch.Tensor, k: int) -> torch.Tensor:
     return sums
 
 
+def _logsumexp_rows(a: torch.Tensor) -> torch.Tensor:
+    """log of the column sums of exp(a) over the rows of every rank: (1, K)."""
+    m = a.max(0, keepdim=True).values
+    if is_distributed():
+        m = all_reduce(m, op=dist.ReduceOp.MAX)
+    return m + torch.log(all_reduce(torch.exp(a - m).sum(0, keepdim=True)))
+
+
+def sinkhorn_assignment(x: torch.Tensor, centroids: torch.Tensor, eps: float = 0.05,
+                        iters: int = 50) -> torch.Tensor:
+    """Balanced pseudo-labels: the Sinkhorn-Knopp equipartition of the rows over the centroids
+    (SeLa; SwAV's ``distributed_sinkhorn``), in the log domain: Q ~ exp(-squared distance / (eps *
+    mean squared distance)), scaled in turn so that every cluster holds N/K rows' mass and every row
+    a mass of 1; each row takes its argmax. Column sums are all-reduced, so N ranks compute the
+    1-rank result."""
+    k = centroids.shape[0]
+    d2 = ((x * x).sum(1, keepdim=True) - 2 * x @ centroids.T + (centroids * centroids).sum(1)).double()
+    n = all_reduce(torch.tensor([x.shape[0]], dtype=torch.float64, device=x.device))[0]
+    scale = all_reduce(d2.sum().reshape(1))[0] / (n * k)
+    log_q = -d2 / (eps * scale.clamp(min=1e-12))
+    for _ in range(iters):
+        log_q = log_q + torch.log(n / k) - _logsumexp_rows(log_q)            # clusters: N/K each
+        log_q = log_q - torch.logsumexp(log_q, 1, keepdim=True)             # rows: 1 each
+    return log_q.argmax(1)
+
+
 def kmeans(x: Union[np.ndarray, torch.Tensor], k: int, niter: int = 20, seed: int = 0,
            pca_dim: int = 0, l2: bool = False, assign: str = "faiss", threads: int = 0,
-           init_centroids: Optional[Union[np.ndarray, torch.Tensor]] = None) -> KMeansResult:
+           init_centroids: Optional[Union[np.ndarray, torch.Tensor]] = None, balance: str = "none",
+           sinkhorn_eps: float = 0.05) -> KMeansResult:
     """K-means of this rank's rows ``x`` (n_local, d); a plain K-means without a process group.
+    ``balance="sinkhorn"``: the final assignment is the equipartition of ``sinkhorn_assignment``
+    around the K-means centroids instead of the nearest centroid (SeLa, SwAV).
 
     Runs on ``x``'s device; returns numpy arrays for numpy input and tensors (on that device) for
     a tensor. All ranks must call it together (collectives). ``threads`` caps faiss' OpenMP
@@ -181,6 +211,9 @@ def kmeans(x: Union[np.ndarray, torch.Tensor], k: int, niter: int = 20, seed: in
             n_split += _split_empty(c, counts.cpu().numpy().copy(), rng)
             centroids = torch.from_numpy(c).to(x.device)
     dists, idx = nearest(x, centroids)
+    if balance == "sinkhorn":
+        idx = sinkhorn_assignment(x, centroids, sinkhorn_eps)
+        dists = ((x - centroids[idx]) ** 2).sum(1)
     objective = float(all_reduce(dists.double().sum().reshape(1))[0])
     sizes = all_reduce(torch.bincount(idx, minlength=k)).cpu().numpy()
     if as_numpy:

@@ -130,7 +130,7 @@ class Learner:
         """Distributed K-means of the embeddings -> per-chunk pseudo-labels (on the device)."""
         c = self.cfg.cluster
         return kmeans(embeddings, c.k, niter=c.niter, seed=seed, pca_dim=c.pca_dim, l2=c.l2_normalize,
-                      assign=c.assign, threads=c.faiss_threads)
+                      assign=c.assign, threads=c.faiss_threads, balance=c.balance, sinkhorn_eps=c.sinkhorn_eps)
 
     def pseudo_labels(self, pool: Pool, seed: int):
         """A fresh eval-mode embedding pass, then ``cluster``."""
