@@ -91,6 +91,7 @@ class TrainConfig:
     patience: int = 0               # early stopping on dev loss; 0: every epoch (official), best kept
     seed: int = 0
     unlabeled_limit: int = -1       # a random subset (seeded by train.seed) of this many; -1: all, 0: none
+    unlabeled_per_epoch: int = 0    # > 0: each epoch a fresh seeded draw of this many pool sentences
     # the label-scarce setting: a seeded random fraction of Train keeps its labels (train.label_seed
     # picks which: the same sentences for every model, run seed and number of workers); the rest of
     # Train joins the unlabeled pool without its labels ("pool") or is left out ("drop")

@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 
 from dec_ray.config import load_config
 from dec_ray.data.pools import Pool
-from dec_ray.method.epoch import emotion
+from dec_ray.method.epoch import emotion, epoch_subset
 from dec_ray.method.learner import Batch, Learner
 from dec_ray.method.loop import fit
 from dec_ray.method.sampler import cluster_shares, uniform_cluster_indices
@@ -63,6 +63,7 @@ def _run(rank: int, world: int, port: int, q, stats, arrays) -> None:
     res = {"world": world, "rank": rank, "mask": torch.nn.functional.dropout(torch.ones(4096), 0.5, training=True),
            "init": learner.model_copy(), "emb": learner.embed(pools["train"]),
            "grad": _emotion_gradient(learner, pools["train"])}
+    res["subset"] = [epoch_subset(pools["unlabeled"], 5, seed=s).row_ids for s in (9, 10)]
     mine = CLUSTERS if world == 1 else CLUSTERS[:40] if rank == 0 else CLUSTERS[40:]
     res["draws"] = mine[uniform_cluster_indices(mine, seed=3, rank=rank, n=10_000, k=4)]
     km = learner.pseudo_labels(pools["train"], seed=7)
@@ -192,3 +193,14 @@ def test_cluster_shares_add_up_to_the_one_rank_count():
     assert shares.sum(0).tolist() == [per] * 4 + [0]
     assert shares[1, 0] == 0 and shares[0, 0] == per    # a cluster one rank holds: all its draws there
     assert torch.equal(cluster_shares(counts.sum(0, keepdim=True), 0), torch.tensor([per] * 4 + [0]))
+
+
+def test_a_draw_of_the_pool_per_epoch_has_its_size_on_any_number_of_ranks(runs):
+    """train.unlabeled_per_epoch: 5 of the 12 unlabeled sentences, on 1 rank and over 2 ranks (each
+    rank its share of its own rows), a fresh draw for another epoch's seed."""
+    one, (r0, r1) = runs[1][0], runs[2]
+    for i in range(2):
+        two = np.concatenate([r0["subset"][i], r1["subset"][i]])
+        assert len(one["subset"][i]) == len(two) == len(set(two)) == 5
+        assert {len(r0["subset"][i]), len(r1["subset"][i])} == {2, 3}
+    assert list(one["subset"][0]) != list(one["subset"][1])

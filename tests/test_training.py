@@ -247,7 +247,8 @@ def test_spec_augment_masks_one_band_in_time_and_one_in_frequency_after_a_circul
 
 def test_the_method_options_change_what_they_claim(pools, tiny_cfg):
     """cluster.labeled_sampler=natural draws every labeled chunk once; train.warmup_epochs trains
-    the pool alone (the regressor untouched); train.augment_pool feeds the pseudo-label stage views."""
+    the pool alone (the regressor untouched); train.unlabeled_per_epoch trains on a draw of the pool;
+    train.augment_pool feeds the pseudo-label stage views."""
     from dec_ray.method.epoch import Epoch
     stats, p = pools
     learner = Learner(tiny_cfg(), stats, torch.device("cpu"))
@@ -261,6 +262,10 @@ def test_the_method_options_change_what_they_claim(pools, tiny_cfg):
     logs = run_epoch(warm, 0, p["train"], p["unlabeled"])
     assert logs["unlabeled_ce"] > 0 and "train_ccc" not in logs and _same(reg, _params(warm.net.regressor))
     assert "train_ccc" in run_epoch(warm, 1, p["train"], p["unlabeled"])
+
+    drawn = Learner(tiny_cfg("train.unlabeled_per_epoch=3"), stats, torch.device("cpu"))
+    logs = run_epoch(drawn, 0, p["train"], p["unlabeled"])                # 3 of the 12 sentences
+    assert logs["unlabeled_chunks"] <= 3 * 11 and logs["unlabeled_embed_s"] > 0
 
     seen = []
     for augment in (False, True):

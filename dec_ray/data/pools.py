@@ -70,6 +70,12 @@ class Pool:
         """Labels of chunks ``idx`` (on the labels' device)."""
         return self.labels[idx // self.chunks.shape[1]]
 
+    def take(self, rows: torch.Tensor) -> "Pool":
+        """A new pool of these sentences (indices into this pool; copied where the pool lives)."""
+        rows = torch.as_tensor(rows, dtype=torch.int64)
+        return Pool(self.chunks[rows.to(self.chunks.device)], self.labels[rows.to(self.labels.device)],
+                    self.row_ids[rows.cpu().numpy()])
+
     @staticmethod
     def concat(pools: List["Pool"]) -> "Pool":
         pools = [p for p in pools if p is not None]

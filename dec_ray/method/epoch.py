@@ -19,11 +19,13 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
 from dec_ray.data.pools import Pool
-from dec_ray.method.distributed import all_reduce_differentiable, rank_seed, sum_over_ranks, world
+from dec_ray.method.distributed import (all_reduce_differentiable, gather_tensors, rank_seed, sum_over_ranks,
+                                        world)
 from dec_ray.method.learner import Batch, Learner
 from dec_ray.method.losses import ccc_loss, vae_kl
 from dec_ray.method.sampler import uniform_cluster_indices
@@ -135,9 +137,33 @@ def has_rows(pool: Optional[Pool]) -> bool:
     return pool is not None and sum_over_ranks(len(pool.row_ids)) > 0
 
 
+def epoch_subset(pool: Pool, n: int, seed: int) -> Pool:
+    """A seeded random ``n`` of the pool's sentences over all ranks (``train.unlabeled_per_epoch``):
+    each rank draws its share in proportion to the rows it holds (cumulative floors, so the shares
+    add up to ``n`` for any number of ranks), with its own stream. A collective."""
+    rank, _ = world()
+    counts = gather_tensors(torch.tensor([len(pool.row_ids)], dtype=torch.int64))[:, 0].tolist()
+    total = sum(counts)
+    if n <= 0 or n >= total:
+        return pool
+    upto = sum(counts[:rank + 1])
+    mine = n * upto // total - n * (upto - counts[rank]) // total
+    rows = np.sort(np.random.default_rng([seed, rank]).choice(counts[rank], mine, replace=False))
+    return pool.take(torch.from_numpy(rows))
+
+
+def pool_of_epoch(e: "Epoch", unlabeled: Optional[Pool]) -> Optional[Pool]:
+    """The unlabeled sentences this epoch trains on: all, or a fresh seeded draw each epoch."""
+    n = e.learner.cfg.train.unlabeled_per_epoch
+    if n <= 0 or unlabeled is None:
+        return unlabeled
+    return epoch_subset(unlabeled, n, e.seed + 2)
+
+
 def deepemocluster_epoch(e: Epoch, train: Pool, unlabeled: Optional[Pool]) -> None:
     cfg = e.learner.cfg
     lam = cfg.train.lambda_ce
+    unlabeled = pool_of_epoch(e, unlabeled)
     if cfg.cluster.mode == "joint" and has_rows(unlabeled):
         # one clustering over labeled + unlabeled; CE on all, CCC on the labeled chunks
         both = Pool.concat([train, unlabeled])
@@ -162,6 +188,7 @@ def cnn_epoch(e: Epoch, train: Pool, unlabeled: Optional[Pool]) -> None:
 def autoencoder_epoch(e: Epoch, train: Pool, unlabeled: Optional[Pool]) -> None:
     cfg = e.learner.cfg
     beta = cfg.model.latent_beta
+    unlabeled = pool_of_epoch(e, unlabeled)
     if has_rows(unlabeled):
         e.train("unl_", unlabeled, e.shuffled(unlabeled), Stage({"recon": reconstruction(beta)}))
     e.train("", train, e.shuffled(train, offset=1), supervised_stage(cfg.train.lambda_ce, recon_beta=beta))
