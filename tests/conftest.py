@@ -188,8 +188,14 @@ class LocalCluster:
         self._wait_for(lambda: reachable(f"127.0.0.1:{self.dashboard_port}"), "the dashboard (job API)")
 
     def node_command(self, args):
-        return [RAY, "start", *args, f"--num-cpus={self.num_cpus}", "--block", "--node-ip-address=127.0.0.1",
-                "--disable-usage-stats"]
+        # Ports of its own for every agent: a foreign Ray on the host may hold Ray's defaults
+        # (52365 for the dashboard agent: the job API then finds "No available agent")
+        ports = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                         "runtime-env-agent-port", "metrics-export-port")]
+        if "--head" in args:
+            ports.append(f"--ray-client-server-port={free_port()}")
+        return [RAY, "start", *args, *ports, f"--num-cpus={self.num_cpus}", "--block",
+                "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
 
     def _start(self, args):
         return subprocess.Popen(self.node_command(args), env=self.env, start_new_session=True,
