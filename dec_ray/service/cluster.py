@@ -20,7 +20,7 @@ import time
 from typing import Dict, List, Optional
 
 import dec_ray
-from dec_ray.service.console import quiet_ray, ray_log_level
+from dec_ray.service.console import quiet_ray, ray_log_level, verbose
 
 
 ADDRESS_FILE = os.path.join(tempfile.gettempdir(), "ray", "ray_current_cluster")
@@ -67,8 +67,10 @@ def ensure_ray(min_cpus_for_training: float = 0.0) -> None:
         runtime_env = None
         if not os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):       # set in a `ray job submit` driver
             runtime_env = {"py_modules": [os.path.dirname(os.path.abspath(dec_ray.__file__))]}
+            env = {"DEC_RAY_VERBOSE": "1"} if verbose() else {}     # the workers' console too
             if "://" not in address:                                 # not a Ray Client address
-                runtime_env["env_vars"] = {"RAY_ADDRESS": address}
+                env["RAY_ADDRESS"] = address
+            runtime_env["env_vars"] = env
         ray.init(address=address, runtime_env=runtime_env, logging_level=ray_log_level())
         print(f"[dec-ray] joined the Ray cluster at {address}", flush=True)
         return
