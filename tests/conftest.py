@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import soundfile as sf
 from ray.train import UserCallback
 
 from dec_ray.config import load_config
+from dec_ray.service.cluster import free_port  # noqa: F401  (the cluster tests import it from here too)
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])     # its callbacks run in Ray's controller
 
@@ -153,12 +153,6 @@ def interrupted_run(trained_runs):
 
 BIN = os.path.dirname(sys.executable)
 RAY = os.path.join(BIN, "ray")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LocalCluster:

@@ -9,7 +9,6 @@ What differs by design: dropout masks (one stream per rank) and each rank draws 
 so the weights after an epoch agree only approximately (bound below, measured).
 """
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -18,6 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dec_ray.config import load_config
+from dec_ray.service.cluster import free_port
 from dec_ray.data.pools import Pool
 from dec_ray.method.epoch import emotion, epoch_subset
 from dec_ray.method.learner import Batch, Learner
@@ -91,11 +91,6 @@ def _numpy(obj):
     return obj
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def runs():
@@ -105,7 +100,7 @@ def runs():
     arrays = {k: (p.chunks.numpy(), p.labels.numpy(), p.row_ids) for k, p in full.items()}
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_run, args=(r, world, port, q, stats, arrays)) for world in (1, 2)
              for r in range(world)]
     for p in procs:

@@ -1,6 +1,5 @@
 """The K-means against faiss, and under torch.distributed with 2 gloo ranks."""
 import os
-import socket
 
 import faiss
 import numpy as np
@@ -10,6 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dec_ray.method.kmeans import kmeans
+from dec_ray.service.cluster import free_port
 from dec_ray.method.sampler import uniform_cluster_indices
 
 
@@ -55,11 +55,6 @@ def _rank_main(rank, world, port, x, init, q):
     dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_two_gloo_ranks_give_the_one_rank_centroids():
     x = blobs(n=4000)
@@ -69,7 +64,7 @@ def test_two_gloo_ranks_give_the_one_rank_centroids():
     single_balanced = kmeans(x, 20, seed=0, init_centroids=init, balance="sinkhorn")
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_rank_main, args=(r, 2, port, x, init, q)) for r in range(2)]
     for p in procs:
         p.start()
