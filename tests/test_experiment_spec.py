@@ -128,5 +128,5 @@ def test_a_label_scarce_study_is_tested_against_the_cnn_with_the_same_labels(tmp
     study = Study(**vars(spec.studies[0]))
     table = study_tables(study, scarce, table_summary, ["arousal"], "cnn")
     assert "| model | 0.125 | 0.25 | 1 |" in table
-    assert "ridge (log-mel statistics) (labels 0.25): 0.550 ± 0.010" in table
+    assert "| ridge (log-mel statistics) | 0.450 ± 0.010 | 0.550 ± 0.010 | 0.650 ± 0.010 |" in table
     assert study_plot(study, scarce, table_summary, ["arousal"], "cnn", str(tmp_path / "scarce.png"))

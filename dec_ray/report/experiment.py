@@ -18,7 +18,7 @@ import pandas as pd
 from dec_ray.report.evaluation import T_TEST_ASSUMPTION, subset_cccs, t_test
 
 AXES = (("model", "model"), ("pool", "unlabeled pool"), ("k", "K"), ("lambda_ce", "lambda"),
-        ("labels", "labelled share of Train"))
+        ("labels", "labelled share of Train"), ("options", "method options"))
 COLUMN_AXES = ("pool", "labels")       # in a two-axis grid, these are the columns
 LABELS = {"deepemocluster": "DeepEmoCluster", "cnn": "CNN-regressor", "ae": "CNN-AE", "vae": "CNN-VAE",
           "ridge": "ridge (log-mel statistics)"}
@@ -73,7 +73,7 @@ def fmt(summary: pd.DataFrame, cell: str, attr: str) -> str:
 def varying(study) -> List[str]:
     """The axes the study sets more than one value for (model, pool, k, lambda_ce)."""
     values = {"model": study.models, "pool": study.pool, "k": study.k, "lambda_ce": study.lambda_ce,
-              "labels": getattr(study, "labels", [])}
+              "labels": getattr(study, "labels", []), "options": getattr(study, "options", [])}
     return [a for a, _ in AXES if len(values[a]) > 1]
 
 
@@ -82,7 +82,9 @@ def axis_value(cell, axis: str) -> str:
 
 
 def format_value(axis: str, v) -> str:
-    return LABELS.get(v, v) if axis == "model" else ("-" if v is None else f"{v:g}")
+    if axis in ("model", "options"):
+        return LABELS.get(v, v)
+    return "-" if v is None else f"{v:g}"
 
 
 def references(cells, reference: str) -> List[tuple]:
@@ -101,24 +103,32 @@ def study_tables(study, cells, summary: pd.DataFrame, attrs: List[str], referenc
     title = study.title or study.name
     refs = references(cells, reference)
     head = f"### {title}\n\n"
-    if len(axes) == 2:
-        rows_axis, cols_axis = sorted(axes, key=lambda a: a in COLUMN_AXES)    # pool / labels as the columns
-        row_vals = list(dict.fromkeys(getattr(c, rows_axis) for c in cells))
+    if len(axes) >= 2 and (len(axes) == 2 or any(a in COLUMN_AXES for a in axes)):
+        cols_axis = next((a for a in ("labels", "pool") if a in axes), axes[-1])    # shares / pool sizes as columns
+        rows_axes = [a for a in axes if a != cols_axis]
+        row_vals = list(dict.fromkeys(tuple(getattr(c, r) for r in rows_axes) for c in cells))
         col_vals = list(dict.fromkeys(getattr(c, cols_axis) for c in cells))
+        names = dict(AXES)
+        row_name = ", ".join(names[r] for r in rows_axes)
         out = [head]
         for a in attrs:
-            names = dict(AXES)
-            lines = [f"{a}: rows {names[rows_axis]}, columns {names[cols_axis]}\n",
-                     f"| {names[rows_axis]} | " + " | ".join(format_value(cols_axis, v)
-                                                         for v in col_vals) + " |",
+            lines = [f"{a}: rows {row_name}, columns {names[cols_axis]}\n",
+                     f"| {row_name} | " + " | ".join(format_value(cols_axis, v) for v in col_vals) + " |",
                      "|---" * (len(col_vals) + 1) + "|"]
             for rv in row_vals:
-                line = [format_value(rows_axis, rv)]
+                line = [", ".join(format_value(r, v) for r, v in zip(rows_axes, rv))]
                 for cv in col_vals:
-                    match = [c for c in cells if getattr(c, rows_axis) == rv and getattr(c, cols_axis) == cv]
+                    match = [c for c in cells if tuple(getattr(c, r) for r in rows_axes) == rv
+                             and getattr(c, cols_axis) == cv]
                     line.append(fmt(summary, match[0].name, a) if match else "")
                 lines.append("| " + " | ".join(line) + " |")
-            lines.append("\n" + "; ".join(f"{label}: {fmt(summary, c, a)}" for label, c in refs) + "\n")
+            if cols_axis == "labels":           # the references of each share in its column
+                for base, label in ((reference, LABELS[reference] + " (t-test reference)"), ("ridge", LABELS["ridge"])):
+                    lines.append(f"| {label} | " + " | ".join(fmt(summary, base + labels_suffix(v), a)
+                                                           for v in col_vals) + " |")
+                lines.append("")
+            else:
+                lines.append("\n" + "; ".join(f"{label}: {fmt(summary, c, a)}" for label, c in refs) + "\n")
             out.append("\n".join(lines) + "\n")
         return "\n".join(out)
     label = " / ".join(dict(AXES)[a] for a in axes)

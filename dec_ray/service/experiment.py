@@ -30,6 +30,7 @@ from dec_ray.report.experiment import labels_suffix
 
 MODELS = ("deepemocluster", "cnn", "ae", "vae")
 REFERENCE = "cnn"          # the paper's tests are against the CNN-regressor
+PUBLISHED = "published"    # the option set of the method as published: no overrides
 Size = Union[int, float, str]
 
 
@@ -45,6 +46,7 @@ class Study:
     k: List[int] = field(default_factory=list)
     lambda_ce: List[float] = field(default_factory=list)
     labels: List[float] = field(default_factory=list)       # train.label_fraction values; none: 1.0
+    options: List[str] = field(default_factory=list)        # names of the spec's option sets; none: published
 
 
 @dataclass
@@ -55,6 +57,11 @@ class ExperimentSpec:
     subsets: int = 4                      # random test subsets (the paper: 4)
     alpha: float = 0.05                   # two-tailed t-test against the CNN-regressor
     parallel_runs: int = 0                # runs at once; 0: as many as the cluster's CPUs/GPUs allow
+    # named sets of method options (KEY=VALUE overrides) a study's ``options`` axis picks from;
+    # "published" (no overrides) is always there
+    options: Dict[str, List[str]] = field(default_factory=dict)
+    # other corpora's tables (NAME=TABLES) every finished run is also scored on: a table each
+    cross: List[str] = field(default_factory=list)
     studies: List[Study] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -80,11 +87,19 @@ def spec_from_dict(data: dict) -> ExperimentSpec:
             raise ConfigError(f"study {study.name}: models must be among {', '.join(MODELS)} (got {study.models})")
         if any(not (isinstance(f, (int, float)) and 0 < f <= 1) for f in study.labels):
             raise ConfigError(f"study {study.name}: labels are shares of Train in (0, 1] (got {study.labels})")
+        unknown = [o for o in study.options if o != PUBLISHED and o not in (data.get("options") or {})]
+        if unknown:
+            raise ConfigError(f"study {study.name}: option set(s) {', '.join(unknown)} not in the spec's options "
+                              f"(known: {', '.join([PUBLISHED, *(data.get('options') or {})])})")
         studies.append(study)
     if not studies:
         raise ConfigError("experiment spec: no studies")
     if len({s.name for s in studies}) != len(studies):
         raise ConfigError("experiment spec: study names must be unique")
+    for name, sets in (data.get("options") or {}).items():
+        if name == PUBLISHED or not isinstance(sets, list) or any("=" not in str(o) for o in sets):
+            raise ConfigError(f"experiment spec: option set {name!r} must be a list of KEY=VALUE overrides "
+                              f"(and not named {PUBLISHED!r}, the published method)")
     spec = ExperimentSpec(**data, studies=studies)
     if spec.seeds < 1 or spec.subsets < 2:
         raise ConfigError("experiment spec: seeds >= 1 and subsets >= 2")
@@ -136,6 +151,8 @@ class Cell:
     k: Optional[int] = None
     lambda_ce: Optional[float] = None
     labels: float = 1.0                 # the share of Train that keeps its labels
+    options: str = PUBLISHED            # the name of its option set
+    option_overrides: tuple = ()        # that set's KEY=VALUE overrides
 
     @property
     def name(self) -> str:
@@ -146,6 +163,8 @@ class Cell:
             parts.append(f"k{self.k}")
         if self.lambda_ce is not None:
             parts.append(f"lambda{self.lambda_ce:g}")
+        if self.options != PUBLISHED:
+            parts.append(self.options)
         return "_".join(parts) + labels_suffix(self.labels)
 
     def overrides(self) -> List[str]:
@@ -156,7 +175,7 @@ class Cell:
             out.append(f"train.lambda_ce={self.lambda_ce}")
         if self.labels < 1:
             out.append(f"train.label_fraction={self.labels}")
-        return out
+        return out + list(self.option_overrides)
 
 
 def reference_cells(cells: Sequence[Cell]) -> List[Cell]:
@@ -164,32 +183,36 @@ def reference_cells(cells: Sequence[Cell]) -> List[Cell]:
     return [Cell(REFERENCE, labels=f) for f in sorted({c.labels for c in cells} | {1.0}, reverse=True)]
 
 
-def make_cell(model: str, pool: int, k: int, lambda_ce: float, labels: float = 1.0) -> Cell:
+def make_cell(model: str, pool: int, k: int, lambda_ce: float, labels: float = 1.0,
+              options: str = PUBLISHED, option_overrides: Sequence[str] = ()) -> Cell:
     labels = float(labels)
-    if model == "cnn":                  # supervised only: no pool, no clusters, no second loss
+    if model == "cnn":                  # supervised only: no pool, no clusters, no second loss, no options
         return Cell("cnn", labels=labels)
+    opts = dict(options=options, option_overrides=tuple(option_overrides))
     if model in ("ae", "vae"):          # lambda weighs the reconstruction loss in the labeled stage
-        return Cell(model, pool, None, float(lambda_ce), labels)
-    return Cell(model, pool, int(k), float(lambda_ce), labels)
+        return Cell(model, pool, None, float(lambda_ce), labels, **opts)
+    return Cell(model, pool, int(k), float(lambda_ce), labels, **opts)
 
 
-def study_cells(study: Study, base: Config, n_unlabeled: int) -> List[Cell]:
-    cells = []
+def study_cells(study: Study, base: Config, n_unlabeled: int, options: Optional[Dict[str, List[str]]] = None
+                ) -> List[Cell]:
+    cells, options = [], {PUBLISHED: [], **(options or {})}
     for model in study.models:
         for size in study.pool:
             for k in study.k or [base.cluster.k]:
                 for lam in study.lambda_ce or [base.train.lambda_ce]:
-                    for labels in study.labels or [base.train.label_fraction]:
-                        cell = make_cell(model, pool_count(size, n_unlabeled), k, lam, labels)
-                        if cell not in cells:
-                            cells.append(cell)
+                    for opt in study.options or [PUBLISHED]:
+                        for labels in study.labels or [base.train.label_fraction]:
+                            cell = make_cell(model, pool_count(size, n_unlabeled), k, lam, labels, opt, options[opt])
+                            if cell not in cells:
+                                cells.append(cell)
     return cells
 
 
 def plan(spec: ExperimentSpec, base: Config, n_unlabeled: int) -> Dict[str, List[Cell]]:
     """Cells per study, plus the reference cells (the CNN at each share of labels) the tables are
     tested against."""
-    cells = {s.name: study_cells(s, base, n_unlabeled) for s in spec.studies}
+    cells = {s.name: study_cells(s, base, n_unlabeled, spec.options) for s in spec.studies}
     cells["_reference"] = reference_cells([c for group in cells.values() for c in group])
     return cells
 
