@@ -133,6 +133,7 @@ def cmd_experiment(args) -> int:
     spec = load_spec(args.spec)
     if args.seeds is not None:
         spec.seeds = args.seeds
+    spec.cross += [c for c in args.cross if c not in spec.cross]
     res = run_experiment(args.tables, args.out, spec, args.overrides,
                          command="dec-ray " + " ".join(sys.argv[1:]))
     print(f"\nreport: {res['report']}")
@@ -145,7 +146,7 @@ def cmd_experiment(args) -> int:
 
 def cmd_demo(args) -> int:
     from dec_ray.demo import run_demo
-    run_demo(args.out, args.labeled, args.unlabeled, args.seed, args.overrides, args.repeats)
+    run_demo(args.out, args.labeled, args.unlabeled, args.seed, args.overrides, args.repeats, args.labels)
     return 0
 
 
@@ -238,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spec", default="experiment_laptop",
                    help="experiment spec (YAML) or a preset name: experiment_laptop (default)")
     p.add_argument("--seeds", type=int, help="runs per cell (overrides the spec's seeds)")
+    p.add_argument("--cross", nargs="+", metavar="NAME=TABLES", default=[],
+                   help="also score every run on these corpora's test splits (their `dec-ray ingest` "
+                        "tables): a section of the report per corpus (adds to the spec's cross)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the spec's training config for every run (repeatable)")
     p.set_defaults(func=cmd_experiment)
@@ -249,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unlabeled", type=int, default=120)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=1, help="training runs per model for the evaluation")
+    p.add_argument("--labels", type=float, default=0.25,
+                   help="the share of Train that keeps its labels (the rest joins the unlabeled pool); "
+                        "1: the published, fully labeled setting")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_demo)
     return parser

@@ -109,3 +109,19 @@ def test_a_crash_has_its_own_exit_status(tmp_path, capsys):
     (run / "model.pt").write_bytes(b"not a model")
     assert main(["analyze", "--run", str(run), "--out", str(tmp_path / "a")]) == EXIT_CRASH
     assert "crashed" in capsys.readouterr().err
+
+
+def test_a_finished_run_trained_otherwise_is_not_reused(tmp_path):
+    """`dec-ray evaluate --tables` and the demo keep finished runs; one trained with another
+    method config (here: another share of labels) is an error naming the difference, not reused."""
+    from dec_ray.config import load_config
+    from dec_ray.service.train import differences, repeated_runs
+    run = tmp_path / "runs" / "cnn" / "seed0"
+    cfg = load_config("demo", ["model.name=cnn", "train.seed=0", "train.label_fraction=0.25"])
+    cfg.train.batch_sentences = 6                   # as a run saves it: resolved for its Train split
+    cfg.save(str(run / "config.yaml"))
+    (run / "result.json").write_text("{}")
+    assert differences(str(run), load_config("demo", ["model.name=cnn", "train.label_fraction=0.25"])) == []
+    with pytest.raises(ValueError, match=r"train.label_fraction: 0.25 there, 1.0 asked.*another --out"):
+        repeated_runs("/nowhere", str(tmp_path), ["cnn"], 1, "demo")
+    assert repeated_runs("/nowhere", str(tmp_path), ["cnn"], 1, "demo", ["train.label_fraction=0.25"]) == [str(run)]

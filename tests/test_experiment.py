@@ -77,6 +77,7 @@ def experiment(tables, tmp_path_factory, ray_local):
     proc.wait()
     before = result_files(out)
     spec = load_spec(spec_file)
+    spec.cross = [f"again={tables[0]}"]         # "another corpus": the same tables, so the numbers must agree
     res = run_experiment(tables[0], out, spec, FAST, command="pytest resume")
     base = load_config(config_path(spec), [*spec.set, *FAST])
     cells = plan(spec, base, split_rows(tables[0], "unlabeled"))
@@ -122,3 +123,20 @@ def test_report_numbers_are_recomputed_from_the_saved_predictions(experiment):
         mean, std = cell_stats([d] if cell == "ridge" else [os.path.join(d, "seed0")])
         assert float(row.group(1)) == pytest.approx(mean, abs=6e-4)
         assert float(row.group(2)) == pytest.approx(std, abs=6e-4)
+
+
+def test_every_run_is_scored_on_the_other_corpora_from_its_saved_model(experiment):
+    """The spec's cross corpora: each run and the ridge scored again from its model (here on the
+    very tables it was tested on, under another name), a section of the report per corpus whose
+    numbers equal those of the home test set."""
+    out = experiment["out"]
+    report = open(os.path.join(out, "report.md")).read()
+    assert "tested on again" in report
+    home = pd.read_csv(os.path.join(out, "cells.csv")).set_index("cell")
+    again = pd.read_csv(os.path.join(out, "cells_again.csv")).set_index("cell")
+    assert sorted(again.index) == sorted(home.index) and len(home) == 3
+    np.testing.assert_allclose(again["ccc_mean"], home.loc[again.index, "ccc_mean"], atol=1e-5)
+    for run in [*experiment["runs"], os.path.join(out, "runs", "ridge")]:
+        mine = pd.read_parquet(os.path.join(run, "test_predictions.parquet")).set_index("row_id").sort_index()
+        there = pd.read_parquet(os.path.join(run, "cross", "again", "test_predictions.parquet")).set_index("row_id")
+        np.testing.assert_allclose(there.loc[mine.index, "pred_arousal"], mine["pred_arousal"], atol=1e-4)

@@ -1,4 +1,6 @@
 """The experiment spec and its plan of cells (no Ray, no training)."""
+import os
+
 import numpy as np
 import pytest
 
@@ -130,3 +132,40 @@ def test_a_label_scarce_study_is_tested_against_the_cnn_with_the_same_labels(tmp
     assert "| model | 0.125 | 0.25 | 1 |" in table
     assert "| ridge (log-mel statistics) | 0.450 ± 0.010 | 0.550 ± 0.010 | 0.650 ± 0.010 |" in table
     assert study_plot(study, scarce, table_summary, ["arousal"], "cnn", str(tmp_path / "scarce.png"))
+    from dec_ray.report.experiment import labels_plot, line_label
+    assert labels_plot([*scarce, *cells["_reference"]], table_summary, ["arousal"], "cnn", str(tmp_path / "l.png"))
+    assert os.path.getsize(tmp_path / "l.png") > 0
+    assert line_label(dec[0]) == "DeepEmoCluster, pool 351"
+
+
+def test_option_sets_are_an_axis_of_their_own_cells():
+    """A study's ``options`` axis: one cell per named set, its overrides in the cell's training
+    config and its name in the run folder; the published method has none; the CNN reference
+    takes no options; an unknown set or a malformed one is a clear error."""
+    from dec_ray.service.experiment import Study
+    spec = spec_from_dict({"config": "demo", "options": {"sinkhorn": ["cluster.balance=sinkhorn"],
+                                                         "ssl": ["cluster.balance=sinkhorn", "train.augment_pool=true"],
+                                                         "long": ["train.epochs=30"]},
+                           "studies": [{"name": "opt", "models": ["deepemocluster", "cnn"], "pool": [1.0],
+                                        "labels": [0.25], "options": ["published", "sinkhorn", "ssl"]}]})
+    cells = plan(spec, load_config(config_path(spec), spec.set), n_unlabeled=351)
+    dec = [c for c in cells["opt"] if c.model == "deepemocluster"]
+    assert [c.name for c in dec] == [f"deepemocluster_pool351_k10_lambda1{o}_labels0.25"
+                                     for o in ("", "_sinkhorn", "_ssl")]
+    assert not any("balance" in o for o in dec[0].overrides())
+    assert dec[2].overrides()[-2:] == ["cluster.balance=sinkhorn", "train.augment_pool=true"]
+    cnn = [c for c in cells["opt"] if c.model == "cnn"]
+    assert [c.name for c in cnn] == ["cnn_labels0.25", "cnn_sinkhorn_labels0.25", "cnn_ssl_labels0.25"]
+    assert [c.name for c in cells["_reference"]] == ["cnn", "cnn_labels0.25"]      # the published CNN
+    long = spec_from_dict({"config": "demo", "options": {"long": ["train.epochs=30"]}, "studies": [
+        {"name": "a", "models": ["cnn"], "labels": [0.25], "options": ["long"]}]})
+    cnn_long = plan(long, load_config(config_path(long), long.set), n_unlabeled=351)["a"][0]
+    assert cnn_long.name == "cnn_long_labels0.25" and cnn_long.overrides()[-1] == "train.epochs=30"
+    base = load_config(config_path(spec), dec[2].overrides())
+    assert base.cluster.balance == "sinkhorn" and base.train.augment_pool
+    from dec_ray.report.experiment import varying
+    assert varying(Study(**vars(spec.studies[0]))) == ["model", "options"]
+    with pytest.raises(ConfigError, match="not in the spec's options"):
+        spec_from_dict({"studies": [{"name": "a", "options": ["ssl"]}]})
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        spec_from_dict({"options": {"ssl": "cluster.balance=sinkhorn"}, "studies": [{"name": "a"}]})

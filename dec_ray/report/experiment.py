@@ -35,13 +35,18 @@ def labels_of(cell_name: str) -> str:
     return "" if i < 0 else cell_name[i:]
 
 
-def cell_values(runs: Dict[str, tuple], ridges: Dict[float, str], subsets: int) -> pd.DataFrame:
+def cell_values(runs: Dict[str, tuple], ridges: Dict[float, str], subsets: int,
+                scored: Optional[Dict[str, str]] = None) -> pd.DataFrame:
     """One row per (run, subset, attribute) of every finished run, with the run's cell name; the
-    ridge references (one per share of labels) are cells "ridge", "ridge_labels0.25", ..."""
+    ridge references (one per share of labels) are cells "ridge", "ridge_labels0.25", ...
+    ``scored``: run folder -> the folder of its predictions on another corpus (cross_corpus.score_on)."""
     finished = [r for r in runs if os.path.exists(os.path.join(r, "result.json"))]
-    values = subset_cccs([*finished, *ridges.values()], subsets, seed=0)
     names = {r: runs[r][0].name for r in finished}
     names.update({path: "ridge" + labels_suffix(f) for f, path in ridges.items()})
+    scored = scored or {r: r for r in names}
+    folders = {scored[r]: r for r in names if r in scored}
+    values = subset_cccs(list(folders), subsets, seed=0)
+    values["run"] = values["run"].map(folders)
     values["cell"] = values["run"].map(names)
     return values
 
@@ -188,6 +193,51 @@ def study_plot(study, cells, summary: pd.DataFrame, attrs: List[str], reference:
     return True
 
 
+def line_label(cell) -> str:
+    """A cell's line in the plot across label shares: its model and what else sets it apart."""
+    parts = [LABELS.get(cell.model, cell.model)]
+    if cell.pool is not None and cell.model != "cnn":
+        parts.append(f"pool {cell.pool}")
+    if getattr(cell, "options", "published") != "published":
+        parts.append(cell.options)
+    return ", ".join(parts)
+
+
+def labels_plot(cells, summary: pd.DataFrame, attrs: List[str], reference: str, path: str) -> bool:
+    """Test CCC against the labelled share, one line per model (cells of every study, joined by
+    everything but their share), the CNN and ridge at each share: the label-scarce study's figure."""
+    from dec_ray.report.plots import _pyplot
+    shares = sorted({c.labels for c in cells})
+    if len(shares) < 2:
+        return False
+    lines: Dict[str, list] = {}
+    for c in cells:
+        if c.name != reference + labels_suffix(c.labels):
+            lines.setdefault(line_label(c), []).append(c)
+    plt = _pyplot()
+    fig, axs = plt.subplots(1, len(attrs), figsize=(max(6.5, 5 * len(attrs)), 4.2), squeeze=False)
+    for ax, a in zip(axs[0], attrs):
+        s = summary[summary["attribute"] == a].set_index("cell")
+        for label, group in lines.items():
+            group = sorted(group, key=lambda c: c.labels)
+            r = s.reindex([c.name for c in group])
+            ax.errorbar([c.labels for c in group], r["ccc_mean"], yerr=r["ccc_std"], marker="o", capsize=3,
+                        label=label, alpha=0.85)
+        for base, style in ((reference, "--"), ("ridge", ":")):
+            r = s.reindex([base + labels_suffix(f) for f in shares])
+            ax.errorbar(shares, r["ccc_mean"], yerr=r["ccc_std"], ls=style, marker="s", color="gray" if base ==
+                        "ridge" else "black", capsize=3, label=LABELS[base])
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(shares, [f"{f:g}" for f in shares])
+        ax.set_xlabel("labelled share of Train")
+        ax.set_ylabel(f"test CCC, {a}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def best_clustering_run(runs: Dict[str, tuple]) -> Optional[str]:
     """The DeepEmoCluster run with the highest dev CCC (the test set plays no part in the choice)."""
     best, best_ccc = None, -np.inf
@@ -202,16 +252,36 @@ def best_clustering_run(runs: Dict[str, tuple]) -> Optional[str]:
     return best
 
 
-def write_report(out: str, spec, cells: Dict[str, list], runs: Dict[str, tuple], ridges: Dict[float, str],
-                 info: dict, reference: str = "cnn") -> str:
-    """OUT/report.md (+ cells.csv, ccc_values.csv, one PNG per study, analysis/); returns its path.
-    ``ridges``: the ridge reference's run folder at each share of labels."""
-    from dec_ray.report.analysis import analyze_run, dependence_lines
-    values = cell_values(runs, ridges, spec.subsets)
+def corpus_sections(out: str, spec, cells: Dict[str, list], runs: Dict[str, tuple], ridges: Dict[float, str],
+                    reference: str, scored: Optional[Dict[str, str]] = None, corpus: str = "") -> List[str]:
+    """Every study's tables and plot on one corpus (its own test set, or another corpus's through
+    ``scored``), with cells{_corpus}.csv and ccc_values{_corpus}.csv beside the report."""
+    tag = f"_{corpus}" if corpus else ""
+    values = cell_values(runs, ridges, spec.subsets, scored)
     summary = cell_summary(values, reference, spec.alpha)
-    values.to_csv(os.path.join(out, "ccc_values.csv"), index=False)
-    summary.to_csv(os.path.join(out, "cells.csv"), index=False)
+    values.to_csv(os.path.join(out, f"ccc_values{tag}.csv"), index=False)
+    summary.to_csv(os.path.join(out, f"cells{tag}.csv"), index=False)
     attrs = list(dict.fromkeys(values["attribute"]))
+    parts = []
+    for study in spec.studies:
+        group = cells[study.name]
+        parts.append(study_tables(study, group, summary, attrs, reference))
+        png = f"{study.name}{tag}.png"
+        if study_plot(study, group, summary, attrs, reference, os.path.join(out, png)):
+            parts.append(f"![{study.name}{tag}]({png})\n")
+    every = list(dict.fromkeys(c for group in cells.values() for c in group))
+    if sum(len(study.labels) > 1 for study in spec.studies) > 1 and labels_plot(
+            every, summary, attrs, reference, os.path.join(out, f"labels{tag}.png")):
+        parts.append(f"All studies' cells against the labelled share:\n\n![labels{tag}](labels{tag}.png)\n")
+    return parts
+
+
+def write_report(out: str, spec, cells: Dict[str, list], runs: Dict[str, tuple], ridges: Dict[float, str],
+                 info: dict, reference: str = "cnn", cross: Optional[Dict[str, Dict[str, str]]] = None) -> str:
+    """OUT/report.md (+ cells.csv, ccc_values.csv, one PNG per study, analysis/); returns its path.
+    ``ridges``: the ridge reference's run folder at each share of labels. ``cross``: corpus name ->
+    (run folder -> its predictions on that corpus): a section per corpus."""
+    from dec_ray.report.analysis import analyze_run, dependence_lines
     finished = sum(os.path.exists(os.path.join(r, "result.json")) for r in runs)
     parts = [
         "# DeepEmoCluster studies\n",
@@ -230,12 +300,7 @@ def write_report(out: str, spec, cells: Dict[str, list], runs: Dict[str, tuple],
         "<details><summary>spec</summary>\n\n```yaml\n" + open(os.path.join(out, "spec.yaml")).read()
         + "```\n</details>\n",
     ]
-    for study in spec.studies:
-        group = cells[study.name]
-        parts.append(study_tables(study, group, summary, attrs, reference))
-        png = f"{study.name}.png"
-        if study_plot(study, group, summary, attrs, reference, os.path.join(out, png)):
-            parts.append(f"![{study.name}]({png})\n")
+    parts += corpus_sections(out, spec, cells, runs, ridges, reference)
     best = best_clustering_run(runs)
     if best:
         an = analyze_run(best, os.path.join(out, "analysis"))
@@ -245,6 +310,12 @@ def write_report(out: str, spec, cells: Dict[str, list], runs: Dict[str, tuple],
                      "(whole sentences' cluster patterns dealt out again within speaker):"
                      f"\n\n{dependence_lines(an['dependence'])}\n\n"
                      "![clusters](analysis/cluster_attributes.png)\n")
+    for corpus, scored in (cross or {}).items():
+        parts.append(f"## Across corpora: trained on this corpus, tested on {corpus}\n\nEvery run (and the ridge "
+                     f"at each share) scored on the test split of {corpus} as a user would deploy it: with the "
+                     "normalisation statistics of its own training corpus. Same protocol, t-test against the CNN "
+                     "trained on the same labels.\n")
+        parts += corpus_sections(out, spec, cells, runs, ridges, reference, scored, corpus)
     path = os.path.join(out, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(parts))

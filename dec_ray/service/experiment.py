@@ -186,9 +186,9 @@ def reference_cells(cells: Sequence[Cell]) -> List[Cell]:
 def make_cell(model: str, pool: int, k: int, lambda_ce: float, labels: float = 1.0,
               options: str = PUBLISHED, option_overrides: Sequence[str] = ()) -> Cell:
     labels = float(labels)
-    if model == "cnn":                  # supervised only: no pool, no clusters, no second loss, no options
-        return Cell("cnn", labels=labels)
     opts = dict(options=options, option_overrides=tuple(option_overrides))
+    if model == "cnn":                  # supervised only: no pool, no clusters, no second loss
+        return Cell("cnn", labels=labels, **opts)
     if model in ("ae", "vae"):          # lambda weighs the reconstruction loss in the labeled stage
         return Cell(model, pool, None, float(lambda_ce), labels, **opts)
     return Cell(model, pool, int(k), float(lambda_ce), labels, **opts)
@@ -302,6 +302,18 @@ def train_pending(tables: str, out: str, cfg_path: str, pending: Dict[str, List[
     return sorted(runs[r.config["i"]] for r in grid if r.error is not None)
 
 
+def score_across_corpora(runs: List[str], corpora: Sequence[str]) -> Dict[str, Dict[str, str]]:
+    """Every finished run scored on each other corpus (NAME=TABLES): name -> (run -> its folder
+    there). Each (run, corpus) is scored once and kept (RUN/cross/NAME), so a restart only adds."""
+    from dec_ray.report.cross_corpus import parse_corpus, score_on
+    out = {}
+    for spec in corpora:
+        name, tables = parse_corpus(spec)
+        print(f"[experiment] scoring {len(runs)} runs on {name} ({tables})", flush=True)
+        out[name] = {r: score_on(r, tables, name) for r in runs}
+    return out
+
+
 def check_same_training(out: str, cfg_path: str, overrides: List[str]) -> None:
     """A restarted experiment may add studies or seeds, but its finished runs must have been
     trained with the same base config; mixing two configs in one report would be silent."""
@@ -370,5 +382,6 @@ def run_experiment(tables: str, out: str, spec: ExperimentSpec, overrides: Seque
     info.update(tables=tables, failed=failed, total_s=round(sum(i["elapsed_s"] for i in info["invocations"]), 1),
                 machine=machine())
     write_json(os.path.join(out, "experiment.json"), info)
-    report = write_report(out, spec, cells, runs, ridges, info, REFERENCE)
+    cross = score_across_corpora([r for r in runs if is_finished(r)] + list(ridges.values()), spec.cross)
+    report = write_report(out, spec, cells, runs, ridges, info, REFERENCE, cross)
     return {"report": report, "failed": failed, "runs": sorted(runs)}

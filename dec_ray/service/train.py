@@ -343,6 +343,17 @@ def run_training(tables: str, out: str, cfg: Optional[Config] = None, resume: bo
     return finalize(out, cfg, stats, fit_or_say_why(trainer, cfg))
 
 
+def differences(run: str, cfg: Config) -> List[str]:
+    """The method keys (features, model, cluster, train) in which a finished run's saved config
+    differs from ``cfg``: a run kept for reuse must be the run asked for."""
+    saved = load_config(os.path.join(run, "config.yaml")).to_dict()
+    wanted = cfg.to_dict()
+    derived = {"train.batch_sentences"}         # saved as the run resolved it (train.min_steps_per_epoch)
+    return [f"{part}.{k}: {saved[part][k]!r} there, {wanted[part][k]!r} asked"
+            for part in ("features", "model", "cluster", "train") for k in wanted[part]
+            if saved[part].get(k) != wanted[part][k] and f"{part}.{k}" not in derived]
+
+
 def repeated_runs(tables: str, out: str, models: Sequence[str], repeats: int, cfg_path=None,
                   overrides: Sequence[str] = ()) -> List[str]:
     """Train each model ``repeats`` times (train.seed = 0..R-1) into OUT/runs/MODEL/seedR, one
@@ -355,20 +366,29 @@ def repeated_runs(tables: str, out: str, models: Sequence[str], repeats: int, cf
         if model == "ridge":
             run = os.path.join(out, "runs", "ridge")
             runs.append(run)
-            if not os.path.exists(os.path.join(run, "result.json")):
-                cfg = load_config(cfg_path, list(overrides))
-                rows = training_rows(tables, "train", cfg) if cfg.train.label_fraction < 1 else None
+            cfg = load_config(cfg_path, list(overrides))
+            rows = training_rows(tables, "train", cfg) if cfg.train.label_fraction < 1 else None
+            if os.path.exists(os.path.join(run, "result.json")):
+                with open(os.path.join(run, "result.json")) as f:
+                    fitted = json.load(f).get("train_sentences")
+                if rows is not None and fitted != len(rows):
+                    raise ValueError(f"{run} was fitted on {fitted} Train sentences, not the {len(rows)} of "
+                                     f"train.label_fraction {cfg.train.label_fraction}; use another --out")
+            else:
                 run_ridge(tables, run, cfg.model.attributes, rows)
             continue
         for seed in range(repeats):
             run = os.path.join(out, "runs", model, f"seed{seed}")
             runs.append(run)
+            cfg = load_config(cfg_path, [*overrides, f"model.name={model}", f"train.seed={seed}"])
+            if os.path.exists(os.path.join(run, "config.yaml")) and differences(run, cfg):
+                raise ValueError(f"{run} holds a run trained with another config ("
+                                 + "; ".join(differences(run, cfg)[:4]) + "); use another --out")
             if os.path.exists(os.path.join(run, "result.json")):
                 continue
             print(f"[dec-ray evaluate] training {model} seed {seed} -> {run}", flush=True)
             if os.path.exists(os.path.join(run, "ray")):
                 run_training(None, run, resume=True)
             else:
-                run_training(tables, run, load_config(cfg_path, [*overrides, f"model.name={model}",
-                                                                 f"train.seed={seed}"]))
+                run_training(tables, run, cfg)
     return runs
