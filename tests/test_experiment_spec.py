@@ -157,10 +157,15 @@ def test_option_sets_are_an_axis_of_their_own_cells():
     cnn = [c for c in cells["opt"] if c.model == "cnn"]
     assert [c.name for c in cnn] == ["cnn_labels0.25", "cnn_sinkhorn_labels0.25", "cnn_ssl_labels0.25"]
     assert [c.name for c in cells["_reference"]] == ["cnn", "cnn_labels0.25"]      # the published CNN
-    long = spec_from_dict({"config": "demo", "options": {"long": ["train.epochs=30"]}, "studies": [
-        {"name": "a", "models": ["cnn"], "labels": [0.25], "options": ["long"]}]})
-    cnn_long = plan(long, load_config(config_path(long), long.set), n_unlabeled=351)["a"][0]
+    long = spec_from_dict({"config": "demo", "seeds": 3, "options": {"long": ["train.epochs=30"]}, "studies": [
+        {"name": "a", "models": ["cnn"], "labels": [0.25], "options": ["long"], "seeds": 1}]})
+    long_cells = plan(long, load_config(config_path(long), long.set), n_unlabeled=351)
+    cnn_long = long_cells["a"][0]
     assert cnn_long.name == "cnn_long_labels0.25" and cnn_long.overrides()[-1] == "train.epochs=30"
+    runs = all_runs(long_cells, long.seeds, "/x", {"a": 1})      # the study's own seeds; the references the spec's
+    assert sorted(os.path.relpath(r, "/x/runs") for r in runs) == [
+        "cnn/seed0", "cnn/seed1", "cnn/seed2", "cnn_labels0.25/seed0", "cnn_labels0.25/seed1",
+        "cnn_labels0.25/seed2", "cnn_long_labels0.25/seed0"]
     base = load_config(config_path(spec), dec[2].overrides())
     assert base.cluster.balance == "sinkhorn" and base.train.augment_pool
     from dec_ray.report.experiment import varying

@@ -107,7 +107,8 @@ def study_tables(study, cells, summary: pd.DataFrame, attrs: List[str], referenc
     axes = varying(study) or ["model"]
     title = study.title or study.name
     refs = references(cells, reference)
-    head = f"### {title}\n\n"
+    head = f"### {title}\n\n" + (f"{study.seeds} training run(s) per cell.\n\n" if getattr(study, "seeds", None)
+                                   else "")
     if len(axes) >= 2 and (len(axes) == 2 or any(a in COLUMN_AXES for a in axes)):
         cols_axis = next((a for a in ("labels", "pool") if a in axes), axes[-1])    # shares / pool sizes as columns
         rows_axes = [a for a in axes if a != cols_axis]
@@ -286,7 +287,8 @@ def write_report(out: str, spec, cells: Dict[str, list], runs: Dict[str, tuple],
     parts = [
         "# DeepEmoCluster studies\n",
         f"Test CCC (sentence level, 1..7 scale): the test set in {spec.subsets} random equal subsets x "
-        f"{spec.seeds} training run(s) per cell = {spec.subsets * spec.seeds} values; mean ± std. ▲ / ▼: above / "
+        f"{spec.seeds} training run(s) per cell (unless a study says otherwise) = {spec.subsets * spec.seeds} "
+        "values; mean ± std. ▲ / ▼: above / "
         f"below the CNN-regressor trained on the same labels with p < {spec.alpha} (two-tailed Student t-test). "
         "The ridge reference is one "
         f"deterministic fit, so its std is over the test subsets only. {T_TEST_ASSUMPTION}\n",

@@ -47,6 +47,7 @@ class Study:
     lambda_ce: List[float] = field(default_factory=list)
     labels: List[float] = field(default_factory=list)       # train.label_fraction values; none: 1.0
     options: List[str] = field(default_factory=list)        # names of the spec's option sets; none: published
+    seeds: Optional[int] = None         # runs per cell of this study; none: the spec's seeds
 
 
 @dataclass
@@ -101,7 +102,7 @@ def spec_from_dict(data: dict) -> ExperimentSpec:
             raise ConfigError(f"experiment spec: option set {name!r} must be a list of KEY=VALUE overrides "
                               f"(and not named {PUBLISHED!r}, the published method)")
     spec = ExperimentSpec(**data, studies=studies)
-    if spec.seeds < 1 or spec.subsets < 2:
+    if spec.seeds < 1 or spec.subsets < 2 or any(s.seeds is not None and s.seeds < 1 for s in studies):
         raise ConfigError("experiment spec: seeds >= 1 and subsets >= 2")
     return spec
 
@@ -217,12 +218,15 @@ def plan(spec: ExperimentSpec, base: Config, n_unlabeled: int) -> Dict[str, List
     return cells
 
 
-def all_runs(cells: Dict[str, List[Cell]], seeds: int, out: str) -> Dict[str, tuple]:
-    """Run folder -> (cell, seed) for every distinct cell of the plan."""
+def all_runs(cells: Dict[str, List[Cell]], seeds: int, out: str,
+             study_seeds: Optional[Dict[str, Optional[int]]] = None) -> Dict[str, tuple]:
+    """Run folder -> (cell, seed) for every distinct cell of the plan: ``seeds`` runs per cell, or
+    the study's own number (``study_seeds``; a cell in several studies gets the most of them)."""
     runs = {}
-    for group in cells.values():
+    for name, group in cells.items():
+        n = (study_seeds or {}).get(name) or seeds
         for cell in group:
-            for seed in range(seeds):
+            for seed in range(n):
                 runs[os.path.join(out, "runs", cell.name, f"seed{seed}")] = (cell, seed)
     return runs
 
@@ -352,7 +356,7 @@ def run_experiment(tables: str, out: str, spec: ExperimentSpec, overrides: Seque
     base = load_config(cfg_path, [*spec.set, *overrides])
     n_unlabeled = split_rows(tables, "unlabeled")
     cells = plan(spec, base, n_unlabeled)
-    runs = all_runs(cells, spec.seeds, out)
+    runs = all_runs(cells, spec.seeds, out, {s.name: s.seeds for s in spec.studies})
     check_same_training(out, cfg_path, [*spec.set, *overrides])
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "spec.yaml"), "w") as f:
@@ -370,7 +374,7 @@ def run_experiment(tables: str, out: str, spec: ExperimentSpec, overrides: Seque
     pending = {r: [*spec.set, *overrides, *cell.overrides(), f"train.seed={seed}"]
                for r, (cell, seed) in runs.items() if not is_finished(r)}
     print(f"[experiment] {len(spec.studies)} studies, {len({c for g in cells.values() for c in g})} cells x "
-          f"{spec.seeds} seeds = {len(runs)} runs ({len(runs) - len(pending)} finished already), "
+          f"{spec.seeds} seeds (or the study's own) = {len(runs)} runs ({len(runs) - len(pending)} finished already), "
           f"{n_unlabeled} unlabeled sentences in the tables", flush=True)
     failed = train_pending(tables, out, cfg_path, pending, spec, base, len(runs)) if pending else []
     info = {"invocations": []}
