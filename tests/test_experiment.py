@@ -34,7 +34,8 @@ def plain_ccc(x, y):
 
 def result_files(out):
     found = {}
-    for root, _, files in os.walk(os.path.join(out, "runs")):
+    for root, dirs, files in os.walk(os.path.join(out, "runs")):
+        dirs[:] = [d for d in dirs if d != "cross"]         # a run's scores on other corpora are not runs
         if "result.json" in files:
             found[root] = os.stat(os.path.join(root, "result.json")).st_mtime_ns
     return found
