@@ -166,6 +166,10 @@ class LocalCluster:
         # Fast failure detection, so that a lost node is noticed in seconds, not half a minute.
         self.env.update(RAY_health_check_period_ms="1000", RAY_health_check_failure_threshold="3",
                         RAY_health_check_timeout_ms="1000")
+        # A node's raylet aborts when its dashboard agent has not written its ports within Ray's
+        # agent wait (about 30 s): seen on a 2-core machine busy with a 2-run experiment, where the
+        # agent's imports alone take longer. Two minutes, so a loaded machine is slow, not red.
+        self.env["RAY_agent_register_timeout_ms"] = "120000"
         # Ray 2.60 heads enable token authentication: every node and client must present the token.
         self.env["RAY_AUTH_MODE"] = "token"
         subprocess.run([RAY, "get-auth-token", "--generate"], check=True, env=self.env, capture_output=True)
@@ -247,13 +251,17 @@ def two_node_cluster():
     The cluster tests share it; they run last, so the session's Ray is ended first."""
     import ray
 
-    from dec_ray.service.cluster import LOCAL_RAY_TRAIN_ENV
+    from dec_ray.service.cluster import LOCAL_RAY_TRAIN_ENV, join_with_token_if_any
     ray.shutdown()
     saved = {k: os.environ.pop(k) for k in (*LOCAL_RAY_TRAIN_ENV, "RAY_ADDRESS", "RAY_AUTH_MODE") if k in os.environ}
     c = LocalCluster(num_cpus=2)
     try:
         c.add_node()
-        os.environ.update(RAY_ADDRESS=c.address, RAY_AUTH_MODE="token")
+        # token mode as dec_ray joins (the token `ray get-auth-token --generate` wrote); setting
+        # RAY_AUTH_MODE here instead would leave Ray's config, read once per process, at "disabled"
+        # when no Ray ran before in this process (`pytest -m cluster` alone)
+        os.environ["RAY_ADDRESS"] = c.address
+        join_with_token_if_any()
         ray.init(address=c.address)
         c.wait_nodes(2)
         yield c

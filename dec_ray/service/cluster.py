@@ -64,6 +64,7 @@ def ensure_ray(min_cpus_for_training: float = 0.0) -> None:
         else:
             print(f"[dec-ray] the cluster `ray start` recorded ({started}) is gone; starting a local Ray", flush=True)
     if address:
+        join_with_token_if_any()
         runtime_env = None
         if not os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):       # set in a `ray job submit` driver
             runtime_env = {"py_modules": [os.path.dirname(os.path.abspath(dec_ray.__file__))]}
@@ -77,6 +78,15 @@ def ensure_ray(min_cpus_for_training: float = 0.0) -> None:
     cpus = max((os.cpu_count() or 1) + 1, int(min_cpus_for_training + 1.999))
     start_local_ray(cpus)
     print(f"[dec-ray] started a private local Ray ({cpus} logical CPUs)", flush=True)
+
+
+def join_with_token_if_any() -> None:
+    """Before joining a cluster: token authentication on when this user has a token, as the `ray`
+    CLI does (a `ray start` head of Ray 2.60 requires it). Ray reads RAY_AUTH_MODE once per process,
+    so setting the variable later is not enough; this is Ray's own call for it."""
+    from ray._private.authentication.authentication_token_setup import \
+        maybe_enable_token_auth_if_token_available
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 # Ray Train settings for a private local Ray (environment variables, Ray Train's own; a value
