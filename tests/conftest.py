@@ -166,10 +166,6 @@ class LocalCluster:
         # Fast failure detection, so that a lost node is noticed in seconds, not half a minute.
         self.env.update(RAY_health_check_period_ms="1000", RAY_health_check_failure_threshold="3",
                         RAY_health_check_timeout_ms="1000")
-        # A node's raylet aborts when its dashboard agent has not written its ports within Ray's
-        # agent wait (about 30 s): seen on a 2-core machine busy with a 2-run experiment, where the
-        # agent's imports alone take longer. Two minutes, so a loaded machine is slow, not red.
-        self.env["RAY_agent_register_timeout_ms"] = "120000"
         # Ray 2.60 heads enable token authentication: every node and client must present the token.
         self.env["RAY_AUTH_MODE"] = "token"
         subprocess.run([RAY, "get-auth-token", "--generate"], check=True, env=self.env, capture_output=True)
