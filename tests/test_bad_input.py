@@ -125,3 +125,8 @@ def test_a_finished_run_trained_otherwise_is_not_reused(tmp_path):
     with pytest.raises(ValueError, match=r"train.label_fraction: 0.25 there, 1.0 asked.*another --out"):
         repeated_runs("/nowhere", str(tmp_path), ["cnn"], 1, "demo")
     assert repeated_runs("/nowhere", str(tmp_path), ["cnn"], 1, "demo", ["train.label_fraction=0.25"]) == [str(run)]
+    ridge = tmp_path / "runs" / "ridge"                # the ridge: fitted on a quarter of the labels
+    ridge.mkdir()
+    (ridge / "result.json").write_text('{"train_sentences": 36, "labels": {"label_fraction": 0.25, "label_seed": 0}}')
+    with pytest.raises(ValueError, match=r"fitted on other Train labels.*'label_fraction': 1.0.*another --out"):
+        repeated_runs("/nowhere", str(tmp_path), ["ridge"], 1, "demo")

@@ -5,6 +5,7 @@ size; K x pool grids) are checked without training in test_experiment_spec.py.""
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,10 +14,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dec_ray.config import load_config
+from dec_ray.config import ConfigError, load_config
 from dec_ray.data.tables import split_rows
 from dec_ray.report.evaluation import split_test_set
-from dec_ray.service.experiment import all_runs, config_path, load_spec, plan, run_experiment
+from dec_ray.service.experiment import all_runs, config_path, load_spec, plan, run_experiment, spec_from_dict
 
 from conftest import TINY
 
@@ -141,3 +142,18 @@ def test_every_run_is_scored_on_the_other_corpora_from_its_saved_model(experimen
         mine = pd.read_parquet(os.path.join(run, "test_predictions.parquet")).set_index("row_id").sort_index()
         there = pd.read_parquet(os.path.join(run, "cross", "again", "test_predictions.parquet")).set_index("row_id")
         np.testing.assert_allclose(there.loc[mine.index, "pred_arousal"], mine["pred_arousal"], atol=1e-4)
+
+
+def test_a_run_trained_otherwise_stops_a_restart_before_any_work(experiment, tables, tmp_path):
+    """A finished run that is not what the spec now asks for (here: an option set edited after the
+    run was trained with the published method) stops the experiment with what differs, before a
+    ridge is fitted or a run trained; reusing it would put the old run under the new name."""
+    dec = next(r for r, (cell, _) in experiment["runs"].items() if cell.model == "deepemocluster")
+    spec = spec_from_dict({"config": "demo", "seeds": 1, "options": {"edited": ["cluster.balance=sinkhorn"]},
+                           "studies": [{"name": "a", "models": ["deepemocluster"], "pool": [0], "options": ["edited"]}]})
+    cell = next(c for c in plan(spec, load_config(config_path(spec), FAST), 0)["a"] if c.model == "deepemocluster")
+    out = str(tmp_path / "edited")
+    shutil.copytree(dec, os.path.join(out, "runs", cell.name, "seed0"))
+    with pytest.raises(ConfigError, match="cluster.balance: 'none' there, 'sinkhorn' asked"):
+        run_experiment(tables[0], out, spec, FAST)
+    assert sorted(os.listdir(os.path.join(out, "runs"))) == [cell.name]

@@ -174,3 +174,16 @@ def test_option_sets_are_an_axis_of_their_own_cells():
         spec_from_dict({"studies": [{"name": "a", "options": ["ssl"]}]})
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         spec_from_dict({"options": {"ssl": "cluster.balance=sinkhorn"}, "studies": [{"name": "a"}]})
+    with pytest.raises(ConfigError, match="letters, digits and - only"):      # part of folder names
+        spec_from_dict({"options": {"ssl_v2": ["cluster.balance=sinkhorn"]}, "studies": [{"name": "a"}]})
+    from dec_ray.report.experiment import labels_of
+    assert labels_of("deepemocluster_pool0_k10_lambda1_labels-2_labels0.25") == "_labels0.25"  # an option so named
+    assert labels_of("cnn_labels-2") == ""
+
+
+def test_cross_corpora_named_alike_are_refused_before_any_scoring():
+    """Two corpora given without NAME= whose folders are both called tables would share
+    RUN/cross/tables: the second would silently reuse the first's scores."""
+    from dec_ray.service.experiment import score_across_corpora
+    with pytest.raises(ConfigError, match="named alike: tables"):
+        score_across_corpora(["/nowhere/run"], ["/d/msp/tables", "/d/iemocap/tables"])

@@ -72,10 +72,13 @@ def _predict_ridge(run: str, tables: str, split: str):
 
 def score_on(run: str, tables: str, name: str, split: str = "test") -> str:
     """RUN/cross/NAME/: the run's predictions on the ``split`` of another corpus's tables, in a
-    run-shaped folder; returns it. Done once: an existing folder is kept."""
+    run-shaped folder; returns it. Done once per corpus: a folder scored on these same tables is
+    kept, one scored on other tables under the same NAME is scored again."""
     out = os.path.join(run, "cross", name)
     if os.path.exists(os.path.join(out, "result.json")):
-        return out
+        with open(os.path.join(out, "result.json")) as f:
+            if json.load(f).get("tables") == tables:
+                return out
     with open(os.path.join(run, "result.json")) as f:
         model = json.load(f)["model"]
     predict = _predict_ridge if model == "ridge" else _predict_run

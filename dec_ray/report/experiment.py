@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -31,8 +32,8 @@ def labels_suffix(labels: float) -> str:
 
 def labels_of(cell_name: str) -> str:
     """The labels suffix of a cell name ("" for all of Train)."""
-    i = cell_name.find("_labels")
-    return "" if i < 0 else cell_name[i:]
+    m = re.search(r"_labels\d[0-9.e+-]*$", cell_name)     # a share: "{:g}" of a number
+    return m.group(0) if m else ""
 
 
 def cell_values(runs: Dict[str, tuple], ridges: Dict[float, str], subsets: int,
@@ -270,10 +271,13 @@ def corpus_sections(out: str, spec, cells: Dict[str, list], runs: Dict[str, tupl
         png = f"{study.name}{tag}.png"
         if study_plot(study, group, summary, attrs, reference, os.path.join(out, png)):
             parts.append(f"![{study.name}{tag}]({png})\n")
-    every = list(dict.fromkeys(c for group in cells.values() for c in group))
+    # the studies with a labels axis (a K or lambda study would join their lines) and the references
+    every = list(dict.fromkeys(c for name, group in cells.items() for c in group
+                               if name == "_reference" or any(s.name == name and s.labels for s in spec.studies)))
+    png = f"labels_across{tag}.png"                  # not a study's name + .png
     if sum(len(study.labels) > 1 for study in spec.studies) > 1 and labels_plot(
-            every, summary, attrs, reference, os.path.join(out, f"labels{tag}.png")):
-        parts.append(f"All studies' cells against the labelled share:\n\n![labels{tag}](labels{tag}.png)\n")
+            every, summary, attrs, reference, os.path.join(out, png)):
+        parts.append(f"The cells of the studies with a labels axis against the labelled share:\n\n![labels{tag}]({png})\n")
     return parts
 
 

@@ -66,9 +66,10 @@ def load_ridge(run: str) -> Dict:
 
 
 def run_ridge(tables: str, out: str, attributes: Sequence[str] = ("arousal",),
-              train_rows: Optional[np.ndarray] = None) -> Dict:
+              train_rows: Optional[np.ndarray] = None, labels: Optional[Dict] = None) -> Dict:
     """Fit on Train (``train_rows`` of it: the labeled sentences of a label-scarce run), choose
-    alpha on dev (per attribute), score dev and test; write a run folder."""
+    alpha on dev (per attribute), score dev and test; write a run folder. ``labels`` (the label
+    share and its seed) is recorded, so a later command can tell whether this fit is its own."""
     attributes: List[str] = list(attributes)
     data = {s: read_split(tables, s, attributes) for s in ("train", "dev", "test")}
     if data["train"] is None or data["dev"] is None:
@@ -89,6 +90,7 @@ def run_ridge(tables: str, out: str, attributes: Sequence[str] = ("arousal",),
             preds[s][:, j] = x @ w + b
     os.makedirs(out, exist_ok=True)
     result = {"model": "ridge", "attributes": attributes, "alpha": alphas, "train_sentences": int(len(xtr)),
+              "labels": labels,
               "dev_ccc_per_alpha": {a: {str(al): float(v) for al, v in c.items()} for a, c in dev_cccs.items()},
               "dev_ccc": {a: ccc(preds["dev"][:, j], norm["dev"][2][:, j]) for j, a in enumerate(attributes)}}
     for s in ("dev", "test"):

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 import time
@@ -101,6 +102,8 @@ def spec_from_dict(data: dict) -> ExperimentSpec:
         if name == PUBLISHED or not isinstance(sets, list) or any("=" not in str(o) for o in sets):
             raise ConfigError(f"experiment spec: option set {name!r} must be a list of KEY=VALUE overrides "
                               f"(and not named {PUBLISHED!r}, the published method)")
+        if not re.fullmatch(r"[A-Za-z0-9-]+", str(name)):      # the name is part of cell and folder names
+            raise ConfigError(f"experiment spec: option set {name!r}: letters, digits and - only")
     spec = ExperimentSpec(**data, studies=studies)
     if spec.seeds < 1 or spec.subsets < 2 or any(s.seeds is not None and s.seeds < 1 for s in studies):
         raise ConfigError("experiment spec: seeds >= 1 and subsets >= 2")
@@ -310,9 +313,13 @@ def score_across_corpora(runs: List[str], corpora: Sequence[str]) -> Dict[str, D
     """Every finished run scored on each other corpus (NAME=TABLES): name -> (run -> its folder
     there). Each (run, corpus) is scored once and kept (RUN/cross/NAME), so a restart only adds."""
     from dec_ray.report.cross_corpus import parse_corpus, score_on
+    named = [parse_corpus(spec) for spec in corpora]
+    names = [n for n, _ in named]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:          # their scores would share RUN/cross/NAME
+        raise ConfigError(f"cross corpora named alike: {', '.join(twice)} (a folder's name unless NAME=TABLES)")
     out = {}
-    for spec in corpora:
-        name, tables = parse_corpus(spec)
+    for name, tables in named:
         print(f"[experiment] scoring {len(runs)} runs on {name} ({tables})", flush=True)
         out[name] = {r: score_on(r, tables, name) for r in runs}
     return out
@@ -348,6 +355,7 @@ def run_experiment(tables: str, out: str, spec: ExperimentSpec, overrides: Seque
     from dec_ray.data.tables import is_complete, split_rows, training_rows
     from dec_ray.report.experiment import write_report
     from dec_ray.report.ridge import run_ridge
+    from dec_ray.service.train import differences, ridge_labels
     t0 = time.time()
     tables, out = os.path.abspath(tables), os.path.abspath(out)
     if not is_complete(tables):
@@ -358,6 +366,12 @@ def run_experiment(tables: str, out: str, spec: ExperimentSpec, overrides: Seque
     cells = plan(spec, base, n_unlabeled)
     runs = all_runs(cells, spec.seeds, out, {s.name: s.seeds for s in spec.studies})
     check_same_training(out, cfg_path, [*spec.set, *overrides])
+    wanted = {r: [*spec.set, *overrides, *cell.overrides(), f"train.seed={seed}"] for r, (cell, seed) in runs.items()}
+    for r in filter(is_finished, wanted):        # an option set edited between restarts: not the same runs
+        changed = differences(r, load_config(cfg_path, wanted[r]))
+        if changed:
+            raise ConfigError(f"{r} was trained otherwise than this spec asks ({'; '.join(changed)}): use a new "
+                              "--out, or give the changed option set a new name")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "spec.yaml"), "w") as f:
         yaml.safe_dump({**spec.to_dict(), "config": cfg_path, "set": [*spec.set, *overrides]}, f, sort_keys=False)
@@ -366,13 +380,10 @@ def run_experiment(tables: str, out: str, spec: ExperimentSpec, overrides: Seque
     for ref in cells["_reference"]:              # one ridge per share of labels, on the same sentences
         ridges[ref.labels] = ridge = os.path.join(out, "runs", "ridge" + labels_suffix(ref.labels))
         if not is_finished(ridge):
-            rows = None
-            if ref.labels < 1:
-                rows = training_rows(tables, "train", load_config(cfg_path, [*spec.set, *overrides,
-                                                                            f"train.label_fraction={ref.labels}"]))
-            run_ridge(tables, ridge, base.model.attributes, rows)
-    pending = {r: [*spec.set, *overrides, *cell.overrides(), f"train.seed={seed}"]
-               for r, (cell, seed) in runs.items() if not is_finished(r)}
+            share = load_config(cfg_path, [*spec.set, *overrides, f"train.label_fraction={ref.labels}"])
+            rows = training_rows(tables, "train", share) if ref.labels < 1 else None
+            run_ridge(tables, ridge, base.model.attributes, rows, ridge_labels(share))
+    pending = {r: o for r, o in wanted.items() if not is_finished(r)}
     print(f"[experiment] {len(spec.studies)} studies, {len({c for g in cells.values() for c in g})} cells x "
           f"{spec.seeds} seeds (or the study's own) = {len(runs)} runs ({len(runs) - len(pending)} finished already), "
           f"{n_unlabeled} unlabeled sentences in the tables", flush=True)

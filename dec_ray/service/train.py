@@ -354,6 +354,11 @@ def differences(run: str, cfg: Config) -> List[str]:
             if saved[part].get(k) != wanted[part][k] and f"{part}.{k}" not in derived]
 
 
+def ridge_labels(cfg: Config) -> Dict:
+    """Which Train labels a ridge is fitted on, as recorded in its result.json."""
+    return {"label_fraction": cfg.train.label_fraction, "label_seed": cfg.train.label_seed}
+
+
 def repeated_runs(tables: str, out: str, models: Sequence[str], repeats: int, cfg_path=None,
                   overrides: Sequence[str] = ()) -> List[str]:
     """Train each model ``repeats`` times (train.seed = 0..R-1) into OUT/runs/MODEL/seedR, one
@@ -368,14 +373,15 @@ def repeated_runs(tables: str, out: str, models: Sequence[str], repeats: int, cf
             runs.append(run)
             cfg = load_config(cfg_path, list(overrides))
             rows = training_rows(tables, "train", cfg) if cfg.train.label_fraction < 1 else None
+            labels = ridge_labels(cfg)
             if os.path.exists(os.path.join(run, "result.json")):
                 with open(os.path.join(run, "result.json")) as f:
-                    fitted = json.load(f).get("train_sentences")
-                if rows is not None and fitted != len(rows):
-                    raise ValueError(f"{run} was fitted on {fitted} Train sentences, not the {len(rows)} of "
-                                     f"train.label_fraction {cfg.train.label_fraction}; use another --out")
+                    fitted = json.load(f)
+                if fitted.get("labels", labels) != labels or (rows is not None and fitted["train_sentences"] != len(rows)):
+                    raise ValueError(f"{run} was fitted on other Train labels ({fitted.get('labels')}, "
+                                     f"{fitted['train_sentences']} sentences) than asked ({labels}); use another --out")
             else:
-                run_ridge(tables, run, cfg.model.attributes, rows)
+                run_ridge(tables, run, cfg.model.attributes, rows, labels)
             continue
         for seed in range(repeats):
             run = os.path.join(out, "runs", model, f"seed{seed}")
