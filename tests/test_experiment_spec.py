@@ -56,6 +56,14 @@ def test_restart_with_another_training_config_is_refused(tmp_path):
     check_same_training(str(tmp_path), "/a/demo.yaml", ["train.epochs=8"])       # the same: fine
     with pytest.raises(ConfigError, match="new --out"):
         check_same_training(str(tmp_path), "/a/demo.yaml", ["train.epochs=12"])
+    demo = config_path(spec_from_dict({"config": "demo", "studies": [{"name": "a"}]}))
+    other = tmp_path / "checkout" / "demo.yaml"             # the same preset in another checkout
+    other.parent.mkdir()
+    other.write_text(open(demo).read())
+    (tmp_path / "spec.yaml").write_text(f"config: {demo}\nset: [train.epochs=8]\n")
+    check_same_training(str(tmp_path), str(other), ["train.epochs=8"])
+    with pytest.raises(ConfigError, match="new --out"):
+        check_same_training(str(tmp_path), str(other), ["train.epochs=9"])
 
 
 def test_a_two_axis_study_is_a_grid_with_pool_sizes_as_columns():

@@ -65,6 +65,10 @@ def test_official_defaults():
     assert t.epochs == 50 and t.patience == 0 and t.batch_sentences == 64
     dc = load_config("deepcluster_sgd").train                 # the named DeepCluster choice
     assert (dc.momentum, dc.weight_decay) == (0.9, 1e-5)
+    c = load_config(None).cluster                             # published: K-means, uniform over clusters
+    assert (c.balance, c.labeled_sampler) == ("none", "uniform")
+    ssl = load_config("ssl").cluster                          # the label-scarce study's option set
+    assert (ssl.balance, ssl.labeled_sampler) == ("sinkhorn", "natural")
 
 
 def test_official_initialisation(tiny_cfg):

@@ -327,13 +327,21 @@ def score_across_corpora(runs: List[str], corpora: Sequence[str]) -> Dict[str, D
 
 def check_same_training(out: str, cfg_path: str, overrides: List[str]) -> None:
     """A restarted experiment may add studies or seeds, but its finished runs must have been
-    trained with the same base config; mixing two configs in one report would be silent."""
+    trained with the same base config; mixing two configs in one report would be silent. The same
+    config from another path (a preset of another checkout of dec_ray) is the same config."""
     path = os.path.join(out, "spec.yaml")
     if not os.path.exists(path):
         return
     with open(path) as f:
         before = yaml.safe_load(f)
-    if (before.get("config"), list(before.get("set") or [])) != (cfg_path, list(overrides)):
+    old = (before.get("config"), list(before.get("set") or []))
+    if old == (cfg_path, list(overrides)):
+        return
+    try:
+        same = load_config(*old).to_dict() == load_config(cfg_path, list(overrides)).to_dict()
+    except (OSError, ConfigError):               # that config file is gone or no longer valid
+        same = False
+    if not same:
         raise ConfigError(f"{out} holds an experiment trained with config {before.get('config')} and "
                           f"set {before.get('set')}; this one has {cfg_path} and {overrides}. Use a new --out "
                           "(studies and seeds may change between restarts; the training config may not)")
