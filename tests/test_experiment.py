@@ -149,8 +149,9 @@ def test_a_run_trained_otherwise_stops_a_restart_before_any_work(experiment, tab
     run was trained with the published method) stops the experiment with what differs, before a
     ridge is fitted or a run trained; reusing it would put the old run under the new name."""
     dec = next(r for r, (cell, _) in experiment["runs"].items() if cell.model == "deepemocluster")
+    study = {"name": "a", "models": ["deepemocluster"], "pool": [0], "options": ["edited"]}
     spec = spec_from_dict({"config": "demo", "seeds": 1, "options": {"edited": ["cluster.balance=sinkhorn"]},
-                           "studies": [{"name": "a", "models": ["deepemocluster"], "pool": [0], "options": ["edited"]}]})
+                           "studies": [study]})
     cell = next(c for c in plan(spec, load_config(config_path(spec), FAST), 0)["a"] if c.model == "deepemocluster")
     out = str(tmp_path / "edited")
     shutil.copytree(dec, os.path.join(out, "runs", cell.name, "seed0"))

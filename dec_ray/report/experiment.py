@@ -272,12 +272,13 @@ def corpus_sections(out: str, spec, cells: Dict[str, list], runs: Dict[str, tupl
         if study_plot(study, group, summary, attrs, reference, os.path.join(out, png)):
             parts.append(f"![{study.name}{tag}]({png})\n")
     # the studies with a labels axis (a K or lambda study would join their lines) and the references
-    every = list(dict.fromkeys(c for name, group in cells.items() for c in group
-                               if name == "_reference" or any(s.name == name and s.labels for s in spec.studies)))
+    plotted = {s.name for s in spec.studies if s.labels} | {"_reference"}
+    every = list(dict.fromkeys(c for name, group in cells.items() if name in plotted for c in group))
     png = f"labels_across{tag}.png"                  # not a study's name + .png
     if sum(len(study.labels) > 1 for study in spec.studies) > 1 and labels_plot(
             every, summary, attrs, reference, os.path.join(out, png)):
-        parts.append(f"The cells of the studies with a labels axis against the labelled share:\n\n![labels{tag}]({png})\n")
+        parts.append(f"The cells of the studies with a labels axis against the labelled share:\n\n"
+                     f"![labels{tag}]({png})\n")
     return parts
 
 

@@ -377,7 +377,8 @@ def repeated_runs(tables: str, out: str, models: Sequence[str], repeats: int, cf
             if os.path.exists(os.path.join(run, "result.json")):
                 with open(os.path.join(run, "result.json")) as f:
                     fitted = json.load(f)
-                if fitted.get("labels", labels) != labels or (rows is not None and fitted["train_sentences"] != len(rows)):
+                other_rows = rows is not None and fitted["train_sentences"] != len(rows)
+                if fitted.get("labels", labels) != labels or other_rows:
                     raise ValueError(f"{run} was fitted on other Train labels ({fitted.get('labels')}, "
                                      f"{fitted['train_sentences']} sentences) than asked ({labels}); use another --out")
             else:
