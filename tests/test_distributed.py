@@ -19,8 +19,8 @@ import torch.multiprocessing as mp
 from dec_ray.config import load_config
 from dec_ray.service.cluster import free_port
 from dec_ray.data.pools import Pool
-from dec_ray.method.epoch import emotion, epoch_subset
-from dec_ray.method.learner import Batch, Learner
+from dec_ray.method.epoch import Stage, emotion, epoch_subset, pseudo_label_ce, pseudo_labels_stage, supervised_stage
+from dec_ray.method.learner import Batch, Learner, stage_total, step_bounds
 from dec_ray.method.loop import fit
 from dec_ray.method.sampler import cluster_shares, uniform_cluster_indices
 from plain_pools import shard, synth_pools
@@ -48,6 +48,48 @@ def _emotion_gradient(learner: Learner, pool: Pool) -> torch.Tensor:
     return grad
 
 
+def _ce_gradient(learner: Learner, pool: Pool, pseudo: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The gradient of the pseudo-label cross-entropy over this rank's ``rows`` of one global batch,
+    weighted by the rank's share as a training pass weighs it (eval mode, as above)."""
+    learner.model.eval()
+    stage = pseudo_labels_stage(pseudo)
+    n = torch.tensor([len(rows)])
+    from dec_ray.method.distributed import sum_over_ranks
+    batch = Batch(pool.chunk_inputs(rows, learner.normalize), rows, pool,
+                  share=(2 if dist.is_initialized() else 1) * len(rows) / sum_over_ranks(int(n)))
+    out = learner.model(batch.x)
+    loss = stage_total(stage, {k: f(out, batch) for k, f in stage.losses.items()}, batch.share)
+    (loss + sum(0.0 * v.float().sum() for v in out.values())).backward()
+    grad = torch.cat([p.grad.flatten().clone() for p in learner.net.parameters() if p.grad is not None])
+    learner.model.zero_grad(set_to_none=True)
+    return grad
+
+
+def _sampled_pass(rank: int, world: int, stats, pools, wrap) -> dict:
+    """The training path itself on clusters that follow the ranks: rank 0's Train chunks hold
+    clusters 0-2, rank 1's cluster 3 (1 rank: both halves). Then a supervised pass in which rank 1
+    has nothing to train."""
+    learner = Learner(load_config(None, CFG), stats, torch.device("cpu"), wrap=wrap)
+    train = pools["train"]
+    n = train.n_chunks
+    pseudo = torch.arange(n) % 3 if rank == 0 else torch.full((n,), 3)
+    if world == 1:
+        half = n // 2
+        pseudo = torch.cat([torch.arange(half) % 3, torch.full((n - half,), 3)])
+    idx = uniform_cluster_indices(pseudo, seed=5, rank=rank, k=4)
+    seen = []
+
+    def recorded(out, batch):
+        seen.append(batch.idx.clone())
+        return pseudo_label_ce(pseudo)(out, batch)
+    learner.reset_top(5)
+    out = learner.train(train, idx, Stage({"ce": recorded}, top=True))
+    trained = torch.cat(seen) if seen else torch.zeros(0, dtype=torch.int64)
+    lone = learner.train(train, idx if rank == 0 else idx[:0], supervised_stage(1.0, pseudo))
+    return {"drawn": len(idx), "trained": out["chunks"], "clusters": pseudo[trained], "lone": lone["chunks"],
+            "lone_ccc": lone.get("ccc", np.nan)}
+
+
 def _run(rank: int, world: int, port: int, q, stats, arrays) -> None:
     torch.set_num_threads(1)
     if world > 1:
@@ -66,6 +108,11 @@ def _run(rank: int, world: int, port: int, q, stats, arrays) -> None:
     res["subset"] = [epoch_subset(pools["unlabeled"], 5, seed=s).row_ids for s in (9, 10)]
     mine = CLUSTERS if world == 1 else CLUSTERS[:40] if rank == 0 else CLUSTERS[40:]
     res["draws"] = mine[uniform_cluster_indices(mine, seed=3, rank=rank, n=10_000, k=4)]
+    # unequal shares of one global batch: rank 0 its first 30 chunks, rank 1 its first 10
+    ce_rows = torch.arange(40) if world == 1 else torch.arange(30 if rank == 0 else 10)
+    if world == 1:
+        ce_rows = torch.cat([torch.arange(30), pools["train"].n_chunks // 2 + torch.arange(10)])
+    res["ce_grad"] = _ce_gradient(learner, pools["train"], torch.arange(pools["train"].n_chunks) % 4, ce_rows)
     km = learner.pseudo_labels(pools["train"], seed=7)
     res.update(centroids=km.centroids, assignment=km.assignment, sizes=km.sizes)
     learner.reset_top(7)
@@ -76,6 +123,7 @@ def _run(rank: int, world: int, port: int, q, stats, arrays) -> None:
         {"epoch": m["epoch"], "buffers": {k: v.clone() for k, v in learner.net.named_buffers()},
          "weights": learner.model_copy()}))
     res.update(seen=seen, final=fit_out["metrics"], test_rows=fit_out["evals"]["test"]["row_ids"])
+    res["sampled"] = _sampled_pass(rank, world, stats, pools, wrap)
     q.put(_numpy(res))      # tensors through a queue would be shared memory the child frees
     if world > 1:
         dist.destroy_process_group()
@@ -199,3 +247,35 @@ def test_a_draw_of_the_pool_per_epoch_has_its_size_on_any_number_of_ranks(runs):
         assert len(one["subset"][i]) == len(two) == len(set(two)) == 5
         assert {len(r0["subset"][i]), len(r1["subset"][i])} == {2, 3}
     assert list(one["subset"][0]) != list(one["subset"][1])
+
+
+def test_a_pass_trains_on_two_ranks_what_one_rank_trains_when_clusters_follow_the_ranks(runs):
+    """The training path: K = 4, rank 0 holds clusters 0-2 and rank 1 cluster 3. Each cluster is
+    drawn 264 // 4 + 1 = 67 times over all ranks, the draws are cut to the 264 rows, and all of them
+    are trained in the steps 1 rank makes (rank 0 198 draws, rank 1 66). Before: rank 0 cut its
+    draws to its 132 rows and both stopped at rank 1's 3 steps: 132 chunks, clusters 0-2 22 times."""
+    one, (r0, r1) = runs[1][0]["sampled"], [r["sampled"] for r in runs[2]]
+    assert one["trained"] == r0["trained"] + r1["trained"] == 264
+    assert (r0["drawn"], r1["drawn"]) == (r0["trained"], r1["trained"]) == (198, 66)
+    for counts in (np.bincount(one["clusters"], minlength=4),
+                   np.bincount(np.concatenate([r0["clusters"], r1["clusters"]]), minlength=4)):
+        assert counts.min() >= 67 - 4 and counts.max() <= 67, counts     # 4 of the 268 draws cut
+    # a pass in which rank 1 has nothing to train: rank 0 trains its draws in 198 // 44 steps of
+    # the global batch (the last 22 dropped, as 1 rank drops them), rank 1 joins every step
+    assert (r0["lone"], r1["lone"]) == (176, 0) and np.isfinite(r0["lone_ccc"])
+
+
+def test_unequal_shares_of_a_batch_have_the_one_rank_gradient_of_the_cross_entropy(runs):
+    one, (r0, r1) = runs[1][0], runs[2]
+    np.testing.assert_allclose(r0["ce_grad"], r1["ce_grad"], rtol=0, atol=0)
+    scale = np.abs(one["ce_grad"]).max()
+    np.testing.assert_allclose(r0["ce_grad"], one["ce_grad"], rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_step_bounds_give_every_rank_its_share_of_each_step():
+    assert step_bounds([100], 44, 0) == [0, 44, 88]                       # 1 rank: the last 12 dropped
+    assert step_bounds([30], 44, 0) == [0, 30]                            # fewer than a batch: one step
+    b0, b1 = step_bounds([198, 66], 44, 0), step_bounds([198, 66], 44, 1)
+    assert len(b0) == len(b1) == 7 and b0[-1] == 198 and b1[-1] == 66
+    assert all(x1 - x0 + y1 - y0 == 44 for x0, x1, y0, y1 in zip(b0, b0[1:], b1, b1[1:]))
+    assert step_bounds([50, 0], 44, 1) == [0, 0] and step_bounds([0, 0], 44, 0) == [0]

@@ -148,3 +148,31 @@ def test_sinkhorn_pseudo_labels_are_balanced_where_kmeans_is_not():
     assert np.allclose(plain.centroids, balanced.centroids)
     assert balanced.sizes.min() >= 0.85 * 200 and balanced.sizes.max() <= 1.15 * 200, balanced.sizes
     assert balanced.objective >= plain.objective          # balance costs distortion, by construction
+
+
+def _empty_rank_main(rank, port, x, q):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    part = x if rank == 0 else x[:0]
+    res = kmeans(part, 5, niter=5, seed=0, threads=1, balance="sinkhorn")
+    q.put((rank, res.assignment, res.sizes))
+    dist.destroy_process_group()
+
+
+def test_sinkhorn_on_a_rank_without_rows_takes_part_and_gets_no_labels():
+    """A pool with fewer sentences than workers, or a per-epoch draw that gives a rank none."""
+    x = blobs(n=400, centers=5)
+    single = kmeans(x, 5, niter=5, seed=0, balance="sinkhorn")
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_empty_rank_main, args=(r, port, x, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = sorted((q.get(timeout=120) for _ in range(2)), key=lambda g: g[0])
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    (_, a0, s0), (_, a1, s1) = got
+    assert len(a1) == 0 and np.array_equal(a0, single.assignment)
+    assert np.array_equal(s0, s1) and np.array_equal(s0, single.sizes)

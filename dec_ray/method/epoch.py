@@ -49,6 +49,9 @@ def emotion(out, batch: Batch) -> torch.Tensor:
     return ccc_loss(out["pred"], batch.labels, reduce=all_reduce_differentiable)
 
 
+emotion.global_batch = True     # a statistic of the global batch already: not weighted by the rank's share
+
+
 def pseudo_label_ce(pseudo: torch.Tensor, weight: float = 1.0) -> Loss:
     return lambda out, batch: weight * nn.functional.cross_entropy(out["logits"].float(), pseudo[batch.idx])
 

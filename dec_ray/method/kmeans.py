@@ -141,8 +141,10 @@ def _cluster_sums(x: torch.Tensor, idx: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _logsumexp_rows(a: torch.Tensor) -> torch.Tensor:
-    """log of the column sums of exp(a) over the rows of every rank: (1, K)."""
-    m = a.max(0, keepdim=True).values
+    """log of the column sums of exp(a) over the rows of every rank: (1, K). A rank with no rows
+    takes part with -inf maxima and zero sums."""
+    m = (a.max(0, keepdim=True).values if len(a)
+         else torch.full((1, a.shape[1]), -torch.inf, dtype=a.dtype, device=a.device))
     if is_distributed():
         m = all_reduce(m, op=dist.ReduceOp.MAX)
     return m + torch.log(all_reduce(torch.exp(a - m).sum(0, keepdim=True)))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Dict, Optional
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from torch import nn
 from dec_ray.config import Config
 from dec_ray.data.normalization import Stats
 from dec_ray.data.pools import Pool
-from dec_ray.method.distributed import broadcast, gather_objects, min_over_ranks, rank_seed, world
+from dec_ray.method.distributed import broadcast, gather_objects, gather_tensors, rank_seed, world
 from dec_ray.method.kmeans import kmeans
 from dec_ray.method.augment import spec_augment
 from dec_ray.method.losses import ccc, ccc_loss, sentence_means
@@ -38,14 +38,42 @@ MIN_SENTENCES_PER_WORKER_BATCH = 2      # the CCC loss needs label variance with
 
 @dataclass
 class Batch:
-    """One training batch: normalised inputs, the chunk ids they came from, and their pool."""
+    """One training batch: normalised inputs, the chunk ids they came from, and their pool.
+    ``share``: this rank's chunks over the global batch's, times the world size (1 when ranks hold
+    equal parts): a loss that is a mean over this rank's chunks, weighted by it, has under DDP's
+    averaging the gradient of the mean over the global batch."""
     x: torch.Tensor
     idx: torch.Tensor
     pool: Pool
+    share: float = 1.0
 
     @property
     def labels(self) -> torch.Tensor:
         return self.pool.chunk_labels(self.idx)
+
+
+def step_bounds(lengths: Sequence[int], global_batch: int, rank: int) -> List[int]:
+    """Where this rank's draws end after each step of a pass: ``lengths`` are every rank's draws,
+    ``global_batch`` the chunks of one step over all ranks. The pass makes the steps 1 rank makes
+    over all the draws (``total // global_batch``, at least 1; the last partial batch is dropped,
+    as on 1 rank), and every step takes from each rank its share of the global batch, in proportion
+    to its draws (cumulative floors: the shares of a step add up to the global batch). So no rank
+    stops early and every draw is trained but the < 1 batch that 1 rank drops too; a rank with few
+    draws takes few chunks a step (possibly none)."""
+    total = int(sum(lengths))
+    if total == 0:
+        return [0]
+    steps = max(1, total // global_batch)
+    below = int(sum(lengths[:rank]))
+    upto = below + int(lengths[rank])
+    ends = [min(total, (s + 1) * global_batch) for s in range(steps)]
+    return [0] + [e * upto // total - e * below // total for e in ends]
+
+
+def stage_total(stage: "Stage", parts: Dict[str, torch.Tensor], share: float) -> torch.Tensor:
+    """The stage's losses summed, those that are means over this rank's chunks weighted by its
+    ``Batch.share`` (a loss marked ``global_batch`` is a statistic of the global batch already)."""
+    return sum(v if getattr(stage.losses[k], "global_batch", False) else share * v for k, v in parts.items())
 
 
 def batch_sentences(n_train: int, workers: int, batch: int, min_steps: int) -> int:
@@ -145,28 +173,38 @@ class Learner:
     def train(self, pool: Pool, indices, stage: "Stage") -> Dict[str, float]:
         """One pass over ``indices`` (chunk ids of this pool, in the sampler's order) minimising the
         stage's losses; the regressor's Adam and the top layer's SGD step only when the stage says
-        so. Returns the mean of each loss and the number of chunks trained on."""
+        so. Every rank makes the same number of steps and trains all its draws (``step_bounds``).
+        Returns the mean of each loss over this rank's steps and the chunks it trained on."""
         self.model.train()
         indices = torch.as_tensor(indices, device=self.device)
         at_pool = indices.to(pool.chunks.device)               # one copy per stage, none per batch
-        n_batches = min_over_ranks(len(indices) // self.batch_chunks if len(indices) >= self.batch_chunks
-                                   else int(len(indices) > 0))
+        size = world()[1]
+        lengths = gather_tensors(torch.tensor([len(indices)], dtype=torch.int64))[:, 0].tolist()
+        bounds = step_bounds(lengths, self.batch_chunks * size, world()[0])
+        every = [step_bounds(lengths, self.batch_chunks * size, r) for r in range(size)]
+        n_batches = len(bounds) - 1
         sums: Dict[str, torch.Tensor] = {}
+        counted: Dict[str, int] = {}
         trained = 0
         views = None
         if stage.augment:                   # one stream per rank, reproducible (seeded with the stage)
             views = torch.Generator(device=self.device)
             views.manual_seed(int(torch.randint(0, 2 ** 62, (1,)).item()))
         for b in range(n_batches):
-            rows = slice(b * self.batch_chunks, (b + 1) * self.batch_chunks)
-            x = pool.chunk_inputs(at_pool[rows], self.normalize)
-            batch = Batch(spec_augment(x, views) if views is not None else x, indices[rows], pool)
-            out = self._forward(batch.x, self.model)
-            parts = {name: loss(out, batch) for name, loss in stage.losses.items()}
-            total = sum(parts.values())
-            if not stage.regressor:
-                # DDP needs every parameter in the graph: the regressor joins with weight zero
-                total = total + 0.0 * out["pred"].sum()
+            rows = slice(bounds[b], bounds[b + 1])
+            step_total = sum(e[b + 1] - e[b] for e in every)
+            mine = bounds[b + 1] - bounds[b]
+            if mine:
+                x = pool.chunk_inputs(at_pool[rows], self.normalize)
+                batch = Batch(spec_augment(x, views) if views is not None else x, indices[rows], pool,
+                              share=size * mine / step_total)
+                out = self._forward(batch.x, self.model)
+                parts = {name: loss(out, batch) for name, loss in stage.losses.items()}
+                total = stage_total(stage, parts, batch.share)
+            else:                           # no chunks here this step: the collectives still need us
+                out, total, parts, saved = self._empty_step(pool, stage)
+            # DDP needs every parameter in the graph: outputs no loss reads join with weight zero
+            total = total + sum(0.0 * v.float().sum() for v in out.values())
             optimisers = [self.sgd] + ([self.adam] if stage.regressor else []) + \
                 ([self.top_opt] if stage.top and self.top_opt is not None else [])
             for opt in (self.sgd, self.adam, self.top_opt):
@@ -175,13 +213,32 @@ class Learner:
             total.backward()
             for opt in optimisers:          # a stage without the emotion loss never steps Adam on zeros
                 opt.step()
-            trained += len(batch.idx)
+            if not mine:                    # the stand-in chunk leaves no trace in BatchNorm's statistics
+                with torch.no_grad():
+                    for buf, v in zip(self.net.buffers(), saved):
+                        buf.copy_(v)
+            trained += mine
             if self.on_batch is not None:
                 self.on_batch(b + 1, n_batches)
             for k, v in parts.items():                       # summed on the device: no sync per batch
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
+                counted[k] = counted.get(k, 0) + 1
         self.sync_buffers()
-        return {**{k: float(v) / max(n_batches, 1) for k, v in sums.items()}, "chunks": trained}
+        return {**{k: float(v) / counted[k] for k, v in sums.items()}, "chunks": trained}
+
+    def _empty_step(self, pool: Pool, stage: "Stage"):
+        """A step in which this rank holds no chunks: a forward of one all-zero chunk so that DDP's
+        gradient all-reduce has this rank's zeros, and the global-batch losses on no rows (their
+        sums join the all-reduce as zeros). Returns (outputs, loss, logged parts: none, the
+        BatchNorm buffers to restore after the step)."""
+        saved = [b.detach().clone() for b in self.net.buffers()]
+        shape = (1, self.cfg.features.chunk_frames, self.cfg.features.n_mels)
+        out = self._forward(torch.zeros(shape, device=self.device), self.model)
+        none = Batch(torch.zeros((0,) + shape[1:], device=self.device),
+                     torch.zeros(0, dtype=torch.int64, device=self.device), pool, share=0.0)
+        total = sum(loss({k: v[:0] for k, v in out.items()}, none) for loss in stage.losses.values()
+                    if getattr(loss, "global_batch", False))
+        return out, total if torch.is_tensor(total) else torch.zeros((), device=self.device), {}, saved
 
     # --- evaluation ---
     @torch.no_grad()

@@ -19,7 +19,7 @@ def ccc_torch(pred: torch.Tensor, gold: torch.Tensor, reduce: Optional[Reduce] =
     products) are taken in float64: on z-scored values the raw moments lose nothing that matters."""
     reduce = reduce or (lambda t: t)
     p, g = pred.double(), gold.double()
-    n = torch.full_like(p[:1], float(len(p)))
+    n = torch.full((1, p.shape[1]), float(len(p)), dtype=p.dtype, device=p.device)   # also for no rows
     sums = reduce(torch.cat([n, p.sum(0, keepdim=True), g.sum(0, keepdim=True), (p * p).sum(0, keepdim=True),
                              (g * g).sum(0, keepdim=True), (p * g).sum(0, keepdim=True)]))
     n, sp, sg, spp, sgg, spg = sums

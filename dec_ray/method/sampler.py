@@ -37,21 +37,36 @@ def cluster_shares(counts: torch.Tensor, rank: int) -> torch.Tensor:
     return torch.where(total > 0, share, torch.zeros_like(share))
 
 
+def kept_draws(draws: torch.Tensor, n: int, rank: int) -> int:
+    """(W,) draws of each rank, cut to ``n`` in all: this rank's share of the ``n`` kept, in
+    proportion to its draws (cumulative floors: the shares add up to ``n`` exactly)."""
+    draws = [int(d) for d in draws]
+    total = sum(draws)
+    if total <= n:
+        return draws[rank]
+    below = sum(draws[:rank])
+    return n * (below + draws[rank]) // total - n * below // total
+
+
 def uniform_cluster_indices(assignment: torch.Tensor, seed: int = 0, rank: int = 0, n: int = -1,
                             k: Optional[int] = None) -> torch.Tensor:
-    """Indices into ``assignment`` (this rank's rows), at most ``n`` of them (default: all its rows),
-    int64 on the assignment's device; ``rank`` seeds the draws. ``k``: the number of clusters (the same on every rank; by
+    """Indices into ``assignment`` (this rank's rows), int64 on the assignment's device: this rank's
+    share of at most ``n`` draws over all ranks (default: the global row count, as 1 rank draws at
+    most its rows); ``rank`` seeds the draws. ``k``: the number of clusters (the same on every rank; by
     default one more than the largest label here, which only 1 rank may use). A collective when
     there is a process group: every rank calls it."""
     assignment = torch.as_tensor(assignment)
     dev = assignment.device
-    n = len(assignment) if n < 0 else n
     k = int(assignment.max()) + 1 if k is None and len(assignment) else (k or 0)
     counts = torch.bincount(assignment, minlength=k)
-    share = cluster_shares(gather_tensors(counts), world()[0])
+    every = gather_tensors(counts)                                 # (W, K): one collective
+    me, size = world()
+    share = cluster_shares(every, me)
+    draws = torch.stack([cluster_shares(every, r).sum() for r in range(size)]).cpu()
+    keep = kept_draws(draws, int(every.sum()) if n < 0 else n, me)
     g = torch.Generator(device=dev)
     g.manual_seed(rank_seed(seed, rank))
-    if int(share.sum()) == 0 or n == 0:
+    if int(share.sum()) == 0 or keep == 0:
         return torch.zeros(0, dtype=torch.int64, device=dev)
     # rows sorted by cluster, in random order within each cluster
     keys = assignment.double() + torch.rand(len(assignment), generator=g, device=dev, dtype=torch.float64)
@@ -65,4 +80,4 @@ def uniform_cluster_indices(assignment: torch.Tensor, seed: int = 0, rank: int =
              * sizes[:, None]).long()                                              # with replacement
     offsets = torch.where(sizes[:, None] >= wants[:, None], j, drawn)             # or without
     picks = order[(starts[:, None] + offsets)[j < wants[:, None]]]
-    return picks[torch.randperm(len(picks), generator=g, device=dev)][:n]
+    return picks[torch.randperm(len(picks), generator=g, device=dev)][:keep]
