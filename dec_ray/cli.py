@@ -128,6 +128,12 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from dec_ray.service.experiment import rerender
+    print(f"report: {rerender(args.out)}")
+    return 0
+
+
 def cmd_experiment(args) -> int:
     from dec_ray.service.experiment import load_spec, run_experiment
     spec = load_spec(args.spec)
@@ -245,6 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the spec's training config for every run (repeatable)")
     p.set_defaults(func=cmd_experiment)
+
+    p = sub.add_parser("report", help="write an experiment's report.md again from its saved values "
+                                      "(ccc_values*.csv) with the current tests; no runs or tables needed")
+    p.add_argument("--out", required=True, help="the experiment folder (report.md, ccc_values.csv, spec.yaml)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", parents=[ray_args],
                        help="synth corpus -> ingest -> train DeepEmoCluster and the CNN baseline")

@@ -293,6 +293,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.attributes={cfg.model.attributes}; choose from {ATTRIBUTES}")
     if not 0 < cfg.train.label_fraction <= 1:
         raise ConfigError(f"train.label_fraction={cfg.train.label_fraction}; a share of Train in (0, 1]")
+    if cfg.cluster.mode == "joint":     # one clustering and two passes: these stages have no place there
+        unserved = [k for k, on in (("cluster.labeled_sampler=natural", cfg.cluster.labeled_sampler != "uniform"),
+                                     ("train.augment_pool=true", cfg.train.augment_pool),
+                                     (f"train.warmup_epochs={cfg.train.warmup_epochs}", cfg.train.warmup_epochs > 0))
+                    if on]
+        if unserved:
+            raise ConfigError(f"cluster.mode=joint does not apply {', '.join(unserved)} (separate mode's stages); "
+                              "use cluster.mode=separate or drop them")
     if cfg.cluster.k < 2:
         raise ConfigError("cluster.k must be >= 2")
     if cfg.scale.workers < 1:

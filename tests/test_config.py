@@ -32,10 +32,13 @@ def test_yaml_round_trip_and_overrides(tmp_path):
     ("model.attributes=[joy]", "model.attributes"),
     ("nokeyvalue", "key=value"),
     ("cluster.k=1", "cluster.k"),
+    ("cluster.mode=joint,cluster.labeled_sampler=natural", "joint does not apply cluster.labeled_sampler"),
+    ("cluster.mode=joint,train.augment_pool=true", "joint does not apply train.augment_pool"),
+    ("cluster.mode=joint,train.warmup_epochs=2", "joint does not apply train.warmup_epochs=2"),
 ])
 def test_bad_config_is_a_clear_error(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(None, [override])
+        load_config(None, override.split(","))
 
 
 def test_keys_that_never_had_an_effect_are_dropped_with_a_note(tmp_path):

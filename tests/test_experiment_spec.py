@@ -182,6 +182,9 @@ def test_option_sets_are_an_axis_of_their_own_cells():
         spec_from_dict({"studies": [{"name": "a", "options": ["ssl"]}]})
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         spec_from_dict({"options": {"ssl": "cluster.balance=sinkhorn"}, "studies": [{"name": "a"}]})
+    for key in ("train.label_seed=3", "train.label_fraction=0.5", " train.label_rest = drop"):
+        with pytest.raises(ConfigError, match="other labeled sentences than their CNN and ridge"):
+            spec_from_dict({"options": {"relabel": ["cluster.k=5", key]}, "studies": [{"name": "a"}]})
     with pytest.raises(ConfigError, match="letters, digits and - only"):      # part of folder names
         spec_from_dict({"options": {"ssl_v2": ["cluster.balance=sinkhorn"]}, "studies": [{"name": "a"}]})
     from dec_ray.report.experiment import labels_of

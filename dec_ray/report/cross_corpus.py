@@ -60,6 +60,8 @@ def _predict_run(run: str, tables: str, split: str):
 def _predict_ridge(run: str, tables: str, split: str):
     from dec_ray.report.ridge import load_ridge, utterance_features
     model = load_ridge(run)
+    if model["features"] is not None and model["features"] != _features_of(tables):
+        raise ValueError(f"{tables} was made with other feature settings than {run}'s training tables")
     attrs = model["attributes"]
     ids, preds, golds = [], [], []
     for rid, chunks, gold in _batches(tables, split, attrs):

@@ -1,8 +1,9 @@
 """The experiment's report, computed from the runs' saved test predictions (no Ray, no training).
 
 Every cell gets the paper's protocol: the test set in ``subsets`` random equal subsets (one seeded
-split for every run) x its runs -> mean and std of the CCCs, and a two-tailed t-test against the
-CNN-regressor (marked ▲ / ▼ when p < alpha, above / below it). Each study is a table in the
+split for every run) x its runs -> mean and std of the CCCs, and a two-tailed test against the
+CNN-regressor trained on the same labels (``evaluation.compare``, on run means; marked ▲ / ▼ when
+p < alpha, above / below it), beside the paper's pooled t-test. Each study is a table in the
 paper's layout: one varying axis -> rows, attributes as columns (Tables 2 and 3); two axes -> one
 grid per attribute (Table 4). The CNN and the ridge reference close every table.
 """
@@ -16,7 +17,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import pandas as pd
 
-from dec_ray.report.evaluation import T_TEST_ASSUMPTION, subset_cccs, t_test
+from dec_ray.report.evaluation import TESTS, compare, paper_t_test, subset_cccs
 
 AXES = (("model", "model"), ("pool", "unlabeled pool"), ("k", "K"), ("lambda_ce", "lambda"),
         ("labels", "labelled share of Train"), ("options", "method options"))
@@ -53,27 +54,34 @@ def cell_values(runs: Dict[str, tuple], ridges: Dict[float, str], subsets: int,
 
 
 def cell_summary(values: pd.DataFrame, reference: str, alpha: float) -> pd.DataFrame:
-    """Mean, std, n and the t-test against the reference cell with the same labels (the CNN
-    trained on the same labeled sentences), per (cell, attribute)."""
+    """Mean, std, n and the test against the reference cell with the same labels (the CNN trained
+    on the same labeled sentences), per (cell, attribute): ``compare`` (t, p, test; the mark) and
+    the paper's pooled t-test (p_paper)."""
     rows = []
     for (cell, attr), g in values.groupby(["cell", "attribute"], sort=False):
         ref_cell = reference + labels_of(cell)
-        ref = values[(values["cell"] == ref_cell) & (values["attribute"] == attr)]["ccc"]
-        t = p = np.nan
+        ref = values[(values["cell"] == ref_cell) & (values["attribute"] == attr)]
+        t = p = p_paper = np.nan
+        test = ""
         if cell != ref_cell and len(ref) > 1 and len(g) > 1:
-            t, p = t_test(g["ccc"], ref)
+            t, p, test = compare(g, ref)
+            p_paper = paper_t_test(g["ccc"], ref["ccc"])[1]
         rows.append({"cell": cell, "attribute": attr, "ccc_mean": g["ccc"].mean(),
                      "ccc_std": g["ccc"].std(ddof=1) if len(g) > 1 else 0.0, "n": len(g), "runs": g["run"].nunique(),
-                     "t_vs_cnn": t, "p_vs_cnn": p, "mark": "" if not p < alpha else ("▲" if t > 0 else "▼")})
+                     "t_vs_cnn": t, "p_vs_cnn": p, "test": test, "p_paper": p_paper,
+                     "mark": "" if not p < alpha else ("▲" if t > 0 else "▼")})
     return pd.DataFrame(rows)
 
 
 def fmt(summary: pd.DataFrame, cell: str, attr: str) -> str:
+    """mean ± std, the mark, and the p of the test against the CNN (where there is one)."""
     row = summary[(summary["cell"] == cell) & (summary["attribute"] == attr)]
     if row.empty:
         return "not run"
     r = row.iloc[0]
-    return f"{r.ccc_mean:.3f} ± {r.ccc_std:.3f}{' ' + r.mark if r.mark else ''}"
+    p = getattr(r, "p_vs_cnn", np.nan)
+    return (f"{r.ccc_mean:.3f} ± {r.ccc_std:.3f}{' ' + r.mark if r.mark else ''}"
+            + ("" if pd.isna(p) else f" (p {p:.2g})"))
 
 
 def varying(study) -> List[str]:
@@ -254,12 +262,12 @@ def best_clustering_run(runs: Dict[str, tuple]) -> Optional[str]:
     return best
 
 
-def corpus_sections(out: str, spec, cells: Dict[str, list], runs: Dict[str, tuple], ridges: Dict[float, str],
-                    reference: str, scored: Optional[Dict[str, str]] = None, corpus: str = "") -> List[str]:
-    """Every study's tables and plot on one corpus (its own test set, or another corpus's through
-    ``scored``), with cells{_corpus}.csv and ccc_values{_corpus}.csv beside the report."""
+def corpus_sections(out: str, spec, cells: Dict[str, list], values: pd.DataFrame, reference: str,
+                    corpus: str = "") -> List[str]:
+    """Every study's tables and plot on one corpus (its own test set, or another corpus's), from
+    that corpus's values (``cell_values``), with cells{_corpus}.csv and ccc_values{_corpus}.csv
+    beside the report."""
     tag = f"_{corpus}" if corpus else ""
-    values = cell_values(runs, ridges, spec.subsets, scored)
     summary = cell_summary(values, reference, spec.alpha)
     values.to_csv(os.path.join(out, f"ccc_values{tag}.csv"), index=False)
     summary.to_csv(os.path.join(out, f"cells{tag}.csv"), index=False)
@@ -282,47 +290,66 @@ def corpus_sections(out: str, spec, cells: Dict[str, list], runs: Dict[str, tupl
     return parts
 
 
+CLUSTERS_SECTION = "analysis/section.md"     # the cluster analysis' part of the report, kept for re-rendering
+
+
 def write_report(out: str, spec, cells: Dict[str, list], runs: Dict[str, tuple], ridges: Dict[float, str],
                  info: dict, reference: str = "cnn", cross: Optional[Dict[str, Dict[str, str]]] = None) -> str:
     """OUT/report.md (+ cells.csv, ccc_values.csv, one PNG per study, analysis/); returns its path.
     ``ridges``: the ridge reference's run folder at each share of labels. ``cross``: corpus name ->
     (run folder -> its predictions on that corpus): a section per corpus."""
     from dec_ray.report.analysis import analyze_run, dependence_lines
+    values = {"": cell_values(runs, ridges, spec.subsets)}
+    for corpus, scored in (cross or {}).items():
+        values[corpus] = cell_values(runs, ridges, spec.subsets, scored)
+    best = best_clustering_run(runs)
+    clusters = ""
+    if best:
+        an = analyze_run(best, os.path.join(out, "analysis"))
+        clusters = (f"### Clusters of the best DeepEmoCluster run (by dev CCC): {os.path.relpath(best, out)}\n\n"
+                    "K-means on its Train embeddings; how much of each attribute's variance the clusters "
+                    "explain (eta²) and their mutual information with it, against their chance level "
+                    "(whole sentences' cluster patterns dealt out again within speaker):"
+                    f"\n\n{dependence_lines(an['dependence'])}\n\n"
+                    "![clusters](analysis/cluster_attributes.png)\n")
+        with open(os.path.join(out, CLUSTERS_SECTION), "w") as f:
+            f.write(clusters)
     finished = sum(os.path.exists(os.path.join(r, "result.json")) for r in runs)
+    return render_report(out, spec, cells, values, info, reference, finished, len(runs), clusters)
+
+
+def render_report(out: str, spec, cells: Dict[str, list], values: Dict[str, pd.DataFrame], info: dict,
+                  reference: str, finished: int, total: int, clusters: str = "") -> str:
+    """OUT/report.md from the values of every corpus ("": the experiment's own test set)."""
     parts = [
         "# DeepEmoCluster studies\n",
         f"Test CCC (sentence level, 1..7 scale): the test set in {spec.subsets} random equal subsets x "
         f"{spec.seeds} training run(s) per cell (unless a study says otherwise) = {spec.subsets * spec.seeds} "
         "values; mean ± std. ▲ / ▼: above / "
-        f"below the CNN-regressor trained on the same labels with p < {spec.alpha} (two-tailed Student t-test). "
-        "The ridge reference is one "
-        f"deterministic fit, so its std is over the test subsets only. {T_TEST_ASSUMPTION}\n",
+        f"below the CNN-regressor trained on the same labels with p < {spec.alpha}; (p ...) is that test's p. "
+        "The ridge reference is one deterministic fit, so its std is over the test subsets only. "
+        f"{TESTS} cells.csv has both tests' p-values (p_vs_cnn, p_paper).\n",
         f"- command: `{info['invocations'][0]['command']}`" + "".join(
             f"\n- resumed: `{i['command']}` ({i['trained']} runs trained)" for i in info["invocations"][1:]),
         f"- tables: `{info['tables']}`",
         f"- machine: {info['machine']}",
-        f"- time: {info['total_s'] / 60:.1f} min in all ({finished}/{len(runs)} runs finished"
+        f"- time: {info['total_s'] / 60:.1f} min in all ({finished}/{total} runs finished"
         + (f"; failed: {', '.join(os.path.relpath(r, out) for r in info['failed'])}" if info["failed"] else "")
         + ")\n",
         "<details><summary>spec</summary>\n\n```yaml\n" + open(os.path.join(out, "spec.yaml")).read()
         + "```\n</details>\n",
     ]
-    parts += corpus_sections(out, spec, cells, runs, ridges, reference)
-    best = best_clustering_run(runs)
-    if best:
-        an = analyze_run(best, os.path.join(out, "analysis"))
-        parts.append(f"### Clusters of the best DeepEmoCluster run (by dev CCC): {os.path.relpath(best, out)}\n\n"
-                     "K-means on its Train embeddings; how much of each attribute's variance the clusters "
-                     "explain (eta²) and their mutual information with it, against their chance level "
-                     "(whole sentences' cluster patterns dealt out again within speaker):"
-                     f"\n\n{dependence_lines(an['dependence'])}\n\n"
-                     "![clusters](analysis/cluster_attributes.png)\n")
-    for corpus, scored in (cross or {}).items():
+    parts += corpus_sections(out, spec, cells, values[""], reference)
+    if clusters:
+        parts.append(clusters)
+    for corpus, vals in values.items():
+        if not corpus:
+            continue
         parts.append(f"## Across corpora: trained on this corpus, tested on {corpus}\n\nEvery run (and the ridge "
                      f"at each share) scored on the test split of {corpus} as a user would deploy it: with the "
-                     "normalisation statistics of its own training corpus. Same protocol, t-test against the CNN "
+                     "normalisation statistics of its own training corpus. Same protocol, tested against the CNN "
                      "trained on the same labels.\n")
-        parts += corpus_sections(out, spec, cells, runs, ridges, reference, scored, corpus)
+        parts += corpus_sections(out, spec, cells, vals, reference, corpus)
     path = os.path.join(out, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(parts))

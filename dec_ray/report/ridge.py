@@ -8,6 +8,7 @@ predictions), so `dec-ray evaluate` scores it with the paper's protocol. No Ray 
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Dict, List, Optional, Sequence
 
@@ -57,12 +58,21 @@ def choose_alpha(xtr: np.ndarray, ytr: np.ndarray, xdev: np.ndarray, ydev: np.nd
     return float(best), *fits[best], dev_ccc
 
 
+def features_of(tables: str) -> dict:
+    """The feature settings a corpus's tables were made with (TABLES/plan.json)."""
+    with open(os.path.join(tables, "plan.json")) as f:
+        return json.load(f)["features"]
+
+
 def load_ridge(run: str) -> Dict:
-    """The fitted reference of a ridge run (RUN/ridge.npz): feature mean/std, weights, intercepts."""
+    """The fitted reference of a ridge run (RUN/ridge.npz): feature mean/std, weights, intercepts,
+    and the feature settings of the tables it was fitted on (None in fits made before they were
+    recorded)."""
     z = np.load(os.path.join(run, "ridge.npz"))
     attrs = [str(a) for a in z["attributes"]]
     return {"attributes": attrs, "mean": z["mean"], "std": z["std"], "w": {a: z[f"w_{a}"] for a in attrs},
-            "b": {a: float(z[f"b_{a}"]) for a in attrs}}
+            "b": {a: float(z[f"b_{a}"]) for a in attrs},
+            "features": json.loads(str(z["features"])) if "features" in z else None}
 
 
 def run_ridge(tables: str, out: str, attributes: Sequence[str] = ("arousal",),
@@ -100,6 +110,7 @@ def run_ridge(tables: str, out: str, attributes: Sequence[str] = ("arousal",),
     if "test" in norm:
         result["test_ccc"] = {a: ccc(preds["test"][:, j], norm["test"][2][:, j]) for j, a in enumerate(attributes)}
     np.savez(os.path.join(out, "ridge.npz"), mean=mean, std=std, attributes=np.array(attributes),
+             features=np.array(json.dumps(features_of(tables), sort_keys=True)),
              **{f"w_{a}": weights[a] for a in attributes}, **{f"b_{a}": np.array(biases[a]) for a in attributes})
     write_json(os.path.join(out, "result.json"), result)          # last: marks the run finished
     return result

@@ -31,6 +31,8 @@ from dec_ray.report.experiment import labels_suffix
 
 MODELS = ("deepemocluster", "cnn", "ae", "vae")
 REFERENCE = "cnn"          # the paper's tests are against the CNN-regressor
+# which Train sentences keep their labels: the same for a cell and its references, so not an option
+LABEL_KEYS = ("train.label_fraction", "train.label_seed", "train.label_rest")
 PUBLISHED = "published"    # the option set of the method as published: no overrides
 Size = Union[int, float, str]
 
@@ -102,6 +104,11 @@ def spec_from_dict(data: dict) -> ExperimentSpec:
         if name == PUBLISHED or not isinstance(sets, list) or any("=" not in str(o) for o in sets):
             raise ConfigError(f"experiment spec: option set {name!r} must be a list of KEY=VALUE overrides "
                               f"(and not named {PUBLISHED!r}, the published method)")
+        label_keys = [str(o).split("=", 1)[0].strip() for o in sets if str(o).split("=", 1)[0].strip() in LABEL_KEYS]
+        if label_keys:
+            raise ConfigError(f"experiment spec: option set {name!r} sets {', '.join(label_keys)}: its cells would "
+                              "train on other labeled sentences than their CNN and ridge references; a study's "
+                              "labels axis sets the share, the spec's set the rest")
         if not re.fullmatch(r"[A-Za-z0-9-]+", str(name)):      # the name is part of cell and folder names
             raise ConfigError(f"experiment spec: option set {name!r}: letters, digits and - only")
     spec = ExperimentSpec(**data, studies=studies)
@@ -408,3 +415,32 @@ def run_experiment(tables: str, out: str, spec: ExperimentSpec, overrides: Seque
     cross = score_across_corpora([r for r in runs if is_finished(r)] + list(ridges.values()), spec.cross)
     report = write_report(out, spec, cells, runs, ridges, info, REFERENCE, cross)
     return {"report": report, "failed": failed, "runs": sorted(runs)}
+
+
+def rerender(out: str) -> str:
+    """OUT/report.md written again from the experiment's saved values (ccc_values*.csv, spec.yaml,
+    experiment.json) with today's tests and tables: no runs, tables or training needed (an
+    experiment folder copied elsewhere, or one reported before the tests changed)."""
+    import glob
+    import pandas as pd
+    from dec_ray.report.experiment import CLUSTERS_SECTION, render_report
+    own = os.path.join(out, "ccc_values.csv")
+    if not os.path.exists(own) or not os.path.exists(os.path.join(out, "experiment.json")):
+        raise ValueError(f"{out}: not a reported experiment (no ccc_values.csv or experiment.json)")
+    spec = load_spec(os.path.join(out, "spec.yaml"))
+    base = load_config(config_path(spec), spec.set)
+    values = {"": pd.read_csv(own)}
+    for path in sorted(glob.glob(os.path.join(out, "ccc_values_*.csv"))):
+        values[os.path.basename(path)[len("ccc_values_"):-4]] = pd.read_csv(path)
+    pools = [int(m) for m in values[""]["cell"].str.extract(r"_pool(\d+)_")[0].dropna()]
+    cells = plan(spec, base, max(pools, default=0))
+    names = {c.name for group in cells.values() for c in group}
+    missing = sorted(names - set(values[""]["cell"]))
+    if missing:
+        raise ValueError(f"{out}: the saved values have no cell(s) {', '.join(missing)} of its spec")
+    with open(os.path.join(out, "experiment.json")) as f:
+        info = json.load(f)
+    section = os.path.join(out, CLUSTERS_SECTION)
+    clusters = open(section).read() if os.path.exists(section) else ""
+    runs = values[""].loc[values[""]["model"] != "ridge", "run"].nunique()
+    return render_report(out, spec, cells, values, info, REFERENCE, runs, runs, clusters)
