@@ -52,7 +52,8 @@ def write_tables(out: str, n_unlabeled: int, seed: int = 0) -> None:
                     "split": [split] * k, "speaker": ["s"] * k, "path": [""] * k,
                     "duration": np.full(k, 11.0, np.float32), "num_frames": np.full(k, 688, np.int32),
                     "arousal": labels, "valence": labels, "dominance": labels,
-                    "frame_sum": [np.zeros(fc.n_mels)] * k, "frame_sumsq": [np.zeros(fc.n_mels)] * k}
+                    "frame_sum": [np.zeros(fc.n_mels)] * k, "frame_sumsq": [np.zeros(fc.n_mels)] * k,
+                    "logframe_sum": [np.zeros(fc.n_mels)] * k, "logframe_sumsq": [np.zeros(fc.n_mels)] * k}
             arrays = [_tensor_column(chunks, f.type) if f.name == "chunks" else pa_array(cols[f.name], f.type)
                       for f in schema]
             write_parquet(arrays, schema, os.path.join(out, split, f"part-{part:05d}.parquet"))

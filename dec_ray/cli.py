@@ -115,7 +115,9 @@ def cmd_evaluate(args) -> int:
         for name, folders in score_runs_on(runs, args.cross).items():
             cross = evaluate_runs(folders, os.path.join(args.out, "cross", name), args.subsets, args.seed,
                                   args.reference, args.alpha)
-            print(f"\non {name} (trained on the runs' own corpus, normalised with its statistics):\n{cross['table']}")
+            how = ("normalised with that corpus's own feature statistics" if name.endswith("-adapted") else
+                   "normalised with the training corpus's statistics, as deployed")
+            print(f"\non {name} ({how}):\n{cross['table']}")
             print("written: " + ", ".join(cross["files"]))
     return 0
 
@@ -215,9 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the paper's protocol: 4 test subsets x R runs, mean/std, t-test, plot")
     p.add_argument("--runs", nargs="+", help="finished run folders (any mix of models)")
     p.add_argument("--tables", help="train the runs first: each of --models, --repeats times (seeds 0..R-1)")
-    p.add_argument("--models", nargs="+", default=["deepemocluster", "cnn", "ridge"],
-                   choices=["deepemocluster", "cnn", "ae", "vae", "ridge"],
-                   help="ridge: the linear reference on utterance statistics of the same mel features")
+    p.add_argument("--models", nargs="+", default=["deepemocluster", "cnn", "ridge", "egemaps"],
+                   choices=["deepemocluster", "cnn", "ae", "vae", "ridge", "egemaps", "egemaps-speaker"],
+                   help="the linear references: ridge (log-mel utterance statistics), egemaps (eGeMAPS "
+                        "functionals, Train normalisation), egemaps-speaker (eGeMAPS, per-speaker normalisation)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", required=True, help="report folder (evaluation.md/.csv/.png; runs/ when training)")
     p.add_argument("--subsets", type=int, default=4)

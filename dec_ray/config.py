@@ -32,6 +32,15 @@ class FeatureConfig:
     min_duration_s: float = 0.25    # below this (after trimming nothing) a clip is rejected as too short
     silence_peak: float = 1e-4      # peak amplitude below which a clip counts as silent
     storage_dtype: str = "float16"  # dtype of the chunk tensor in Parquet (see README "Schema")
+    # per-sentence functionals stored beside the chunks (the linear references' input): "egemaps"
+    # (the 88 eGeMAPS v02 functionals, openSMILE) | "none"
+    functionals: str = "egemaps"
+
+
+def chunk_settings(features: dict) -> dict:
+    """The feature settings that make the chunks (a network's input): all but the functionals,
+    which only the references read. Two tables agree for a network when these agree."""
+    return {k: v for k, v in (features or {}).items() if k != "functionals"}
 
 
 @dataclass
@@ -56,6 +65,9 @@ class ModelConfig:
     # official: the official code's _initialize_weights (conv N(0, sqrt(2/(9*out))), linear
     # N(0, 0.01), biases 0) | torch: PyTorch's default (Kaiming-uniform) initialisation
     init: str = "official"
+    # the network's input: "power" (official: mel power, z-scored per bin, clipped to +-3) |
+    # "logmel" (log(power + 1e-10), z-scored per bin with its own Train statistics, clipped)
+    input: str = "power"
 
 
 @dataclass
@@ -272,9 +284,11 @@ def validate(cfg: Config) -> None:
         "features.short_clip_policy": (cfg.features.short_clip_policy, ("repeat", "reject")),
         "features.storage_dtype": (cfg.features.storage_dtype, ("float16", "float32")),
         "features.pad_mode": (cfg.features.pad_mode, ("reflect", "constant")),
+        "features.functionals": (cfg.features.functionals, ("egemaps", "none")),
         "model.name": (cfg.model.name, ("deepemocluster", "cnn", "ae", "vae")),
         "model.encoder": (cfg.model.encoder, ("compact", "vgg16")),
         "model.init": (cfg.model.init, ("official", "torch")),
+        "model.input": (cfg.model.input, ("power", "logmel")),
         "cluster.mode": (cfg.cluster.mode, ("separate", "joint")),
         "cluster.assign": (cfg.cluster.assign, ("faiss", "torch")),
         "tune.scheduler": (cfg.tune.scheduler, ("asha", "none")),

@@ -15,7 +15,9 @@ import time
 
 from dec_ray.config import load_config, preset_path
 
-MODELS = ("deepemocluster", "cnn", "ridge")      # ridge: the linear reference, no Ray
+# the two networks, then the linear references (no Ray): log-mel ridge, eGeMAPS ridge under Train
+# and per-speaker normalisation
+MODELS = ("deepemocluster", "cnn", "ridge", "egemaps", "egemaps-speaker")
 
 
 def run_demo(out: str, labeled: int = 240, unlabeled: int = 120, seed: int = 0, overrides=(),
@@ -42,10 +44,10 @@ def run_demo(out: str, labeled: int = 240, unlabeled: int = 120, seed: int = 0, 
         print(summary.line())
     share = "all of Train's labels" if labels >= 1 else (f"{labels:g} of Train's labels, the rest of Train in "
                                                           "the unlabeled pool")
-    print(f"[demo] 3/4 training {', '.join(MODELS[:2])} with Ray Train ({repeats} run(s) each) and the ridge "
-          f"reference, {share} -> {out}/runs")
+    print(f"[demo] 3/4 training {', '.join(MODELS[:2])} with Ray Train ({repeats} run(s) each) and the linear "
+          f"references ({', '.join(MODELS[2:])}), {share} -> {out}/runs")
     runs = repeated_runs(tables, out, MODELS, repeats, cfg_path, overrides)
-    print("[demo] 4/4 evaluation (4 test subsets x runs, t-test) and cluster analysis")
+    print("[demo] 4/4 evaluation (4 test subsets x runs, the test on run means) and cluster analysis")
     ev = evaluate_runs(runs, os.path.join(out, "evaluation"))
     an = analyze_run(runs[0], os.path.join(out, "analysis"))
     dep = dependence_lines(an["dependence"])

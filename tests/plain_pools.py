@@ -29,7 +29,9 @@ def synth_pools(sizes=(("train", 24), ("dev", 8), ("test", 8), ("unlabeled", 12)
         raw[split] = (np.stack(chunks), np.array(gold, np.float32)[:, None])
     frames = raw["train"][0].reshape(-1, raw["train"][0].shape[-1])
     sums = FrameSums.of(frames)
-    stats = Stats.from_sums(sums.n, sums.s, sums.ss, {"arousal": raw["train"][1][:, 0]}, len(raw["train"][1]), {})
+    logs = FrameSums.of(np.log(frames.astype(np.float16).astype(np.float32) + np.float32(1e-10)))
+    stats = Stats.from_sums(sums.n, sums.s, sums.ss, {"arousal": raw["train"][1][:, 0]}, len(raw["train"][1]), {},
+                            (logs.s, logs.ss))
     pools, first = {}, 0
     for split, (chunks, gold) in raw.items():
         ids = np.arange(first, first + len(gold))

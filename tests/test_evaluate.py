@@ -226,3 +226,55 @@ def test_cross_corpus_scoring_from_the_saved_predictions(trained_runs, tables, t
     for run in runs:
         with pytest.raises(ValueError, match="other feature settings"):
             score_on(run, other, "other")
+
+
+@pytest.mark.slow
+def test_the_egemaps_references_and_per_speaker_normalisation(tables, tmp_path):
+    """eGeMAPS under Train and per-speaker normalisation fit from the tables' column. A speaker's
+    statistics come from features alone: the test split's labels shuffled, the fit's test
+    predictions do not move (no test label reaches them), while its test CCC does."""
+    import shutil
+    import pyarrow.parquet as pq
+    from dec_ray.data.tables import split_files
+    from dec_ray.report.ridge import read_split, run_ridge, speaker_normalize
+    src = tables[0]
+    shuffled = str(tmp_path / "shuffled")
+    shutil.copytree(src, shuffled)
+    for f in split_files(shuffled, "test"):
+        t = pq.read_table(f)
+        perm = np.random.default_rng(0).permutation(t.num_rows)
+        t = t.set_column(t.schema.get_field_index("arousal"), "arousal", t["arousal"].take(perm))
+        pq.write_table(t, f)
+    got = {}
+    for name, where in (("own", src), ("shuffled", shuffled)):
+        for ref, norm in (("egemaps", "train"), ("egemaps-speaker", "speaker")):
+            run = str(tmp_path / f"{name}_{ref}")
+            got[name, ref] = run_ridge(where, run, inputs="egemaps", norm=norm, name=ref)
+            got[name, ref, "pred"] = pd.read_parquet(os.path.join(run, "test_predictions.parquet"))
+    for ref in ("egemaps", "egemaps-speaker"):
+        np.testing.assert_allclose(got["own", ref, "pred"]["pred_arousal"], got["shuffled", ref, "pred"]["pred_arousal"])
+        assert got["own", ref]["test_ccc"] != got["shuffled", ref]["test_ccc"]
+        assert got["own", ref]["model"] == ref and got["own", ref]["inputs"] == "egemaps"
+    assert got["own", "egemaps"]["dev_ccc"]["arousal"] > 0.3          # the reference learns arousal
+    ids, x, y, speakers = read_split(src, "test", ["arousal"], "egemaps")
+    z = speaker_normalize(x, speakers)
+    for s in np.unique(speakers):                                      # each speaker: mean 0, std 1 or 0
+        part = z[speakers == s]
+        assert np.allclose(part.mean(0), 0, atol=1e-6)
+        assert np.all(np.isclose(part.std(0), 1, atol=1e-6) | np.isclose(part.std(0), 0, atol=1e-6))
+
+
+@pytest.mark.slow
+def test_adapted_scoring_on_the_training_corpus_itself_is_the_deployed_score(trained_runs, tables, tmp_path):
+    """Adapted: the target corpus's own feature statistics. On the corpus the model was trained on
+    (its Train statistics are the model's), adapted and as deployed are one score."""
+    from dec_ray.report.cross_corpus import score_on
+    from dec_ray.report.ridge import run_ridge
+    ridge = str(tmp_path / "egemaps")
+    run_ridge(tables[0], ridge, inputs="egemaps", name="egemaps")
+    for run in (trained_runs["cnn"], ridge):
+        deployed = pd.read_parquet(os.path.join(score_on(run, tables[0], "same"), "test_predictions.parquet"))
+        adapted_dir = score_on(run, tables[0], "same", adapted=True)
+        assert adapted_dir.endswith("same-adapted")
+        adapted = pd.read_parquet(os.path.join(adapted_dir, "test_predictions.parquet"))
+        np.testing.assert_allclose(adapted["pred_arousal"], deployed["pred_arousal"], atol=1e-5)

@@ -17,6 +17,7 @@ import pytest
 from dec_ray.config import ConfigError, load_config
 from dec_ray.data.tables import split_rows
 from dec_ray.report.evaluation import split_test_set
+from dec_ray.report.experiment import LINEAR
 from dec_ray.service.experiment import all_runs, config_path, load_spec, plan, run_experiment, spec_from_dict
 
 from conftest import TINY
@@ -90,12 +91,13 @@ def experiment(tables, tmp_path_factory, ray_local):
 def test_restart_keeps_finished_runs_and_trains_the_rest(experiment):
     out, before, after, runs = experiment["out"], experiment["before"], experiment["after"], experiment["runs"]
     assert len(runs) == 2 and experiment["res"]["failed"] == []
-    assert set(runs) | {os.path.join(out, "runs", "ridge")} == set(after)
-    assert 2 <= len(before) < len(after)          # the ridge reference and the first run
+    refs = {os.path.join(out, "runs", r) for r in LINEAR}
+    assert set(runs) | refs == set(after)
+    assert len(refs) + 1 <= len(before) < len(after)     # the linear references and the first run
     for run, mtime in before.items():
         assert after[run] == mtime, f"{run} was trained again"
     info = json.load(open(os.path.join(out, "experiment.json")))
-    assert [i["trained"] for i in info["invocations"]] == [len(runs) - len(before) + 1]
+    assert [i["trained"] for i in info["invocations"]] == [len(runs) - len(before) + len(refs)]
     assert re.search(r"^\[experiment\] 1/2 runs/\S+/seed0: test CCC arousal", experiment["log"], re.M)
 
 
@@ -117,12 +119,13 @@ def test_report_numbers_are_recomputed_from_the_saved_predictions(experiment):
         return np.mean(values), np.std(values, ddof=1)
 
     # Table 2 rows: "| <model label> | mean ± std [mark] |", one attribute (arousal)
-    rows = (("DeepEmoCluster", dec), ("CNN-regressor (t-test reference)", "cnn"), ("ridge (log-mel statistics)", "ridge"))
+    rows = (("DeepEmoCluster", dec), ("CNN-regressor (test reference)", "cnn"), ("ridge (log-mel statistics)", "ridge"),
+            ("ridge (eGeMAPS, Train norm.)", "egemaps"), ("ridge (eGeMAPS, per-speaker norm.)", "egemaps-speaker"))
     for label, cell in rows:
         row = re.search(rf"^\| {re.escape(label)} \| ([-0-9.]+) ± ([0-9.]+)", report, re.M)
         assert row, label
         d = os.path.join(out, "runs", cell)
-        mean, std = cell_stats([d] if cell == "ridge" else [os.path.join(d, "seed0")])
+        mean, std = cell_stats([d] if cell in LINEAR else [os.path.join(d, "seed0")])
         assert float(row.group(1)) == pytest.approx(mean, abs=6e-4)
         assert float(row.group(2)) == pytest.approx(std, abs=6e-4)
 
@@ -133,12 +136,13 @@ def test_every_run_is_scored_on_the_other_corpora_from_its_saved_model(experimen
     numbers equal those of the home test set."""
     out = experiment["out"]
     report = open(os.path.join(out, "report.md")).read()
-    assert "tested on again" in report
+    assert "tested on again" in report and "tested on again (adapted)" in report
     home = pd.read_csv(os.path.join(out, "cells.csv")).set_index("cell")
-    again = pd.read_csv(os.path.join(out, "cells_again.csv")).set_index("cell")
-    assert sorted(again.index) == sorted(home.index) and len(home) == 3
-    np.testing.assert_allclose(again["ccc_mean"], home.loc[again.index, "ccc_mean"], atol=1e-5)
-    for run in [*experiment["runs"], os.path.join(out, "runs", "ridge")]:
+    for name in ("again", "again-adapted"):        # adapted to the same tables: their own statistics
+        again = pd.read_csv(os.path.join(out, f"cells_{name}.csv")).set_index("cell")
+        assert sorted(again.index) == sorted(home.index) and len(home) == 2 + len(LINEAR)
+        np.testing.assert_allclose(again["ccc_mean"], home.loc[again.index, "ccc_mean"], atol=1e-5)
+    for run in [*experiment["runs"], *(os.path.join(out, "runs", r) for r in LINEAR)]:
         mine = pd.read_parquet(os.path.join(run, "test_predictions.parquet")).set_index("row_id").sort_index()
         there = pd.read_parquet(os.path.join(run, "cross", "again", "test_predictions.parquet")).set_index("row_id")
         np.testing.assert_allclose(there.loc[mine.index, "pred_arousal"], mine["pred_arousal"], atol=1e-4)

@@ -67,17 +67,33 @@ def test_normalisation_zscore_nan_and_clip():
     assert np.allclose(s.denormalize_labels(s.normalize_labels(y, ["arousal"]), ["arousal"]), y)
 
 
+@pytest.mark.parametrize("input", ["power", "logmel"])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device"))])
-def test_device_normalisation_equals_the_numpy_reference(device):
+def test_device_normalisation_equals_the_numpy_reference(device, input):
     """The training loop normalises float16 chunks on the device: the same values as
     Stats.normalize_features, bit for bit, including NaN, +-inf, zero std and clipping."""
     rng = np.random.default_rng(0)
     mean, std = rng.uniform(0, 5, 128), rng.uniform(0.5, 3, 128)
     std[3] = 0.0                                              # a constant mel bin in Train
-    s = Stats(mean.tolist(), std.tolist(), {"arousal": 4.0}, {"arousal": 1.0})
+    s = Stats(mean.tolist(), std.tolist(), {"arousal": 4.0}, {"arousal": 1.0},
+              log_mean=(mean - 3).tolist(), log_std=std.tolist())
     x = (rng.normal(2, 6, size=(40, 62, 128))).astype(np.float16)
+    if input == "logmel":                                     # power is >= 0; 0 and tiny values too
+        x = np.abs(x)
+        x[1, 0, :3] = [0.0, 6e-8, 1e-3]
     x[0, 0, :4] = [np.nan, np.inf, -np.inf, 7.0]
-    got = s.feature_normalizer(torch.device(device))(torch.from_numpy(x).to(device))
+    got = s.feature_normalizer(torch.device(device), input)(torch.from_numpy(x).to(device))
     assert got.dtype == torch.float32 and got.device.type == device
-    np.testing.assert_array_equal(got.cpu().numpy(), s.normalize_features(x))
+    if input == "power":
+        np.testing.assert_array_equal(got.cpu().numpy(), s.normalize_features(x, input))
+    else:                                   # torch's and numpy's log differ in the last bit
+        np.testing.assert_allclose(got.cpu().numpy(), s.normalize_features(x, input), rtol=1e-6, atol=1e-6)
+        z = (np.log(np.float32(7.0) + np.float32(1e-10)) - np.float32(mean[3] - 3)) / np.float32(std[3])
+        assert np.isclose(got.cpu().numpy()[0, 0, 3], np.clip(z, -3, 3), atol=1e-6)
+
+
+def test_the_log_mel_input_refuses_statistics_without_it():
+    s = Stats([1.0], [2.0], {"arousal": 4.0}, {"arousal": 1.0})
+    with pytest.raises(ValueError, match="ingest them again"):
+        s.feature_normalizer(torch.device("cpu"), "logmel")

@@ -35,6 +35,24 @@ def test_tables_rows_and_schema(tables, corpus):
     assert is_complete(out)
 
 
+def test_the_egemaps_column_is_opensmiles_functionals_of_the_decoded_file(tables):
+    """The references' input: openSMILE's 88 eGeMAPS v02 functionals of the decoded signal as
+    recorded (16 kHz mono, not peak-normalised: the level is part of arousal), one per sentence."""
+    import opensmile
+    from dec_ray.data.audio import load_audio
+    out, _ = tables
+    t = _table(out, "dev", ["path", "egemaps"]).slice(0, 2)
+    smile = opensmile.Smile(feature_set=opensmile.FeatureSet.eGeMAPSv02,
+                            feature_level=opensmile.FeatureLevel.Functionals)
+    for path, stored in zip(t["path"].to_pylist(), t["egemaps"].to_pylist()):
+        y, peak = load_audio(path, return_peak=True)
+        want = smile.process_signal(y * np.float32(peak), 16000).to_numpy()[0]
+        assert len(stored) == 88
+        np.testing.assert_allclose(np.array(stored, dtype=np.float64), want, rtol=1e-5, atol=1e-6)
+    with open(os.path.join(out, "plan.json")) as f:
+        assert json.load(f)["features"]["functionals"] == "egemaps"
+
+
 def test_chunk_equals_librosa_and_equations(tables):
     from dec_ray.data.audio import load_audio
     out, _ = tables
@@ -60,6 +78,10 @@ def test_stats_come_from_train_only(tables, corpus):
     np.testing.assert_allclose(stats["feat_mean"], frames.mean(0), rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(stats["feat_std"], frames.std(0), rtol=1e-5, atol=1e-9)
     assert stats["num_train_frames"] == len(frames) and stats["num_train_sentences"] == len(train)
+    # the log-mel input's statistics: the log of the stored (float16) power, as training reads it
+    logs = np.log(frames.astype(np.float16).astype(np.float32) + np.float32(1e-10)).astype(np.float64)
+    np.testing.assert_allclose(stats["log_mean"], logs.mean(0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(stats["log_std"], logs.std(0), rtol=1e-5, atol=1e-6)
     assert np.isclose(stats["label_mean"]["arousal"], np.mean([it.arousal for it in train]), atol=1e-5)
     assert np.isclose(stats["label_std"]["valence"], np.std([it.valence for it in train]), atol=1e-5)
 

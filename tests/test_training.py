@@ -105,7 +105,7 @@ def test_labels_are_normalised_row_by_row_with_a_nan_in_the_batch(pools, tiny_cf
 
 
 @pytest.mark.parametrize("extra", [["cluster.mode=joint"], ["model.encoder=vgg16", "model.width=0.0625"],
-                                   ["model.attributes=[arousal, valence, dominance]"]])
+                                   ["model.attributes=[arousal, valence, dominance]"], ["model.input=logmel"]])
 def test_epoch_modes_train_every_part_they_claim(pools, tiny_cfg, extra):
     stats, p = pools
     cfg = tiny_cfg(*extra)

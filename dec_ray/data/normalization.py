@@ -1,13 +1,15 @@
 """Train-only statistics and the normalisation applied identically in training and inference.
 
-Features: per-mel-bin z-score with mean/std over all Train frames, NaN -> 0, clip to [-3, 3].
+Features: per-mel-bin z-score with mean/std over all Train frames, NaN -> 0, clip to [-3, 3], of
+the mel power (``model.input: power``, the official) or of its log (``logmel``: log(power + 1e-10),
+z-scored with the Train mean/std of the log, which ingest sums beside the power's).
 Labels: z-score with Train mean/std; de-normalised for reporting.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -15,6 +17,8 @@ import torch
 from dec_ray.data.files import write_json
 
 CLIP = 3.0
+LOG_EPS = 1e-10          # log(power + LOG_EPS): the log-mel input and the ridge's utterance statistics
+INPUTS = ("power", "logmel")
 
 
 @dataclass
@@ -39,17 +43,34 @@ class Stats:
     num_train_frames: int = 0
     num_train_sentences: int = 0
     features: dict = field(default_factory=dict)   # the FeatureConfig the tables were made with
+    log_mean: Optional[List[float]] = None         # per-bin mean/std of log(power + LOG_EPS) over Train
+    log_std: Optional[List[float]] = None          # frames (None: tables ingested before they were kept)
 
     @classmethod
     def from_sums(cls, n: int, s: np.ndarray, ss: np.ndarray, labels: Dict[str, np.ndarray],
-                  num_sentences: int, features: dict) -> "Stats":
-        mean = s / n
-        var = np.maximum(ss / n - mean * mean, 0.0)
-        std = np.sqrt(var)
+                  num_sentences: int, features: dict, log_sums: Optional[tuple] = None) -> "Stats":
+        """``log_sums``: (sum, sum of squares) of the log-mel frames, for the log-mel input."""
+        def moments(a, b):
+            mean = a / n
+            return mean, np.sqrt(np.maximum(b / n - mean * mean, 0.0))
+        mean, std = moments(s, ss)
+        log_mean, log_std = moments(*log_sums) if log_sums is not None else (None, None)
         return cls(mean.tolist(), std.tolist(),
                    {a: float(np.mean(v)) for a, v in labels.items()},
                    {a: float(np.std(v)) for a, v in labels.items()},
-                   int(n), int(num_sentences), features)
+                   int(n), int(num_sentences), features,
+                   None if log_mean is None else log_mean.tolist(), None if log_std is None else log_std.tolist())
+
+    def input_moments(self, input: str = "power"):
+        """Per-bin (mean, std) of the network's input before its z-score: the mel power's or its log's."""
+        if input not in INPUTS:
+            raise ValueError(f"model.input={input!r}; choose one of {INPUTS}")
+        if input == "power":
+            return self.feat_mean, self.feat_std
+        if self.log_mean is None:
+            raise ValueError("model.input=logmel needs the Train statistics of log-mel, which these tables "
+                             "predate: ingest them again (dec-ray ingest, the same command)")
+        return self.log_mean, self.log_std
 
     def save(self, path: str) -> None:
         write_json(path, asdict(self))
@@ -60,17 +81,20 @@ class Stats:
             return cls(**json.load(f))
 
     # --- applied in training and inference alike ---
-    def normalize_features(self, x: np.ndarray) -> np.ndarray:
-        """(..., n_mels) raw mel power -> z-scored, NaN -> 0, clipped to [-3, 3], float32."""
-        mean = np.asarray(self.feat_mean, dtype=np.float32)
-        std = np.asarray(self.feat_std, dtype=np.float32)
+    def normalize_features(self, x: np.ndarray, input: str = "power") -> np.ndarray:
+        """(..., n_mels) raw mel power -> (its log, for ``logmel``) z-scored, NaN -> 0, clipped to
+        [-3, 3], float32."""
+        mean, std = (np.asarray(v, dtype=np.float32) for v in self.input_moments(input))
+        x = x.astype(np.float32)
         with np.errstate(divide="ignore", invalid="ignore"):
-            z = (x.astype(np.float32) - mean) / std
+            if input == "logmel":
+                x = np.log(x + np.float32(LOG_EPS))
+            z = (x - mean) / std
         z = np.nan_to_num(z, nan=0.0, posinf=CLIP, neginf=-CLIP)
         return np.clip(z, -CLIP, CLIP)
 
-    def feature_normalizer(self, device: torch.device) -> "FeatureNormalizer":
-        return FeatureNormalizer(self, device)
+    def feature_normalizer(self, device: torch.device, input: str = "power") -> "FeatureNormalizer":
+        return FeatureNormalizer(self, device, input)
 
     def normalize_labels(self, y: np.ndarray, attributes: List[str]) -> np.ndarray:
         m = np.array([self.label_mean[a] for a in attributes], dtype=np.float32)
@@ -88,10 +112,15 @@ class FeatureNormalizer:
     gathers float16 chunks on the device and normalises them there (the same float32 arithmetic,
     so the same values as the numpy reference)."""
 
-    def __init__(self, stats: Stats, device: torch.device):
-        self.mean = torch.tensor(stats.feat_mean, dtype=torch.float32, device=device)
-        self.std = torch.tensor(stats.feat_std, dtype=torch.float32, device=device)
+    def __init__(self, stats: Stats, device: torch.device, input: str = "power"):
+        mean, std = stats.input_moments(input)
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=device)
+        self.std = torch.tensor(std, dtype=torch.float32, device=device)
+        self.log = input == "logmel"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        z = (x.to(self.mean.device, torch.float32, non_blocking=True) - self.mean) / self.std
+        x = x.to(self.mean.device, torch.float32, non_blocking=True)
+        if self.log:
+            x = torch.log(x + LOG_EPS)
+        z = (x - self.mean) / self.std
         return torch.nan_to_num(z, nan=0.0, posinf=CLIP, neginf=-CLIP).clamp_(-CLIP, CLIP)

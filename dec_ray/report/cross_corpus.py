@@ -1,5 +1,9 @@
-"""Cross-corpus scoring: a finished run (or the ridge reference) scored on another corpus's tables,
-with the normalisation of its own training corpus, as a user would deploy it. No Ray here.
+"""Cross-corpus scoring: a finished run (or a linear reference) scored on another corpus's tables,
+as a user would deploy it (the normalisation statistics of its own training corpus) and, beside it,
+adapted (the target corpus's own feature statistics, from its audio: its tables' Train statistics,
+or the scored split's when it has no Train; never its labels). The label scale stays the training
+corpus's. A per-speaker reference normalises each target speaker by their own statistics either
+way. No Ray here.
 
 Each (run, corpus) gets a run-shaped folder, RUN/cross/NAME/ (result.json, test_predictions.parquet),
 so the paper's protocol (``evaluation.evaluate_runs``: random test subsets x runs, t-test) scores
@@ -15,6 +19,7 @@ import numpy as np
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from dec_ray.config import chunk_settings
 from dec_ray.data.files import atomic_path, write_json
 from dec_ray.data.tables import READ_BATCH, split_files, with_sentence_info
 from dec_ray.report.evaluation import predictions_table
@@ -42,12 +47,17 @@ def _features_of(tables: str) -> dict:
         return json.load(f)["features"]
 
 
-def _predict_run(run: str, tables: str, split: str):
-    """(row ids, predictions, gold, model name, attributes) of a trained run on these tables."""
+def _predict_run(run: str, tables: str, split: str, adapted: bool = False):
+    """(row ids, predictions, gold, model name, attributes) of a trained run on these tables;
+    ``adapted``: its input normalised with the target tables' own Train mel statistics."""
+    from dec_ray.data.normalization import Stats
     from dec_ray.report.inference import Predictor
     p = Predictor(run)
-    if p.stats.features and p.stats.features != _features_of(tables):
+    if p.stats.features and chunk_settings(p.stats.features) != chunk_settings(_features_of(tables)):
         raise ValueError(f"{tables} was made with other feature settings than {run}'s training tables")
+    if adapted:
+        own = Stats.load(os.path.join(tables, "stats.json"))
+        p.normalize = own.feature_normalizer(p.device, p.cfg.model.input)         # the target's audio statistics, not its labels
     ids, preds, golds = [], [], []
     for rid, chunks, gold in _batches(tables, split, p.attributes):
         out = p.predict_chunks(chunks)
@@ -57,34 +67,44 @@ def _predict_run(run: str, tables: str, split: str):
     return np.concatenate(ids), np.concatenate(preds), np.concatenate(golds), p.cfg.model.name, p.attributes
 
 
-def _predict_ridge(run: str, tables: str, split: str):
-    from dec_ray.report.ridge import load_ridge, utterance_features
+def _predict_ridge(run: str, tables: str, split: str, adapted: bool = False):
+    """The same for a linear reference, from its saved weights; ``adapted``: its features z-scored
+    with the target corpus's own statistics (its Train split's, else the scored split's)."""
+    from dec_ray.report.ridge import load_ridge, moments, normalized, predict_ridge, read_split
     model = load_ridge(run)
     if model["features"] is not None and model["features"] != _features_of(tables):
         raise ValueError(f"{tables} was made with other feature settings than {run}'s training tables")
     attrs = model["attributes"]
-    ids, preds, golds = [], [], []
-    for rid, chunks, gold in _batches(tables, split, attrs):
-        x = (utterance_features(chunks) - model["mean"]) / model["std"]
-        ids.append(rid)
-        preds.append(np.stack([x @ model["w"][a] + model["b"][a] for a in attrs], 1))
-        golds.append(gold)
-    return np.concatenate(ids), np.concatenate(preds), np.concatenate(golds), "ridge", attrs
+    got = read_split(tables, split, attrs, model["inputs"])
+    if got is None:
+        raise ValueError(f"{tables}: no {split} split to score on")
+    ids, x, gold, speakers = got
+    stats = None
+    if adapted:
+        own = read_split(tables, "train", attrs, model["inputs"]) if split_files(tables, "train") else got
+        stats = moments(own[1])
+    with open(os.path.join(run, "result.json")) as f:
+        name = json.load(f)["model"]
+    return ids, predict_ridge(model, normalized(model, x, speakers, stats)), gold, name, attrs
 
 
-def score_on(run: str, tables: str, name: str, split: str = "test") -> str:
-    """RUN/cross/NAME/: the run's predictions on the ``split`` of another corpus's tables, in a
-    run-shaped folder; returns it. Done once per corpus: a folder scored on these same tables is
-    kept, one scored on other tables under the same NAME is scored again."""
-    out = os.path.join(run, "cross", name)
+def is_reference(run: str) -> bool:
+    """Whether a finished run folder holds a linear reference (ridge.npz) rather than a network."""
+    return os.path.exists(os.path.join(run, "ridge.npz"))
+
+
+def score_on(run: str, tables: str, name: str, split: str = "test", adapted: bool = False) -> str:
+    """RUN/cross/NAME/ (``adapted``: RUN/cross/NAME-adapted/): the run's predictions on the
+    ``split`` of another corpus's tables, in a run-shaped folder; returns it. Done once per corpus:
+    a folder scored on these same tables is kept, one scored on other tables under the same NAME is
+    scored again."""
+    out = os.path.join(run, "cross", name + ("-adapted" if adapted else ""))
     if os.path.exists(os.path.join(out, "result.json")):
         with open(os.path.join(out, "result.json")) as f:
             if json.load(f).get("tables") == tables:
                 return out
-    with open(os.path.join(run, "result.json")) as f:
-        model = json.load(f)["model"]
-    predict = _predict_ridge if model == "ridge" else _predict_run
-    ids, pred, gold, model, attrs = predict(run, tables, split)
+    predict = _predict_ridge if is_reference(run) else _predict_run
+    ids, pred, gold, model, attrs = predict(run, tables, split, adapted)
     order = np.argsort(ids)
     keep = order[np.isfinite(gold[order]).all(1)]                 # sentences labeled in that corpus
     table = with_sentence_info(predictions_table(ids[keep], pred[keep], gold[keep], attrs), tables, split)
@@ -92,14 +112,17 @@ def score_on(run: str, tables: str, name: str, split: str = "test") -> str:
     with atomic_path(os.path.join(out, "test_predictions.parquet")) as tmp:
         pq.write_table(table, tmp)
     write_json(os.path.join(out, "result.json"), {"model": model, "attributes": attrs, "trained": run,
-                                                  "tables": tables, "split": split, "sentences": int(len(keep))})
+                                                  "tables": tables, "split": split, "adapted": adapted,
+                                                  "sentences": int(len(keep))})
     return out
 
 
 def score_runs_on(runs: Sequence[str], corpora: Sequence[str]) -> Dict[str, List[str]]:
-    """Every run scored on every corpus (``parse_corpus`` specs): corpus name -> its folders."""
+    """Every run scored on every corpus (``parse_corpus`` specs), as deployed and adapted: corpus
+    name (and NAME-adapted) -> its folders."""
     out: Dict[str, List[str]] = {}
     for spec in corpora:
         name, tables = parse_corpus(spec)
         out[name] = [score_on(r, tables, name) for r in runs]
+        out[f"{name}-adapted"] = [score_on(r, tables, name, adapted=True) for r in runs]
     return out

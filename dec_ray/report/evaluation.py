@@ -72,12 +72,16 @@ TESTS = (
     "is the subsets' (a hard subset is hard for every model): the paper's test counts that shared part as "
     "noise, so its p-values are too large here. The test that marks ▲ / ▼ (\"p\") compares run means "
     "instead (each run's mean over the same subsets, so the subsets cancel): Welch's t-test of the two "
-    "cells' run means; against the deterministic ridge (one fit), a one-sample t-test of the run means; "
+    "cells' run means; against a linear reference (one deterministic fit), a one-sample t-test of the run means; "
     "a network cell with one run against one with several, the t-test of a new observation (that run "
     "against the others' run means, their seed spread taken for both); a t-test paired by subset when "
     "both cells have one run.")
 
-DETERMINISTIC = ("ridge",)      # models whose fit has no seed: one run is the fit, not a draw
+
+def deterministic(model: str) -> bool:
+    """A model whose fit has no seed (the linear references): one run is the fit, not a draw."""
+    from dec_ray.report.ridge import REFERENCES     # ridge imports this module
+    return model in REFERENCES
 
 
 def paper_t_test(a: Sequence[float], b: Sequence[float]) -> tuple:
@@ -98,7 +102,7 @@ def compare(a: pd.DataFrame, b: pd.DataFrame) -> tuple:
         return float(res.statistic), float(res.pvalue), "Welch, run means"
     if len(ra) > 1 or len(rb) > 1:
         (many, one, single), sign = ((ra, rb, b), 1.0) if len(ra) > 1 else ((rb, ra, a), -1.0)
-        if "model" in single and single["model"].iloc[0] in DETERMINISTIC:
+        if "model" in single and deterministic(single["model"].iloc[0]):
             res = sps.ttest_1samp(many, float(one[0]))
             return sign * float(res.statistic), float(res.pvalue), "run means vs the fit"
         t = (many.mean() - one[0]) / (many.std(ddof=1) * np.sqrt(1 + 1 / len(many)) + 1e-12)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -23,7 +23,10 @@ AXES = (("model", "model"), ("pool", "unlabeled pool"), ("k", "K"), ("lambda_ce"
         ("labels", "labelled share of Train"), ("options", "method options"))
 COLUMN_AXES = ("pool", "labels")       # in a two-axis grid, these are the columns
 LABELS = {"deepemocluster": "DeepEmoCluster", "cnn": "CNN-regressor", "ae": "CNN-AE", "vae": "CNN-VAE",
-          "ridge": "ridge (log-mel statistics)"}
+          "ridge": "ridge (log-mel statistics)", "egemaps": "ridge (eGeMAPS, Train norm.)",
+          "egemaps-speaker": "ridge (eGeMAPS, per-speaker norm.)"}
+LINEAR = ("ridge", "egemaps", "egemaps-speaker")      # the linear references (report/ridge.REFERENCES)
+STYLES = {"ridge": ":", "egemaps": "-.", "egemaps-speaker": (0, (1, 3))}
 
 
 def labels_suffix(labels: float) -> str:
@@ -37,14 +40,14 @@ def labels_of(cell_name: str) -> str:
     return m.group(0) if m else ""
 
 
-def cell_values(runs: Dict[str, tuple], ridges: Dict[float, str], subsets: int,
+def cell_values(runs: Dict[str, tuple], ridges: Dict[tuple, str], subsets: int,
                 scored: Optional[Dict[str, str]] = None) -> pd.DataFrame:
     """One row per (run, subset, attribute) of every finished run, with the run's cell name; the
-    ridge references (one per share of labels) are cells "ridge", "ridge_labels0.25", ...
-    ``scored``: run folder -> the folder of its predictions on another corpus (cross_corpus.score_on)."""
+    linear references ((name, share of labels) -> folder) are cells "ridge", "egemaps_labels0.25",
+    ... ``scored``: run folder -> the folder of its predictions on another corpus (cross_corpus.score_on)."""
     finished = [r for r in runs if os.path.exists(os.path.join(r, "result.json"))]
     names = {r: runs[r][0].name for r in finished}
-    names.update({path: "ridge" + labels_suffix(f) for f, path in ridges.items()})
+    names.update({path: name + labels_suffix(f) for (name, f), path in ridges.items()})
     scored = scored or {r: r for r in names}
     folders = {scored[r]: r for r in names if r in scored}
     values = subset_cccs(list(folders), subsets, seed=0)
@@ -101,21 +104,28 @@ def format_value(axis: str, v) -> str:
     return "-" if v is None else f"{v:g}"
 
 
-def references(cells, reference: str) -> List[tuple]:
-    """(label, cell name) of the CNN and the ridge at each share of labels the cells use."""
+def linear_present(summary: pd.DataFrame) -> List[str]:
+    """The linear references this report has values of (older experiments have the ridge only)."""
+    cells = set(summary["cell"])
+    return [r for r in LINEAR if any(c == r or c.startswith(r + "_labels") for c in cells)]
+
+
+def references(cells, reference: str, linear: Sequence[str] = ("ridge",)) -> List[tuple]:
+    """(label, cell name) of the CNN and each linear reference at each share of labels the cells use."""
     shares = sorted({c.labels for c in cells}, reverse=True)
     out = []
     for f in shares:
         at = "" if len(shares) == 1 and f >= 1 else f", labels {f:g}"
-        out += [(LABELS[reference] + f" (t-test reference{at})", reference + labels_suffix(f)),
-                (LABELS["ridge"] + (f" ({at[2:]})" if at else ""), "ridge" + labels_suffix(f))]
+        out.append((LABELS[reference] + f" (test reference{at})", reference + labels_suffix(f)))
+        out += [(LABELS[r] + (f" ({at[2:]})" if at else ""), r + labels_suffix(f)) for r in linear]
     return out
 
 
 def study_tables(study, cells, summary: pd.DataFrame, attrs: List[str], reference: str) -> str:
     axes = varying(study) or ["model"]
     title = study.title or study.name
-    refs = references(cells, reference)
+    linear = linear_present(summary)
+    refs = references(cells, reference, linear)
     head = f"### {title}\n\n" + (f"{study.seeds} training run(s) per cell.\n\n" if getattr(study, "seeds", None)
                                    else "")
     if len(axes) >= 2 and (len(axes) == 2 or any(a in COLUMN_AXES for a in axes)):
@@ -138,7 +148,7 @@ def study_tables(study, cells, summary: pd.DataFrame, attrs: List[str], referenc
                     line.append(fmt(summary, match[0].name, a) if match else "")
                 lines.append("| " + " | ".join(line) + " |")
             if cols_axis == "labels":           # the references of each share in its column
-                for base, label in ((reference, LABELS[reference] + " (t-test reference)"), ("ridge", LABELS["ridge"])):
+                for base, label in [(reference, LABELS[reference] + " (test reference)")] + [(r, LABELS[r]) for r in linear]:
                     lines.append(f"| {label} | " + " | ".join(fmt(summary, base + labels_suffix(v), a)
                                                            for v in col_vals) + " |")
                 lines.append("")
@@ -163,9 +173,11 @@ def study_plot(study, cells, summary: pd.DataFrame, attrs: List[str], reference:
     from dec_ray.report.plots import _pyplot, evaluation_bars
     axes = [a for a in varying(study) if a != "model"]
     if not axes:                    # models only (Table 2): bars, with the ridge reference beside them
-        names = [c.name for c in cells] + ["ridge" + labels_suffix(cells[0].labels)]
+        linear = linear_present(summary)
+        names = [c.name for c in cells] + [r + labels_suffix(cells[0].labels) for r in linear]
         s = summary[summary["cell"].isin(names)].copy()
-        s["model"] = s["cell"].map({c.name: LABELS.get(c.model, c.model) for c in cells} | {"ridge": "ridge"})
+        s["model"] = s["cell"].map({c.name: LABELS.get(c.model, c.model) for c in cells}
+                                   | {r + labels_suffix(cells[0].labels): r for r in linear})
         s["significant"] = np.where(s["mark"] != "", "yes", "")
         s = s.sort_values("cell", key=lambda col: col.map(names.index))
         evaluation_bars(s, path)
@@ -185,7 +197,7 @@ def study_plot(study, cells, summary: pd.DataFrame, attrs: List[str], reference:
                         capsize=3, label=", ".join(f"{dict(AXES)[o]} {axis_value(group[0], o)}" for o in other)
                         or LABELS.get(group[0].model, group[0].model))
         shares = sorted({c.labels for c in cells})
-        for base, style in ((reference, "--"), ("ridge", ":")):
+        for base, style in [(reference, "--")] + [(r, STYLES[r]) for r in linear_present(summary)]:
             names = [base + labels_suffix(f) for f in shares]
             r = summary[summary["attribute"] == a].set_index("cell").reindex(names)
             if x_axis == "labels":              # the references at each share, as lines of their own
@@ -233,10 +245,10 @@ def labels_plot(cells, summary: pd.DataFrame, attrs: List[str], reference: str, 
             r = s.reindex([c.name for c in group])
             ax.errorbar([c.labels for c in group], r["ccc_mean"], yerr=r["ccc_std"], marker="o", capsize=3,
                         label=label, alpha=0.85)
-        for base, style in ((reference, "--"), ("ridge", ":")):
+        for base, style in [(reference, "--")] + [(r, STYLES[r]) for r in linear_present(summary)]:
             r = s.reindex([base + labels_suffix(f) for f in shares])
-            ax.errorbar(shares, r["ccc_mean"], yerr=r["ccc_std"], ls=style, marker="s", color="gray" if base ==
-                        "ridge" else "black", capsize=3, label=LABELS[base])
+            ax.errorbar(shares, r["ccc_mean"], yerr=r["ccc_std"], ls=style, marker="s", color="gray" if base !=
+                        reference else "black", capsize=3, label=LABELS[base])
         ax.set_xscale("log", base=2)
         ax.set_xticks(shares, [f"{f:g}" for f in shares])
         ax.set_xlabel("labelled share of Train")
@@ -296,7 +308,7 @@ CLUSTERS_SECTION = "analysis/section.md"     # the cluster analysis' part of the
 def write_report(out: str, spec, cells: Dict[str, list], runs: Dict[str, tuple], ridges: Dict[float, str],
                  info: dict, reference: str = "cnn", cross: Optional[Dict[str, Dict[str, str]]] = None) -> str:
     """OUT/report.md (+ cells.csv, ccc_values.csv, one PNG per study, analysis/); returns its path.
-    ``ridges``: the ridge reference's run folder at each share of labels. ``cross``: corpus name ->
+    ``ridges``: (linear reference, share of labels) -> its fit's folder. ``cross``: corpus name ->
     (run folder -> its predictions on that corpus): a section per corpus."""
     from dec_ray.report.analysis import analyze_run, dependence_lines
     values = {"": cell_values(runs, ridges, spec.subsets)}
@@ -345,10 +357,16 @@ def render_report(out: str, spec, cells: Dict[str, list], values: Dict[str, pd.D
     for corpus, vals in values.items():
         if not corpus:
             continue
-        parts.append(f"## Across corpora: trained on this corpus, tested on {corpus}\n\nEvery run (and the ridge "
-                     f"at each share) scored on the test split of {corpus} as a user would deploy it: with the "
-                     "normalisation statistics of its own training corpus. Same protocol, tested against the CNN "
-                     "trained on the same labels.\n")
+        target, adapted = (corpus[:-len("-adapted")], True) if corpus.endswith("-adapted") else (corpus, False)
+        how = ("adapted: each input normalised with the target corpus's own feature statistics (its Train "
+               "split's, from its audio; never its labels), the label scale still the training corpus's"
+               if adapted else "as a user would deploy it: with the normalisation statistics of its own "
+               "training corpus")
+        parts.append(f"## Across corpora: trained on this corpus, tested on {target}"
+                     + (" (adapted)" if adapted else "") + f"\n\nEvery run (and each linear reference at each "
+                     f"share) scored on the test split of {target} {how}. A per-speaker reference normalises each "
+                     "target speaker with their own statistics either way. Same protocol, tested against the "
+                     "CNN trained on the same labels.\n")
         parts += corpus_sections(out, spec, cells, vals, reference, corpus)
     path = os.path.join(out, "report.md")
     with open(path, "w") as f:

@@ -41,7 +41,7 @@ class Predictor:
         self.model.load_state_dict(state["model"])
         self.model.to(self.device).eval()
         self.attributes = self.cfg.model.attributes
-        self.normalize = self.stats.feature_normalizer(self.device)
+        self.normalize = self.stats.feature_normalizer(self.device, self.cfg.model.input)
 
     def chunks_of(self, y: np.ndarray) -> np.ndarray:
         """The chunks of decoded samples exactly as training read them from the tables."""

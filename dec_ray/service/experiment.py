@@ -327,8 +327,9 @@ def score_across_corpora(runs: List[str], corpora: Sequence[str]) -> Dict[str, D
         raise ConfigError(f"cross corpora named alike: {', '.join(twice)} (a folder's name unless NAME=TABLES)")
     out = {}
     for name, tables in named:
-        print(f"[experiment] scoring {len(runs)} runs on {name} ({tables})", flush=True)
+        print(f"[experiment] scoring {len(runs)} runs on {name} ({tables}), as deployed and adapted", flush=True)
         out[name] = {r: score_on(r, tables, name) for r in runs}
+        out[f"{name}-adapted"] = {r: score_on(r, tables, name, adapted=True) for r in runs}
     return out
 
 
@@ -364,13 +365,23 @@ def machine() -> str:
     return f"{os.cpu_count()} CPUs ({cpu}, {platform.system()}), {gpu}"
 
 
+def references_for(tables: str) -> List[str]:
+    """The linear references these tables can serve: the log-mel ridge always; the eGeMAPS ridges
+    where ingest stored the functionals (the per-speaker one where Train names its speakers)."""
+    import pyarrow.dataset as pads
+    from dec_ray.data.tables import split_files
+    from dec_ray.report.ridge import REFERENCES, has_input
+    speakers = pads.dataset(split_files(tables, "train"), format="parquet").to_table(columns=["speaker"])["speaker"]
+    named = any(speakers.to_pylist())
+    return [n for n, (inputs, norm) in REFERENCES.items() if has_input(tables, inputs) and (norm != "speaker" or named)]
+
+
 def run_experiment(tables: str, out: str, spec: ExperimentSpec, overrides: Sequence[str] = (),
                    command: str = "") -> Dict:
     """Train what is missing, then write the report. Returns {"report", "failed", "runs"}."""
     from dec_ray.data.tables import is_complete, split_rows, training_rows
     from dec_ray.report.experiment import write_report
-    from dec_ray.report.ridge import run_ridge
-    from dec_ray.service.train import differences, ridge_labels
+    from dec_ray.service.train import differences, fit_reference
     t0 = time.time()
     tables, out = os.path.abspath(tables), os.path.abspath(out)
     if not is_complete(tables):
@@ -392,12 +403,11 @@ def run_experiment(tables: str, out: str, spec: ExperimentSpec, overrides: Seque
         yaml.safe_dump({**spec.to_dict(), "config": cfg_path, "set": [*spec.set, *overrides]}, f, sort_keys=False)
 
     ridges = {}
-    for ref in cells["_reference"]:              # one ridge per share of labels, on the same sentences
-        ridges[ref.labels] = ridge = os.path.join(out, "runs", "ridge" + labels_suffix(ref.labels))
-        if not is_finished(ridge):
-            share = load_config(cfg_path, [*spec.set, *overrides, f"train.label_fraction={ref.labels}"])
-            rows = training_rows(tables, "train", share) if ref.labels < 1 else None
-            run_ridge(tables, ridge, base.model.attributes, rows, ridge_labels(share))
+    for ref in cells["_reference"]:              # the linear references at each share, on the same sentences
+        share = load_config(cfg_path, [*spec.set, *overrides, f"train.label_fraction={ref.labels}"])
+        for name in references_for(tables):
+            ridges[(name, ref.labels)] = ridge = os.path.join(out, "runs", name + labels_suffix(ref.labels))
+            fit_reference(tables, ridge, name, share)
     pending = {r: o for r, o in wanted.items() if not is_finished(r)}
     print(f"[experiment] {len(spec.studies)} studies, {len({c for g in cells.values() for c in g})} cells x "
           f"{spec.seeds} seeds (or the study's own) = {len(runs)} runs ({len(runs) - len(pending)} finished already), "
@@ -442,5 +452,6 @@ def rerender(out: str) -> str:
         info = json.load(f)
     section = os.path.join(out, CLUSTERS_SECTION)
     clusters = open(section).read() if os.path.exists(section) else ""
-    runs = values[""].loc[values[""]["model"] != "ridge", "run"].nunique()
+    from dec_ray.report.ridge import REFERENCES
+    runs = values[""].loc[~values[""]["model"].isin(list(REFERENCES)), "run"].nunique()
     return render_report(out, spec, cells, values, info, REFERENCE, runs, runs, clusters)

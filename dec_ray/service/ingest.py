@@ -116,12 +116,13 @@ def compute_stats(out: str, fc: FeatureConfig) -> Stats:
     if not files:
         raise RuntimeError("no Train sentence survived ingest: cannot compute normalisation stats")
     table = pads.dataset(files, format="parquet").to_table(
-        columns=["num_frames", "frame_sum", "frame_sumsq", "arousal", "valence", "dominance"])
+        columns=["num_frames", "frame_sum", "frame_sumsq", "logframe_sum", "logframe_sumsq",
+                 "arousal", "valence", "dominance"])
     n = int(pa.compute.sum(table["num_frames"]).as_py())
-    s = np.asarray(table["frame_sum"].combine_chunks().flatten()).reshape(-1, fc.n_mels).sum(0)
-    ss = np.asarray(table["frame_sumsq"].combine_chunks().flatten()).reshape(-1, fc.n_mels).sum(0)
+    s, ss, ls, lss = (np.asarray(table[c].combine_chunks().flatten()).reshape(-1, fc.n_mels).sum(0)
+                      for c in ("frame_sum", "frame_sumsq", "logframe_sum", "logframe_sumsq"))
     labels = {a: table[a].to_numpy(zero_copy_only=False) for a in ("arousal", "valence", "dominance")}
-    return Stats.from_sums(n, s, ss, labels, table.num_rows, asdict(fc))
+    return Stats.from_sums(n, s, ss, labels, table.num_rows, asdict(fc), (ls, lss))
 
 
 def part_digest(part: dict, features: dict) -> str:

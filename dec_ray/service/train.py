@@ -359,30 +359,38 @@ def ridge_labels(cfg: Config) -> Dict:
     return {"label_fraction": cfg.train.label_fraction, "label_seed": cfg.train.label_seed}
 
 
+def fit_reference(tables: str, run: str, name: str, cfg: Config) -> None:
+    """A linear reference (``ridge.REFERENCES``: its input and normalisation) fitted on the Train
+    labels ``cfg`` keeps, into RUN; a finished fit on the same labels is kept, one on other labels
+    is refused."""
+    from dec_ray.report.ridge import REFERENCES, run_ridge
+    rows = training_rows(tables, "train", cfg) if cfg.train.label_fraction < 1 else None
+    labels = ridge_labels(cfg)
+    if os.path.exists(os.path.join(run, "result.json")):
+        with open(os.path.join(run, "result.json")) as f:
+            fitted = json.load(f)
+        other_rows = rows is not None and fitted["train_sentences"] != len(rows)
+        if fitted.get("labels", labels) != labels or other_rows:
+            raise ValueError(f"{run} was fitted on other Train labels ({fitted.get('labels')}, "
+                             f"{fitted['train_sentences']} sentences) than asked ({labels}); use another --out")
+        return
+    inputs, norm = REFERENCES[name]
+    run_ridge(tables, run, cfg.model.attributes, rows, labels, inputs, norm, name)
+
+
 def repeated_runs(tables: str, out: str, models: Sequence[str], repeats: int, cfg_path=None,
                   overrides: Sequence[str] = ()) -> List[str]:
     """Train each model ``repeats`` times (train.seed = 0..R-1) into OUT/runs/MODEL/seedR, one
     Ray Train run after the other; finished runs are kept and interrupted ones resumed, so the
-    command can be re-run after a failure. ``ridge`` (the linear reference) is deterministic:
-    one fit, no Ray."""
-    from dec_ray.report.ridge import run_ridge
+    command can be re-run after a failure. The linear references (``ridge``, ``egemaps``,
+    ``egemaps-speaker``) are deterministic: one fit each, no Ray."""
+    from dec_ray.report.ridge import REFERENCES
     runs = []
     for model in models:
-        if model == "ridge":
-            run = os.path.join(out, "runs", "ridge")
+        if model in REFERENCES:
+            run = os.path.join(out, "runs", model)
             runs.append(run)
-            cfg = load_config(cfg_path, list(overrides))
-            rows = training_rows(tables, "train", cfg) if cfg.train.label_fraction < 1 else None
-            labels = ridge_labels(cfg)
-            if os.path.exists(os.path.join(run, "result.json")):
-                with open(os.path.join(run, "result.json")) as f:
-                    fitted = json.load(f)
-                other_rows = rows is not None and fitted["train_sentences"] != len(rows)
-                if fitted.get("labels", labels) != labels or other_rows:
-                    raise ValueError(f"{run} was fitted on other Train labels ({fitted.get('labels')}, "
-                                     f"{fitted['train_sentences']} sentences) than asked ({labels}); use another --out")
-            else:
-                run_ridge(tables, run, cfg.model.attributes, rows, labels)
+            fit_reference(tables, run, model, load_config(cfg_path, list(overrides)))
             continue
         for seed in range(repeats):
             run = os.path.join(out, "runs", model, f"seed{seed}")
