@@ -5,6 +5,7 @@ per sentence, stored as the tables' ``egemaps`` column. No Ray here.
 """
 from __future__ import annotations
 
+import warnings
 from functools import lru_cache
 
 import numpy as np
@@ -28,7 +29,9 @@ def egemaps_names() -> list:
 def egemaps(y: np.ndarray, sample_rate: int = 16000) -> np.ndarray:
     """(88,) float32 eGeMAPS v02 functionals of one clip. openSMILE gives NaN for what a clip
     lacks (no voiced frame: no F0 statistics); the references map NaN to 0 after the z-score."""
-    out = _smile().process_signal(np.asarray(y, dtype=np.float32), sample_rate).to_numpy()
+    with warnings.catch_warnings():      # "Segment too short, filling with NaN": the NaN is the answer
+        warnings.simplefilter("ignore", UserWarning)
+        out = _smile().process_signal(np.asarray(y, dtype=np.float32), sample_rate).to_numpy()
     if out.shape != (1, EGEMAPS_DIM):
         raise ValueError(f"openSMILE returned {out.shape} eGeMAPS values, expected (1, {EGEMAPS_DIM})")
     return out[0].astype(np.float32)

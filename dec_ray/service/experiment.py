@@ -7,7 +7,7 @@ CNN and ridge references, trained on the same labeled sentences).
 Every cell of every study is trained ``seeds`` times; a cell shared by two studies (DeepEmoCluster
 without a pool is in Tables 2, 3 and 4) is trained once. Each run is an ordinary run folder,
 OUT/runs/CELL/seedR, so a restarted experiment skips finished runs and resumes interrupted ones
-from their last checkpoint. The CNN-regressor (the t-test reference) and the ridge reference are
+from their last checkpoint. The CNN-regressor (the test reference) and the linear references are
 always in. The report (dec_ray/report/experiment.py) is computed from the runs' saved predictions.
 """
 from __future__ import annotations
@@ -190,7 +190,7 @@ class Cell:
 
 
 def reference_cells(cells: Sequence[Cell]) -> List[Cell]:
-    """The CNN-regressor at every share of labels the cells use: each cell's t-test reference."""
+    """The CNN-regressor at every share of labels the cells use: each cell's test reference."""
     return [Cell(REFERENCE, labels=f) for f in sorted({c.labels for c in cells} | {1.0}, reverse=True)]
 
 
