@@ -5,7 +5,7 @@ split for every run) x its runs -> mean and std of the CCCs, and a two-tailed te
 CNN-regressor trained on the same labels (``evaluation.compare``, on run means; marked ▲ / ▼ when
 p < alpha, above / below it), beside the paper's pooled t-test. Each study is a table in the
 paper's layout: one varying axis -> rows, attributes as columns (Tables 2 and 3); two axes -> one
-grid per attribute (Table 4). The CNN and the ridge reference close every table.
+grid per attribute (Table 4). The CNN and the linear references close every table.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from dec_ray.report.evaluation import TESTS, compare, paper_t_test, subset_cccs
+from dec_ray.report.ridge import REFERENCES
 
 AXES = (("model", "model"), ("pool", "unlabeled pool"), ("k", "K"), ("lambda_ce", "lambda"),
         ("labels", "labelled share of Train"), ("options", "method options"))
@@ -25,7 +26,7 @@ COLUMN_AXES = ("pool", "labels")       # in a two-axis grid, these are the colum
 LABELS = {"deepemocluster": "DeepEmoCluster", "cnn": "CNN-regressor", "ae": "CNN-AE", "vae": "CNN-VAE",
           "ridge": "ridge (log-mel statistics)", "egemaps": "ridge (eGeMAPS, Train norm.)",
           "egemaps-speaker": "ridge (eGeMAPS, per-speaker norm.)"}
-LINEAR = ("ridge", "egemaps", "egemaps-speaker")      # the linear references (report/ridge.REFERENCES)
+LINEAR = tuple(REFERENCES)      # the linear references: ridge, egemaps, egemaps-speaker
 STYLES = {"ridge": ":", "egemaps": "-.", "egemaps-speaker": (0, (1, 3))}
 
 

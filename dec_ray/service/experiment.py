@@ -379,7 +379,7 @@ def references_for(tables: str) -> List[str]:
 def run_experiment(tables: str, out: str, spec: ExperimentSpec, overrides: Sequence[str] = (),
                    command: str = "") -> Dict:
     """Train what is missing, then write the report. Returns {"report", "failed", "runs"}."""
-    from dec_ray.data.tables import is_complete, split_rows, training_rows
+    from dec_ray.data.tables import is_complete, split_rows
     from dec_ray.report.experiment import write_report
     from dec_ray.service.train import differences, fit_reference
     t0 = time.time()
@@ -434,6 +434,7 @@ def rerender(out: str) -> str:
     import glob
     import pandas as pd
     from dec_ray.report.experiment import CLUSTERS_SECTION, render_report
+    from dec_ray.report.ridge import REFERENCES
     own = os.path.join(out, "ccc_values.csv")
     if not os.path.exists(own) or not os.path.exists(os.path.join(out, "experiment.json")):
         raise ValueError(f"{out}: not a reported experiment (no ccc_values.csv or experiment.json)")
@@ -452,6 +453,5 @@ def rerender(out: str) -> str:
         info = json.load(f)
     section = os.path.join(out, CLUSTERS_SECTION)
     clusters = open(section).read() if os.path.exists(section) else ""
-    from dec_ray.report.ridge import REFERENCES
     runs = values[""].loc[~values[""]["model"].isin(list(REFERENCES)), "run"].nunique()
     return render_report(out, spec, cells, values, info, REFERENCE, runs, runs, clusters)
