@@ -277,5 +277,5 @@ def test_step_bounds_give_every_rank_its_share_of_each_step():
     assert step_bounds([30], 44, 0) == [0, 30]                            # fewer than a batch: one step
     b0, b1 = step_bounds([198, 66], 44, 0), step_bounds([198, 66], 44, 1)
     assert len(b0) == len(b1) == 7 and b0[-1] == 198 and b1[-1] == 66
-    assert all(x1 - x0 + y1 - y0 == 44 for x0, x1, y0, y1 in zip(b0, b0[1:], b1, b1[1:]))
+    assert all(x1 - x0 + y1 - y0 == 44 for x0, x1, y0, y1 in zip(b0, b0[1:], b1, b1[1:]))   # each step: the batch
     assert step_bounds([50, 0], 44, 1) == [0, 0] and step_bounds([0, 0], 44, 0) == [0]

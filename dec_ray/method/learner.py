@@ -181,7 +181,7 @@ class Learner:
         size = world()[1]
         lengths = gather_tensors(torch.tensor([len(indices)], dtype=torch.int64))[:, 0].tolist()
         bounds = step_bounds(lengths, self.batch_chunks * size, world()[0])
-        every = [step_bounds(lengths, self.batch_chunks * size, r) for r in range(size)]
+        step_total = min(self.batch_chunks * size, sum(lengths))     # every step's chunks over all ranks
         n_batches = len(bounds) - 1
         sums: Dict[str, torch.Tensor] = {}
         counted: Dict[str, int] = {}
@@ -192,7 +192,6 @@ class Learner:
             views.manual_seed(int(torch.randint(0, 2 ** 62, (1,)).item()))
         for b in range(n_batches):
             rows = slice(bounds[b], bounds[b + 1])
-            step_total = sum(e[b + 1] - e[b] for e in every)
             mine = bounds[b + 1] - bounds[b]
             if mine:
                 x = pool.chunk_inputs(at_pool[rows], self.normalize)
