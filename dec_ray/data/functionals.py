@@ -10,7 +10,6 @@ from functools import lru_cache
 
 import numpy as np
 
-FUNCTIONALS = ("egemaps", "none")       # features.functionals
 EGEMAPS_DIM = 88
 
 
@@ -19,11 +18,6 @@ def _smile():
     import opensmile
     return opensmile.Smile(feature_set=opensmile.FeatureSet.eGeMAPSv02,
                            feature_level=opensmile.FeatureLevel.Functionals)
-
-
-def egemaps_names() -> list:
-    """The 88 functionals' names, in the column's order."""
-    return list(_smile().feature_names)
 
 
 def egemaps(y: np.ndarray, sample_rate: int = 16000) -> np.ndarray:
