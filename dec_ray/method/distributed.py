@@ -97,3 +97,11 @@ def gather_objects(obj):
 def rank_seed(seed: int, rank: int) -> int:
     """An independent, reproducible random stream per (seed, rank)."""
     return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
+def proportional_share(n: int, sizes, rank: int) -> int:
+    """Rank ``rank``'s part of ``n`` split between ranks in proportion to ``sizes`` (one per rank),
+    by cumulative floors: the parts add up to ``n`` exactly, for any number of ranks."""
+    sizes = [int(x) for x in sizes]
+    total, below = sum(sizes), sum(sizes[:rank])
+    return n * (below + sizes[rank]) // total - n * below // total if total else 0

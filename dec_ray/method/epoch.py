@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from dec_ray.data.pools import Pool
-from dec_ray.method.distributed import (all_reduce_differentiable, gather_tensors, rank_seed, sum_over_ranks,
-                                        world)
+from dec_ray.method.distributed import (all_reduce_differentiable, gather_tensors, proportional_share, rank_seed,
+                                        sum_over_ranks, world)
 from dec_ray.method.learner import Batch, Learner
 from dec_ray.method.losses import ccc_loss, vae_kl
 from dec_ray.method.sampler import uniform_cluster_indices
@@ -149,8 +149,7 @@ def epoch_subset(pool: Pool, n: int, seed: int) -> Pool:
     total = sum(counts)
     if n <= 0 or n >= total:
         return pool
-    upto = sum(counts[:rank + 1])
-    mine = n * upto // total - n * (upto - counts[rank]) // total
+    mine = proportional_share(n, counts, rank)
     rows = np.sort(np.random.default_rng([seed, rank]).choice(counts[rank], mine, replace=False))
     return pool.take(torch.from_numpy(rows))
 

@@ -24,7 +24,7 @@ from torch import nn
 from dec_ray.config import Config
 from dec_ray.data.normalization import Stats
 from dec_ray.data.pools import Pool
-from dec_ray.method.distributed import broadcast, gather_objects, gather_tensors, rank_seed, world
+from dec_ray.method.distributed import broadcast, gather_objects, gather_tensors, proportional_share, rank_seed, world
 from dec_ray.method.kmeans import kmeans
 from dec_ray.method.augment import spec_augment
 from dec_ray.method.losses import ccc, ccc_loss, sentence_means
@@ -63,11 +63,8 @@ def step_bounds(lengths: Sequence[int], global_batch: int, rank: int) -> List[in
     total = int(sum(lengths))
     if total == 0:
         return [0]
-    steps = max(1, total // global_batch)
-    below = int(sum(lengths[:rank]))
-    upto = below + int(lengths[rank])
-    ends = [min(total, (s + 1) * global_batch) for s in range(steps)]
-    return [0] + [e * upto // total - e * below // total for e in ends]
+    ends = [min(total, (s + 1) * global_batch) for s in range(max(1, total // global_batch))]
+    return [0] + [proportional_share(e, lengths, rank) for e in ends]
 
 
 def stage_total(stage: "Stage", parts: Dict[str, torch.Tensor], share: float) -> torch.Tensor:

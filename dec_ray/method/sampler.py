@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from dec_ray.method.distributed import gather_tensors, rank_seed, world
+from dec_ray.method.distributed import gather_tensors, proportional_share, rank_seed, world
 
 
 def cluster_shares(counts: torch.Tensor, rank: int) -> torch.Tensor:
@@ -41,11 +41,7 @@ def kept_draws(draws: torch.Tensor, n: int, rank: int) -> int:
     """(W,) draws of each rank, cut to ``n`` in all: this rank's share of the ``n`` kept, in
     proportion to its draws (cumulative floors: the shares add up to ``n`` exactly)."""
     draws = [int(d) for d in draws]
-    total = sum(draws)
-    if total <= n:
-        return draws[rank]
-    below = sum(draws[:rank])
-    return n * (below + draws[rank]) // total - n * below // total
+    return draws[rank] if sum(draws) <= n else proportional_share(n, draws, rank)
 
 
 def uniform_cluster_indices(assignment: torch.Tensor, seed: int = 0, rank: int = 0, n: int = -1,

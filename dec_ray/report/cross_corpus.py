@@ -23,6 +23,7 @@ from dec_ray.config import chunk_settings
 from dec_ray.data.files import atomic_path, write_json
 from dec_ray.data.tables import READ_BATCH, split_files, with_sentence_info
 from dec_ray.report.evaluation import predictions_table
+from dec_ray.report.ridge import features_of
 
 
 def parse_corpus(spec: str) -> Tuple[str, str]:
@@ -42,18 +43,13 @@ def _batches(tables: str, split: str, attributes: Sequence[str]):
         yield b.column("row_id").to_numpy(), b.column("chunks").to_numpy_ndarray(), gold
 
 
-def _features_of(tables: str) -> dict:
-    with open(os.path.join(tables, "plan.json")) as f:
-        return json.load(f)["features"]
-
-
 def _predict_run(run: str, tables: str, split: str, adapted: bool = False):
     """(row ids, predictions, gold, model name, attributes) of a trained run on these tables;
     ``adapted``: its input normalised with the target tables' own Train mel statistics."""
     from dec_ray.data.normalization import Stats
     from dec_ray.report.inference import Predictor
     p = Predictor(run)
-    if p.stats.features and chunk_settings(p.stats.features) != chunk_settings(_features_of(tables)):
+    if p.stats.features and chunk_settings(p.stats.features) != chunk_settings(features_of(tables)):
         raise ValueError(f"{tables} was made with other feature settings than {run}'s training tables")
     if adapted:
         own = Stats.load(os.path.join(tables, "stats.json"))
@@ -72,7 +68,7 @@ def _predict_ridge(run: str, tables: str, split: str, adapted: bool = False):
     with the target corpus's own statistics (its Train split's, else the scored split's)."""
     from dec_ray.report.ridge import load_ridge, moments, normalized, predict_ridge, read_split
     model = load_ridge(run)
-    if model["features"] is not None and model["features"] != _features_of(tables):
+    if model["features"] is not None and model["features"] != features_of(tables):
         raise ValueError(f"{tables} was made with other feature settings than {run}'s training tables")
     attrs = model["attributes"]
     got = read_split(tables, split, attrs, model["inputs"])
