@@ -94,7 +94,7 @@ def cmd_tune(args) -> int:
 
 def cmd_predict(args) -> int:
     from dec_ray.service.batch_predict import run_predict
-    info = run_predict(args.run, args.audio, args.out, args.actors, args.gpu)
+    info = run_predict(args.run, args.audio, args.out, args.actors, args.gpu, args.groups)
     print(f"predicted {info['predicted']} files -> {info['out']}; rejected {info['rejected']} -> {info['rejects']}")
     return EXIT_REJECTS if info["rejected"] else EXIT_OK
 
@@ -211,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .parquet or .csv")
     p.add_argument("--actors", type=int, default=0, help="model replicas (default: one per free CPU/GPU)")
     p.add_argument("--gpu", action="store_true")
+    p.add_argument("--groups", default=None,
+                   help="a per-speaker model's groups (model.norm speaker): 'folder' (each file's folder, the "
+                        "default) or a CSV with path and group columns")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("evaluate", parents=[ray_args],

@@ -68,6 +68,9 @@ class ModelConfig:
     # the network's input: "power" (official: mel power, z-scored per bin, clipped to +-3) |
     # "logmel" (log(power + 1e-10), z-scored per bin with its own Train statistics, clipped)
     input: str = "power"
+    # the input's z-score: "train" (official: Train's per-bin mean/std) | "speaker" (each speaker's
+    # own, from their audio; at prediction, groups of files: see dec_ray/data/groups.py)
+    norm: str = "train"
 
 
 @dataclass
@@ -289,6 +292,7 @@ def validate(cfg: Config) -> None:
         "model.encoder": (cfg.model.encoder, ("compact", "vgg16")),
         "model.init": (cfg.model.init, ("official", "torch")),
         "model.input": (cfg.model.input, ("power", "logmel")),
+        "model.norm": (cfg.model.norm, ("train", "speaker")),
         "cluster.mode": (cfg.cluster.mode, ("separate", "joint")),
         "cluster.assign": (cfg.cluster.assign, ("faiss", "torch")),
         "tune.scheduler": (cfg.tune.scheduler, ("asha", "none")),

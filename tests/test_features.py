@@ -97,3 +97,37 @@ def test_the_log_mel_input_refuses_statistics_without_it():
     s = Stats([1.0], [2.0], {"arousal": 4.0}, {"arousal": 1.0})
     with pytest.raises(ValueError, match="ingest them again"):
         s.feature_normalizer(torch.device("cpu"), "logmel")
+
+
+def test_per_speaker_statistics_read_audio_not_labels(tables, copy_tree):
+    """model.norm=speaker: each group's inputs are z-scored with its own statistics, and those come
+    from the chunks alone: the test speakers' labels, shuffled or removed, change nothing."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from dec_ray.data.groups import table_groups
+    from dec_ray.data.tables import split_files
+    out = tables[0]
+    groups = table_groups(out, "logmel")
+    assert any(n.startswith("<") for n in groups.moments.names) and len(groups.moments.names) >= 4
+    t = pq.read_table(split_files(out, "test")[0], columns=["row_id", "chunks"])
+    rows, chunks = t["row_id"].to_numpy(), t["chunks"].combine_chunks().to_numpy_ndarray()
+    z = groups.normalize_rows(chunks, rows)
+    keys = groups.keys_of(rows)
+    own = z[keys == keys[0]].reshape(-1, z.shape[-1])
+    whole = groups.moments.normalize(chunks, keys, "logmel")
+    np.testing.assert_array_equal(z, whole)
+    assert np.abs(own.mean(0)).max() < 0.2 and np.all(np.abs(z) <= 3)
+
+    copy = copy_tree(out)
+    rng = np.random.default_rng(0)
+    for f in split_files(copy, "test"):
+        tab = pq.read_table(f)
+        for a in ("arousal", "valence", "dominance"):
+            v = tab[a].to_numpy(zero_copy_only=False)
+            tab = tab.set_column(tab.column_names.index(a), a, pa.array(rng.permutation(v) if a == "arousal"
+                                                                       else np.full(len(v), np.nan)))
+        pq.write_table(tab, f)
+    again = table_groups(copy, "logmel")
+    assert again.moments.names == groups.moments.names
+    np.testing.assert_array_equal(again.moments.mean, groups.moments.mean)
+    np.testing.assert_array_equal(again.moments.std, groups.moments.std)

@@ -42,3 +42,43 @@ def test_predict_matches_the_trainers_test_predictions(tables, trained_runs, tmp
     assert np.isclose(one["arousal"], expected.loc[test["path"][0]], atol=1e-4) and one["cluster"] >= 0
     y, sr = sf.read(test["path"][0])
     assert np.isclose(dec_ray.predict(run, (y, sr))["arousal"], one["arousal"], atol=1e-3)
+
+
+def test_a_per_speaker_model_predicts_as_it_was_trained(tables, tmp_path, ray_local, tiny_cfg):
+    """model.norm=speaker: the trainer's test predictions are reproduced by `dec-ray predict` with the
+    speakers as groups, and by cross-corpus scoring; other groups give other numbers."""
+    from dec_ray.report.cross_corpus import score_on
+    from dec_ray.service.train import run_training
+    out, _ = tables
+    run = str(tmp_path / "spk")
+    run_training(out, run, tiny_cfg("model.name=cnn", "model.norm=speaker", "model.input=logmel", "scale.workers=1"))
+    trained = pq.read_table(os.path.join(run, "test_predictions.parquet")).to_pandas().set_index("path")
+    assert trained["speaker"].nunique() >= 2
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    for p in trained.index:
+        os.symlink(p, audio / os.path.basename(p))
+    pd.DataFrame({"path": [f"audio/{os.path.basename(p)}" for p in trained.index],
+                  "group": trained["speaker"].to_numpy()}).to_csv(tmp_path / "groups.csv", index=False)
+
+    def predicted(name, groups):
+        info = run_predict(run, [str(audio)], str(tmp_path / name), actors=1, groups=groups)
+        assert info["predicted"] == len(trained) and info["rejected"] == 0
+        got = pd.read_parquet(tmp_path / name)
+        return got.set_index(got["path"].map(lambda p: str(audio / os.path.basename(p))))
+
+    by_speaker = predicted("speakers.parquet", str(tmp_path / "groups.csv"))
+    expected = trained["pred_arousal"].rename(lambda p: str(audio / os.path.basename(p)))
+    np.testing.assert_allclose(by_speaker.loc[expected.index, "arousal"], expected, rtol=1e-4, atol=1e-4)
+    assert set(by_speaker["group"]) == set(trained["speaker"])
+    one_group = predicted("folder.parquet", None)           # default: the folder, all speakers in one group
+    assert np.abs(one_group.loc[expected.index, "arousal"].to_numpy() - expected.to_numpy()).max() > 1e-3
+
+    cross = pq.read_table(os.path.join(score_on(run, out, "self"), "test_predictions.parquet")).to_pandas()
+    np.testing.assert_allclose(cross.set_index("path").loc[trained.index, "pred_arousal"], trained["pred_arousal"],
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_groups_are_refused_for_a_train_normalised_model(trained_runs, tmp_path):
+    with pytest.raises(ValueError, match="groups apply to a per-speaker model only"):
+        run_predict(trained_runs["cnn"], [str(tmp_path)], str(tmp_path / "p.csv"), groups="folder")

@@ -93,8 +93,10 @@ class Stats:
         z = np.nan_to_num(z, nan=0.0, posinf=CLIP, neginf=-CLIP)
         return np.clip(z, -CLIP, CLIP)
 
-    def feature_normalizer(self, device: torch.device, input: str = "power") -> "FeatureNormalizer":
-        return FeatureNormalizer(self, device, input)
+    def feature_normalizer(self, device: torch.device, input: str = "power", norm: str = "train") -> "FeatureNormalizer":
+        """``norm="speaker"``: the pools hold inputs already z-scored per speaker (data/groups.py);
+        the normaliser only casts them."""
+        return FeatureNormalizer(self, device, input, identity=norm == "speaker")
 
     def normalize_labels(self, y: np.ndarray, attributes: List[str]) -> np.ndarray:
         m = np.array([self.label_mean[a] for a in attributes], dtype=np.float32)
@@ -110,13 +112,15 @@ class Stats:
 class FeatureNormalizer:
     """``Stats.normalize_features`` in torch, on the device the batch is on: the training loop
     gathers float16 chunks on the device and normalises them there (the same float32 arithmetic,
-    so the same values as the numpy reference)."""
+    so the same values as the numpy reference). ``identity``: inputs normalised before (per speaker)."""
 
-    def __init__(self, stats: Stats, device: torch.device, input: str = "power"):
+    def __init__(self, stats: Stats, device: torch.device, input: str = "power", identity: bool = False):
         mean, std = stats.input_moments(input)
         self.mean = torch.tensor(mean, dtype=torch.float32, device=device)
         self.std = torch.tensor(std, dtype=torch.float32, device=device)
-        self.log = input == "logmel"
+        self.log = input == "logmel" and not identity
+        if identity:
+            self.mean, self.std = torch.zeros_like(self.mean), torch.ones_like(self.std)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.mean.device, torch.float32, non_blocking=True)

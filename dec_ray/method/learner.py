@@ -110,7 +110,7 @@ class Learner:
         self.amp = t.amp and device.type == "cuda"
         # called as on_batch(done, total) after each training batch (rank 0's progress line)
         self.on_batch: Optional[Callable[[int, int], None]] = None
-        self.normalize = stats.feature_normalizer(device, cfg.model.input)
+        self.normalize = stats.feature_normalizer(device, cfg.model.input, cfg.model.norm)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = t.cudnn_benchmark
             if t.channels_last:

@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 
 from dec_ray.config import config_from_dict
+from dec_ray.data.groups import run_groups
 from dec_ray.data.normalization import Stats
 from dec_ray.data.tables import files_rows, read_pool, run_tables, split_files
 from dec_ray.method.kmeans import kmeans
@@ -133,7 +134,8 @@ def analyze_run(run: str, out: str, split: str = "train", max_sentences: int = 5
     if not files:
         raise ValueError(f"{tables}: no {split} split to analyze")
     stride = max(1, -(-files_rows(files) // max_sentences))      # an even subsample when the split is large
-    pool = read_pool(files, cfg, stats, 0, stride)
+    groups = run_groups(run, tables, cfg.model.input) if cfg.model.norm == "speaker" else None
+    pool = read_pool(files, cfg, stats, 0, stride, groups=groups)
     learner = Learner(cfg, stats, torch.device("cpu"))
     learner.net.load_state_dict(state["model"])
     emb = learner.embed(pool).numpy()

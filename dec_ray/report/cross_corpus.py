@@ -45,18 +45,23 @@ def _batches(tables: str, split: str, attributes: Sequence[str]):
 
 def _predict_run(run: str, tables: str, split: str, adapted: bool = False):
     """(row ids, predictions, gold, model name, attributes) of a trained run on these tables;
-    ``adapted``: its input normalised with the target tables' own Train mel statistics."""
+    ``adapted``: its input normalised with the target tables' own Train mel statistics. A
+    per-speaker model reads the target's speakers' own statistics (from the scored split's audio)
+    either way: as deployed and adapted are the same for it."""
+    from dec_ray.data.groups import table_groups
     from dec_ray.data.normalization import Stats
     from dec_ray.report.inference import Predictor
     p = Predictor(run)
     if p.stats.features and chunk_settings(p.stats.features) != chunk_settings(features_of(tables)):
         raise ValueError(f"{tables} was made with other feature settings than {run}'s training tables")
-    if adapted:
+    groups = table_groups(tables, p.cfg.model.input, (split,)) if p.per_speaker else None
+    if adapted and not p.per_speaker:
         own = Stats.load(os.path.join(tables, "stats.json"))
         p.normalize = own.feature_normalizer(p.device, p.cfg.model.input)         # the target's audio statistics, not its labels
     ids, preds, golds = [], [], []
     for rid, chunks, gold in _batches(tables, split, p.attributes):
-        out = p.predict_chunks(chunks)
+        out = (p.predict_chunks(chunks, groups.keys_of(rid), groups.moments) if groups
+               else p.predict_chunks(chunks))
         ids.append(rid)
         preds.append(np.array([[o[a] for a in p.attributes] for o in out]))
         golds.append(gold)

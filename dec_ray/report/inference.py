@@ -1,6 +1,7 @@
 """Inference with a trained run: same decoding, features, float16 storage cast and normalisation as
 training; sentence prediction = mean over its chunks, on the 1..7 scale; the sentence's cluster
-is the cluster head's arg-max of the mean chunk logits (DeepEmoCluster only).
+is the cluster head's arg-max of the mean chunk logits (DeepEmoCluster only). A per-speaker model
+(``model.norm: speaker``) normalises files predicted together by their groups' own statistics.
 
     import dec_ray
     dec_ray.predict("runs/r1", "clip.wav")            # or a (samples, sample_rate) tuple, or a list of paths
@@ -8,13 +9,14 @@ is the cluster head's arg-max of the mean chunk logits (DeepEmoCluster only).
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from dec_ray.config import config_from_dict
 from dec_ray.data.audio import load_audio, prepare_signal
+from dec_ray.data.groups import GroupMoments
 from dec_ray.data.normalization import Stats
 from dec_ray.data.parts import as_stored, featurize_signal
 from dec_ray.method.models import model_from_config
@@ -41,16 +43,26 @@ class Predictor:
         self.model.load_state_dict(state["model"])
         self.model.to(self.device).eval()
         self.attributes = self.cfg.model.attributes
-        self.normalize = self.stats.feature_normalizer(self.device, self.cfg.model.input)
+        self.normalize = self.stats.feature_normalizer(self.device, self.cfg.model.input, self.cfg.model.norm)
+        self.per_speaker = self.cfg.model.norm == "speaker"
 
     def chunks_of(self, y: np.ndarray) -> np.ndarray:
         """The chunks of decoded samples exactly as training read them from the tables."""
         return as_stored(featurize_signal(y, self.cfg.features)["chunks"], self.cfg.features)[0]
 
     @torch.no_grad()
-    def predict_chunks(self, chunks: np.ndarray) -> List[Dict]:
-        """(n_sentences, C, m, F) raw chunks -> one dict per sentence."""
+    def predict_chunks(self, chunks: np.ndarray, groups: Optional[Sequence[str]] = None,
+                       moments: Optional[GroupMoments] = None) -> List[Dict]:
+        """(n_sentences, C, m, F) raw chunks -> one dict per sentence. A per-speaker model
+        (``model.norm: speaker``) z-scores each sentence with its group's statistics: ``moments``
+        when given (a corpus's speakers), else those of the sentences given here, grouped by
+        ``groups`` (default: all in one group)."""
         n, c = chunks.shape[:2]
+        if self.per_speaker:
+            keys = list(groups) if groups is not None else [""] * n
+            inp = self.cfg.model.input
+            z = (moments or GroupMoments.of(chunks, keys, inp)).normalize(chunks, keys, inp)
+            chunks = as_stored(z, self.cfg.features)[0]      # training's pools hold them in the storage dtype
         x = self.normalize(torch.tensor(chunks.reshape(n * c, *chunks.shape[2:])))     # as in training
         out = self.model(x)
         pred = out["pred"].float().cpu().numpy().reshape(n, c, -1).mean(1)
@@ -67,17 +79,29 @@ class Predictor:
         y = prepare_signal(y, sample_rate, f.sample_rate, f.silence_peak, f.min_duration_s)
         return self.predict_chunks(self.chunks_of(y)[None])[0]
 
-    def predict_file(self, path: str) -> Dict:
+    def file_chunks(self, path: str) -> np.ndarray:
         f = self.cfg.features
-        y = load_audio(path, f.sample_rate, f.silence_peak, f.min_duration_s)
-        return self.predict_chunks(self.chunks_of(y)[None])[0]
+        return self.chunks_of(load_audio(path, f.sample_rate, f.silence_peak, f.min_duration_s))
+
+    def predict_file(self, path: str) -> Dict:
+        """One file; a per-speaker model normalises it with its own statistics (a group of one)."""
+        return self.predict_chunks(self.file_chunks(path)[None])[0]
+
+    def predict_files(self, paths: Sequence[str], groups: Optional[Sequence[str]] = None) -> List[Dict]:
+        """Files predicted together: a per-speaker model normalises each ``groups`` group (default:
+        all the files) with the group's own statistics; other models predict each file alone."""
+        if not self.per_speaker:
+            return [self.predict_file(p) for p in paths]
+        return self.predict_chunks(np.stack([self.file_chunks(p) for p in paths]), groups)
 
 
-def predict(run: str, audio: Union[str, Sequence[str], Tuple[np.ndarray, int]]):
-    """Notebook API: one file, a list of files, or (samples, sample_rate)."""
+def predict(run: str, audio: Union[str, Sequence[str], Tuple[np.ndarray, int]],
+            groups: Optional[Sequence[str]] = None):
+    """Notebook API: one file, a list of files (``groups``: each file's speaker, for a per-speaker
+    model), or (samples, sample_rate)."""
     p = Predictor(os.path.abspath(run))
     if isinstance(audio, tuple):
         return p.predict_audio(*audio)
     if isinstance(audio, str):
         return p.predict_file(audio)
-    return [p.predict_file(a) for a in audio]
+    return p.predict_files(list(audio), groups)

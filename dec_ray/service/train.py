@@ -19,13 +19,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import torch
 
 from dec_ray.config import Config, config_from_dict, load_config
 from dec_ray.data.files import atomic_path, write_json
+from dec_ray.data.groups import FILE as GROUPS_FILE, TableGroups, run_groups
 from dec_ray.data.normalization import Stats
 from dec_ray.data.pools import Pool, placement, row_bytes
 from dec_ray.data.tables import (block_of, chunk_shape, is_complete, labeled_stats, pool_files, read_rows,
@@ -60,10 +59,11 @@ def load_pools(config: dict, cfg: Config, stats: Stats, rank: int, world_size: i
                  if split_files(tables, n)})
     need = sum(len(ids) for ids in mine.values()) * row_bytes(shape, attrs, dtype)
     storage, pin, where = placement(need, device, cfg.scale.pool_device_fraction)
+    groups = TableGroups.load(os.path.join(config["out"], GROUPS_FILE)) if cfg.model.norm == "speaker" else None
     pools: Dict[str, Optional[Pool]] = {n: None for n in (*DATASETS, *EVAL_SPLITS)}
     for n, ids in mine.items():        # a rank with no rows of a split still gets an empty pool
         pools[n] = read_rows(pool_files(tables, n, cfg), ids, cfg, stats, storage, pin, device,
-                             labels=n != "unlabeled")
+                             labels=n != "unlabeled", groups=groups)
     sizes = ", ".join(f"{n} {len(p.row_ids)}" for n, p in pools.items() if p is not None)
     load = {"load_s": time.perf_counter() - t0,
             "pool_gb": sum(p.nbytes for p in pools.values() if p is not None) / 1e9,
@@ -199,6 +199,9 @@ def build_trainer(tables: str, out: str, cfg: Config, stats: Stats, name: str = 
         raise ValueError(f"{tables}: {rows['train']} Train sentences for {cfg.scale.workers} workers; each worker "
                          f"needs at least {MIN_SENTENCES_PER_WORKER_BATCH}")
     lines = [resolve_batch(cfg, rows["train"])]
+    if cfg.model.norm == "speaker":      # once, here: every worker needs every speaker's statistics
+        g = run_groups(out, tables, cfg.model.input)
+        lines.append(f"input z-scored per speaker ({len(g.moments.names)} groups, {GROUPS_FILE})")
     t = cfg.train
     if t.label_fraction < 1:
         rest = split_rows(tables, "train") - rows["train"]

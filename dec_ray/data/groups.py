@@ -1,0 +1,153 @@
+"""Per-speaker input normalisation (``model.norm: speaker``): each sentence's input is z-scored
+with its group's own per-bin mean/std instead of Train's, then NaN -> 0 and clipped to [-3, 3] as
+the official normalisation. A group is a speaker; sentences that name none form one group per split.
+Statistics of audio only, never of labels: a test speaker's come from that speaker's audio, as they
+would at deployment. No Ray here.
+
+The statistics are over the frames of the stored chunks (the network's input, which the chunking
+overlaps), of the mel power or its log (``model.input``).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Dict, Iterable, Optional, Sequence, Tuple
+
+import numpy as np
+import pyarrow.dataset as pads
+
+from dec_ray.data.normalization import CLIP, LOG_EPS
+
+NORMS = ("train", "speaker")
+SPLITS = ("train", "dev", "test", "unlabeled")
+FILE = "speaker_norm.npz"          # RUN/speaker_norm.npz: the groups of the run's tables
+
+
+def group_key(speaker: Optional[str], split: str) -> str:
+    """A sentence's group: its speaker, or ``<split>`` when it names none."""
+    return speaker if speaker else f"<{split}>"
+
+
+def input_values(chunks: np.ndarray, input: str) -> np.ndarray:
+    """Raw mel power -> the values the network's input z-scores (float32): the power or its log."""
+    x = chunks.astype(np.float32)
+    return np.log(x + np.float32(LOG_EPS)) if input == "logmel" else x
+
+
+class GroupSums:
+    """Per-group frame count, sum and sum of squares, added up batch by batch."""
+
+    def __init__(self):
+        self.sums: Dict[str, list] = {}
+
+    def add(self, chunks: np.ndarray, keys: Sequence[str], input: str) -> None:
+        keys = np.asarray(keys, dtype=object)
+        for k in np.unique(keys):
+            v = input_values(chunks[keys == k], input).astype(np.float64).reshape(-1, chunks.shape[-1])
+            acc = self.sums.setdefault(k, [0, 0.0, 0.0])
+            acc[0] += len(v)
+            acc[1] = acc[1] + v.sum(0)
+            acc[2] = acc[2] + (v * v).sum(0)
+
+    def moments(self) -> "GroupMoments":
+        names = sorted(self.sums)
+        mean = np.stack([self.sums[k][1] / self.sums[k][0] for k in names])
+        sq = np.stack([self.sums[k][2] / self.sums[k][0] for k in names])
+        std = np.sqrt(np.maximum(sq - mean * mean, 0.0))
+        return GroupMoments(names, mean.astype(np.float32), std.astype(np.float32))
+
+
+@dataclass
+class GroupMoments:
+    names: list               # group keys, sorted
+    mean: np.ndarray          # (G, F) per-bin mean of the input values
+    std: np.ndarray           # (G, F)
+
+    @classmethod
+    def of(cls, chunks: np.ndarray, keys: Sequence[str], input: str) -> "GroupMoments":
+        """The groups of these sentences, from their own chunks (prediction: the files given together)."""
+        sums = GroupSums()
+        sums.add(chunks, keys, input)
+        return sums.moments()
+
+    def normalize(self, chunks: np.ndarray, keys: Sequence[str], input: str) -> np.ndarray:
+        """(n, C, m, F) raw chunks of sentences in groups ``keys`` -> z-scored, NaN -> 0, clipped, float32."""
+        where = {k: i for i, k in enumerate(self.names)}
+        missing = sorted({k for k in keys if k not in where})
+        if missing:
+            raise KeyError(f"no statistics for group(s) {missing[:5]}")
+        g = np.array([where[k] for k in keys], dtype=np.int64)
+        shape = (len(g),) + (1,) * (chunks.ndim - 2) + (chunks.shape[-1],)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            z = (input_values(chunks, input) - self.mean[g].reshape(shape)) / self.std[g].reshape(shape)
+        z = np.nan_to_num(z, nan=0.0, posinf=CLIP, neginf=-CLIP)
+        return np.clip(z, -CLIP, CLIP).astype(np.float32)
+
+
+@dataclass
+class TableGroups:
+    """The groups of a run's tables: which group each row is in, and each group's moments."""
+    moments: GroupMoments
+    row_ids: np.ndarray       # sorted
+    keys: np.ndarray          # the group key of each row in ``row_ids``
+    input: str
+
+    def keys_of(self, rows: np.ndarray) -> np.ndarray:
+        at = np.searchsorted(self.row_ids, rows)
+        if np.any(at >= len(self.row_ids)) or np.any(self.row_ids[np.minimum(at, len(self.row_ids) - 1)] != rows):
+            raise KeyError("rows outside the tables these speaker statistics were computed on")
+        return self.keys[at]
+
+    def normalize_rows(self, chunks: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        return self.moments.normalize(chunks, self.keys_of(np.asarray(rows)), self.input)
+
+    def save(self, path: str) -> None:
+        np.savez(path, names=np.array(self.moments.names, dtype=str), mean=self.moments.mean,
+                 std=self.moments.std, row_ids=self.row_ids, keys=self.keys.astype(str), input=np.array(self.input))
+
+    @classmethod
+    def load(cls, path: str) -> "TableGroups":
+        z = np.load(path)
+        return cls(GroupMoments([str(n) for n in z["names"]], z["mean"], z["std"]), z["row_ids"],
+                   z["keys"].astype(object), str(z["input"]))
+
+
+def _split_batches(tables: str, split: str, batch_size: int = 256) -> Iterable[Tuple[np.ndarray, np.ndarray, list]]:
+    from dec_ray.data.tables import split_files          # (tables imports this module)
+    files = split_files(tables, split)
+    if not files:
+        return
+    for b in pads.dataset(files, format="parquet").to_batches(columns=["row_id", "speaker", "chunks"],
+                                                              batch_size=batch_size):
+        yield (b.column("row_id").to_numpy(), b.column("chunks").to_numpy_ndarray(),
+               [group_key(s, split) for s in b.column("speaker").to_pylist()])
+
+
+def table_groups(tables: str, input: str, splits: Sequence[str] = SPLITS) -> TableGroups:
+    """Every row's group and every group's moments, in one pass over the chunks of ``splits``
+    (only the row_id, speaker and chunks columns are read: no labels)."""
+    sums, ids, keys = GroupSums(), [], []
+    for split in splits:
+        for rid, chunks, k in _split_batches(tables, split):
+            sums.add(chunks, k, input)
+            ids.append(rid)
+            keys.extend(k)
+    if not ids:
+        raise ValueError(f"{tables}: no rows to compute speaker statistics on")
+    rid = np.concatenate(ids)
+    order = np.argsort(rid)
+    return TableGroups(sums.moments(), rid[order], np.array(keys, dtype=object)[order], input)
+
+
+def run_groups(run: str, tables: str, input: str) -> TableGroups:
+    """RUN/speaker_norm.npz, computed on the first call (the driver's, before the workers start)."""
+    path = os.path.join(run, FILE)
+    if os.path.exists(path):
+        groups = TableGroups.load(path)
+        if groups.input == input:
+            return groups
+    groups = table_groups(tables, input)
+    tmp = path + ".tmp.npz"
+    groups.save(tmp)
+    os.replace(tmp, path)
+    return groups
