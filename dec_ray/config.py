@@ -71,6 +71,9 @@ class ModelConfig:
     # the input's z-score: "train" (official: Train's per-bin mean/std) | "speaker" (each speaker's
     # own, from their audio; at prediction, groups of files: see dec_ray/data/groups.py)
     norm: str = "train"
+    # the regressor: "chunk" (official: one prediction per chunk, a sentence's is their mean) |
+    # "sentence" (a GRU + attention over the sentence's chunks in order; batches of whole sentences)
+    head: str = "chunk"
 
 
 @dataclass
@@ -102,6 +105,15 @@ class TrainConfig:
     weight_decay: float = 0.0       # official code: none. DeepCluster's: 1e-5 (preset deepcluster_sgd)
     lr_regressor: float = 5e-4      # Adam, regressor
     lr_top: float = 0.05            # fresh SGD for each new top layer
+    # the optimisers (method/recipe.py): official (SGD + Adam, constant) | adamw (AdamW on both,
+    # warm-up over train.warmup_fraction of the epochs, then cosine to 0)
+    recipe: str = "official"
+    warmup_fraction: float = 0.1
+    # a regression signal on the pool: the predictions of a linear reference (report/ridge.py's
+    # REFERENCES: ridge | egemaps | egemaps-speaker), fitted on the run's labeled sentences, as
+    # targets of 1 - CCC on the pool's chunks, weighted by train.teacher_weight; "none": off
+    teacher: str = "none"
+    teacher_weight: float = 1.0
     lambda_ce: float = 1.0          # CCC-loss + lambda * CE in stage (b)
     patience: int = 0               # early stopping on dev loss; 0: every epoch (official), best kept
     seed: int = 0
@@ -293,6 +305,8 @@ def validate(cfg: Config) -> None:
         "model.init": (cfg.model.init, ("official", "torch")),
         "model.input": (cfg.model.input, ("power", "logmel")),
         "model.norm": (cfg.model.norm, ("train", "speaker")),
+        "train.recipe": (cfg.train.recipe, ("official", "adamw")),
+        "model.head": (cfg.model.head, ("chunk", "sentence")),
         "cluster.mode": (cfg.cluster.mode, ("separate", "joint")),
         "cluster.assign": (cfg.cluster.assign, ("faiss", "torch")),
         "tune.scheduler": (cfg.tune.scheduler, ("asha", "none")),
@@ -319,6 +333,16 @@ def validate(cfg: Config) -> None:
         if unserved:
             raise ConfigError(f"cluster.mode=joint does not apply {', '.join(unserved)} (separate mode's stages); "
                               "use cluster.mode=separate or drop them")
+    if cfg.model.head == "sentence" and (cfg.model.name not in ("deepemocluster", "cnn") or cfg.cluster.mode == "joint"):
+        raise ConfigError("model.head=sentence is offered for the CNN and DeepEmoCluster in cluster.mode=separate "
+                          "(its samplers keep sentences whole); not for "
+                          f"model.name={cfg.model.name}, cluster.mode={cfg.cluster.mode}")
+    if cfg.train.teacher not in ("none", "ridge", "egemaps", "egemaps-speaker"):
+        raise ConfigError(f"train.teacher={cfg.train.teacher!r}; choose none or a reference: ridge, egemaps, "
+                          "egemaps-speaker")
+    if cfg.train.teacher != "none" and (cfg.model.name not in ("deepemocluster", "cnn") or cfg.cluster.mode == "joint"):
+        raise ConfigError("train.teacher is a stage on the pool of the CNN or of DeepEmoCluster in "
+                          f"cluster.mode=separate; not of model.name={cfg.model.name}, cluster.mode={cfg.cluster.mode}")
     if cfg.cluster.k < 2:
         raise ConfigError("cluster.k must be >= 2")
     if cfg.scale.workers < 1:

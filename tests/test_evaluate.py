@@ -3,6 +3,7 @@ import os
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 import torch
 from scipy import stats as sps
@@ -262,6 +263,31 @@ def test_the_egemaps_references_and_per_speaker_normalisation(tables, tmp_path):
         part = z[speakers == s]
         assert np.allclose(part.mean(0), 0, atol=1e-6)
         assert np.all(np.isclose(part.std(0), 1, atol=1e-6) | np.isclose(part.std(0), 0, atol=1e-6))
+
+
+def test_the_teacher_reads_only_the_labeled_sentences_labels(tables, copy_tree):
+    """train.teacher's targets on the pool: the reference fitted on the labeled rows, as the table's
+    reference is (its dev predictions equal run_ridge's); the set-aside rows' labels, shuffled,
+    change nothing."""
+    import pyarrow.parquet as pq
+    from dec_ray.data.tables import row_ids, split_files
+    from dec_ray.report.ridge import teacher_predictions
+    src = tables[0]
+    train = row_ids(split_files(src, "train"))
+    labeled, rest = train[::2], train[1::2]
+    pool = np.union1d(rest, row_ids(split_files(src, "unlabeled")))
+    ids, pred = teacher_predictions(src, ["arousal"], labeled, pool)
+    assert sorted(ids) == sorted(pool) and np.isfinite(pred).all() and pred.std() > 0
+    other = copy_tree(src)
+    for f in split_files(other, "train"):
+        t = pq.read_table(f)
+        a = t["arousal"].to_numpy(zero_copy_only=False).copy()
+        aside = np.isin(t["row_id"].to_numpy(), rest)
+        a[aside] = np.random.default_rng(0).permutation(a[aside])[::-1]
+        pq.write_table(t.set_column(t.schema.get_field_index("arousal"), "arousal", pa.array(a)), f)
+    ids2, pred2 = teacher_predictions(other, ["arousal"], labeled, pool)
+    np.testing.assert_array_equal(ids, ids2)
+    np.testing.assert_allclose(pred, pred2)
 
 
 @pytest.mark.slow

@@ -82,3 +82,25 @@ def test_a_per_speaker_model_predicts_as_it_was_trained(tables, tmp_path, ray_lo
 def test_groups_are_refused_for_a_train_normalised_model(trained_runs, tmp_path):
     with pytest.raises(ValueError, match="groups apply to a per-speaker model only"):
         run_predict(trained_runs["cnn"], [str(tmp_path)], str(tmp_path / "p.csv"), groups="folder")
+
+
+def test_the_new_options_train_through_ray_and_predict_as_trained(tables, tmp_path, ray_local, tiny_cfg):
+    """The sentence head, the AdamW recipe and a teacher on the pool, composed, on 2 workers: the
+    teacher's loss is logged, and cross-corpus scoring of the run on its own test split gives the
+    trainer's predictions."""
+    import json
+    from dec_ray.report.cross_corpus import score_on
+    from dec_ray.service.train import run_training
+    out, _ = tables
+    run = str(tmp_path / "new")
+    cfg = tiny_cfg("model.name=cnn", "model.head=sentence", "train.recipe=adamw", "train.teacher=egemaps-speaker",
+                   "train.label_fraction=0.5")
+    result = run_training(out, run, cfg)
+    assert result["test_ccc"]["arousal"] == result["test_ccc"]["arousal"]          # not NaN
+    logs = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    assert all(r["unlabeled_teacher"] > 0 and r["unlabeled_chunks"] > 0 for r in logs if "unlabeled_teacher" in r)
+    assert any("unlabeled_teacher" in r for r in logs)
+    trained = pq.read_table(os.path.join(run, "test_predictions.parquet")).to_pandas().set_index("row_id")
+    cross = pq.read_table(os.path.join(score_on(run, out, "self"), "test_predictions.parquet")).to_pandas()
+    np.testing.assert_allclose(cross.set_index("row_id").loc[trained.index, "pred_arousal"], trained["pred_arousal"],
+                               rtol=1e-4, atol=1e-4)

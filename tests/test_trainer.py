@@ -12,7 +12,6 @@ import pytest
 from conftest import MODELS, RAY
 from ray.train import TrainingFailedError
 
-from dec_ray.config import load_config
 from dec_ray.data.tables import split_files
 from dec_ray.method.losses import ccc
 from dec_ray.report.inference import Predictor

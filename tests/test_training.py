@@ -10,7 +10,7 @@ import torch
 from dec_ray.config import ConfigError, load_config
 from dec_ray.data.pools import Pool, PoolBuilder
 from dec_ray.data.tables import pool_batches
-from dec_ray.method.epoch import pseudo_labels_stage, run_epoch, supervised_stage
+from dec_ray.method.epoch import Epoch, pseudo_labels_stage, run_epoch, supervised_stage
 from dec_ray.method.learner import Learner, batch_sentences
 from dec_ray.method.loop import LoopState, fit
 from dec_ray.method.sampler import uniform_cluster_indices
@@ -105,7 +105,8 @@ def test_labels_are_normalised_row_by_row_with_a_nan_in_the_batch(pools, tiny_cf
 
 
 @pytest.mark.parametrize("extra", [["cluster.mode=joint"], ["model.encoder=vgg16", "model.width=0.0625"],
-                                   ["model.attributes=[arousal, valence, dominance]"], ["model.input=logmel"]])
+                                   ["model.attributes=[arousal, valence, dominance]"], ["model.input=logmel"],
+                                   ["model.head=sentence"], ["train.recipe=adamw", "train.weight_decay=0.01"]])
 def test_epoch_modes_train_every_part_they_claim(pools, tiny_cfg, extra):
     stats, p = pools
     cfg = tiny_cfg(*extra)
@@ -282,3 +283,43 @@ def test_the_method_options_change_what_they_claim(pools, tiny_cfg):
         batch = seen[0]
         plain = p["unlabeled"].chunk_inputs(torch.arange(len(batch)), lrn.normalize)
         assert torch.equal(batch, plain) != augment
+
+
+def test_the_sentence_head_predicts_one_value_per_sentence_from_whole_sentences(pools, tiny_cfg):
+    stats, p = pools
+    learner = Learner(tiny_cfg("model.head=sentence"), stats, torch.device("cpu"))
+    c = p["dev"].chunks.shape[1]
+    pred = learner.predict(p["dev"]).reshape(-1, c)
+    assert np.all(pred == pred[:, :1])                     # each sentence's chunks carry its prediction
+    learner.net.eval()
+    order = torch.randperm(c)                              # the head reads the chunks in order
+    x = learner.normalize(p["dev"].chunks[0])
+    assert not torch.allclose(learner.net(x)["pred"], learner.net(x[order])["pred"])
+    with pytest.raises(ValueError, match="whole sentences"):
+        learner.net(x[:c - 1])
+    idx = Epoch(learner, 0).shuffled(p["train"])
+    assert torch.equal(idx.view(-1, c) % c, torch.arange(c).expand(len(idx) // c, c))
+    with pytest.raises(ConfigError, match="model.head=sentence"):
+        tiny_cfg("model.head=sentence", "model.name=ae")
+
+
+def test_the_teacher_stage_trains_the_regressor_on_the_pool(pools, tiny_cfg):
+    """train.teacher: stage (a) adds 1 - CCC against the targets the pool holds as labels (the CNN:
+    a pass of its own); without it the regressor stays as it was (the test above)."""
+    stats, p = pools
+    targets = torch.linspace(-1, 1, p["unlabeled"].labels.shape[0])[:, None]
+    unl = Pool(p["unlabeled"].chunks, targets, p["unlabeled"].row_ids)
+    for model in ("deepemocluster", "cnn"):
+        learner = Learner(tiny_cfg(f"model.name={model}", "train.teacher=egemaps-speaker"), stats, torch.device("cpu"))
+        logs = run_epoch(learner, 0, p["train"], unl)
+        assert logs["unlabeled_teacher"] > 0 and logs["unlabeled_chunks"] == unl.n_chunks
+    with pytest.raises(ConfigError, match="train.teacher"):
+        tiny_cfg("train.teacher=egemaps-speaker", "model.name=vae")
+
+
+def test_the_adamw_recipe_warms_up_then_decays_to_zero(tiny_cfg):
+    from dec_ray.method.recipe import rate_factor
+    t = tiny_cfg("train.recipe=adamw", "train.epochs=10", "train.warmup_fraction=0.1").train
+    assert rate_factor(t, 0.5) == pytest.approx(0.5) and rate_factor(t, 1.0) == pytest.approx(1.0)
+    assert rate_factor(t, 5.5) == pytest.approx(0.5) and rate_factor(t, 10) == pytest.approx(0.0)
+    assert rate_factor(tiny_cfg().train, 7.3) == 1.0                   # official: constant

@@ -136,14 +136,15 @@ def training_rows(tables: str, split: str, cfg: Config) -> np.ndarray:
     from the tables and the config alone: the same rows on every run and for any number of workers.
     Train: ``labeled_rows``. The pool: none (``train.unlabeled_limit`` 0, or the CNN, which has no
     use for it); else the unlabeled split, all of it or a seeded random ``train.unlabeled_limit`` of
-    it (the official code draws a random 40K with a fixed seed), plus, in the label-scarce setting
+    it (the official code draws a random 40K with a fixed seed; the CNN gets one only to distil a
+    ``train.teacher`` on it), plus, in the label-scarce setting
     with ``train.label_rest: pool``, the Train sentences whose labels were set aside."""
     train = row_ids(split_files(tables, "train"))
     kept = labeled_rows(train, cfg)
     if split == "train":
         return kept
     limit = cfg.train.unlabeled_limit
-    if limit == 0 or cfg.model.name == "cnn":
+    if limit == 0 or (cfg.model.name == "cnn" and cfg.train.teacher == "none"):
         return train[:0]
     ids = row_ids(split_files(tables, "unlabeled"))
     if 0 < limit < len(ids):

@@ -10,7 +10,9 @@ DeepEmoCluster (cluster.mode=separate), as the paper's Fig. 1:
   (a) cluster the unlabeled pool, then ``PSEUDO_LABELS``: cross-entropy only; the regressor has
       no loss and is not stepped
   (b) cluster the labeled Train pool, then ``supervised``: CCC-loss + lambda * CE
-The CNN baseline runs the supervised step alone; the auto-encoders a reconstruction step on the
+The CNN baseline runs the supervised step alone. ``train.teacher`` adds a regression signal on the
+pool: 1 - CCC against a linear reference's predictions, in stage (a) (the CNN: a pass of its own).
+The auto-encoders a reconstruction step on the
 unlabeled pool, then the supervised step with lambda * reconstruction.
 """
 from __future__ import annotations
@@ -52,6 +54,15 @@ def emotion(out, batch: Batch) -> torch.Tensor:
 emotion.global_batch = True     # a statistic of the global batch already: not weighted by the rank's share
 
 
+def teacher(weight: float) -> Loss:
+    """``train.teacher``: 1 - CCC against a reference's predictions, which the pool holds as its
+    labels (service/train.py puts them there), times ``weight``."""
+    def loss(out, batch: Batch) -> torch.Tensor:
+        return weight * emotion(out, batch)
+    loss.global_batch = True
+    return loss
+
+
 def pseudo_label_ce(pseudo: torch.Tensor, weight: float = 1.0) -> Loss:
     return lambda out, batch: weight * nn.functional.cross_entropy(out["logits"].float(), pseudo[batch.idx])
 
@@ -73,9 +84,17 @@ def reconstruction(beta: float, weight: float = 1.0) -> Loss:
 
 
 # --- the stages ---
-def pseudo_labels_stage(pseudo: torch.Tensor, augment: bool = False) -> Stage:
-    """Stage (a): cross-entropy on the pseudo-labels only (of augmented views, with ``augment``)."""
+def pseudo_labels_stage(pseudo: torch.Tensor, augment: bool = False, teacher_weight: float = 0.0) -> Stage:
+    """Stage (a): cross-entropy on the pseudo-labels only (of augmented views, with ``augment``);
+    with ``train.teacher``, plus the teacher's regression loss (and the regressor steps)."""
+    if teacher_weight > 0:
+        return Stage({"ce": pseudo_label_ce(pseudo), "teacher": teacher(teacher_weight)}, regressor=True,
+                     top=True, augment=augment)
     return Stage({"ce": pseudo_label_ce(pseudo)}, top=True, augment=augment)
+
+
+def teacher_weight(cfg) -> float:
+    return cfg.train.teacher_weight if cfg.train.teacher != "none" else 0.0
 
 
 def supervised_stage(lambda_: float, pseudo: Optional[torch.Tensor] = None,
@@ -106,14 +125,20 @@ class Epoch:
         self.logs: Dict[str, float] = {}
 
     def shuffled(self, pool: Pool, offset: int = 0) -> torch.Tensor:
-        """All chunk ids of the pool in a random order (the baselines' sampler)."""
+        """All chunk ids of the pool in a random order (the baselines' sampler); under the sentence
+        head, the sentences in a random order, each sentence's chunks together and in order."""
         g = torch.Generator(device=self.learner.device)
         g.manual_seed(rank_seed(self.seed + offset, self.rank))
-        return torch.randperm(pool.n_chunks, generator=g, device=self.learner.device)
+        if not self.learner.sentence_head:
+            return torch.randperm(pool.n_chunks, generator=g, device=self.learner.device)
+        c = pool.chunks.shape[1]
+        sentences = torch.randperm(pool.chunks.shape[0], generator=g, device=self.learner.device)
+        return (sentences[:, None] * c + torch.arange(c, device=self.learner.device)).flatten()
 
     def cluster_pool(self, name: str, pool: Pool, offset: int = 0, sampler: str = "uniform"):
         """Embed -> K-means -> fresh top layer -> sampler (``uniform`` over the global clusters, or
-        ``natural``: every chunk once, shuffled); returns (pseudo-labels, chunk ids)."""
+        ``natural``: every chunk once, shuffled, as ``shuffled``, which the sentence head always
+        uses); returns (pseudo-labels, chunk ids)."""
         learner, s = self.learner, self.seed + offset
         t0 = time.perf_counter()
         emb = learner.embed(pool)
@@ -124,7 +149,7 @@ class Epoch:
         self.logs.update({f"{name}_embed_s": t1 - t0, f"{name}_kmeans_s": t2 - t1, f"{name}_cluster_s": t2 - t0,
                           f"{name}_kmeans_obj": res.objective, f"{name}_nonempty": int((res.sizes > 0).sum())})
         learner.reset_top(s)
-        if sampler == "natural":
+        if sampler == "natural" or learner.sentence_head:      # the sentence head reads whole sentences
             return res.assignment, self.shuffled(pool, offset)
         return res.assignment, uniform_cluster_indices(res.assignment, seed=s, rank=self.rank, k=len(res.sizes))
 
@@ -176,7 +201,7 @@ def deepemocluster_epoch(e: Epoch, train: Pool, unlabeled: Optional[Pool]) -> No
     pool_only = e.epoch < cfg.train.warmup_epochs
     if has_rows(unlabeled):
         pseudo, idx = e.cluster_pool("unlabeled", unlabeled)
-        e.train("unlabeled_", unlabeled, idx, pseudo_labels_stage(pseudo, cfg.train.augment_pool))
+        e.train("unlabeled_", unlabeled, idx, pseudo_labels_stage(pseudo, cfg.train.augment_pool, teacher_weight(cfg)))
         if pool_only:                   # warm-up (train.warmup_epochs): the pool alone
             return
     pseudo, idx = e.cluster_pool("train", train, offset=1, sampler=cfg.cluster.labeled_sampler)
@@ -184,7 +209,13 @@ def deepemocluster_epoch(e: Epoch, train: Pool, unlabeled: Optional[Pool]) -> No
 
 
 def cnn_epoch(e: Epoch, train: Pool, unlabeled: Optional[Pool]) -> None:
-    e.train("", train, e.shuffled(train), supervised_stage(e.learner.cfg.train.lambda_ce))
+    """The supervised step; with ``train.teacher``, first a pass distilling it on the pool."""
+    cfg = e.learner.cfg
+    unlabeled = pool_of_epoch(e, unlabeled)
+    if teacher_weight(cfg) > 0 and has_rows(unlabeled):
+        e.train("unlabeled_", unlabeled, e.shuffled(unlabeled, offset=2), Stage({"teacher": teacher(teacher_weight(cfg))},
+                                                                               regressor=True))
+    e.train("", train, e.shuffled(train), supervised_stage(cfg.train.lambda_ce))
 
 
 def autoencoder_epoch(e: Epoch, train: Pool, unlabeled: Optional[Pool]) -> None:
@@ -203,5 +234,6 @@ def run_epoch(learner: Learner, epoch: int, train: Pool, unlabeled: Optional[Poo
     """One epoch of the configured model; returns its training losses, cluster statistics and the
     time of each step (``*_embed_s``, ``*_kmeans_s``, ``*train_s`` over ``*chunks`` chunks)."""
     e = Epoch(learner, epoch)
+    learner.epoch = epoch
     EPOCHS[learner.cfg.model.name](e, train, unlabeled)
     return e.logs

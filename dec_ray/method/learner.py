@@ -29,6 +29,7 @@ from dec_ray.method.kmeans import kmeans
 from dec_ray.method.augment import spec_augment
 from dec_ray.method.losses import ccc, ccc_loss, sentence_means
 from dec_ray.method.models import model_from_config
+from dec_ray.method.recipe import optimisers, rate_factor, set_rates
 
 if TYPE_CHECKING:
     from dec_ray.method.epoch import Stage
@@ -102,8 +103,10 @@ class Learner:
         reg_ids = {id(p) for p in self.regressor_params}
         top_ids = {id(p) for p in self.net.top.parameters()} if self.clusters else set()
         body = [p for p in self.net.parameters() if id(p) not in reg_ids | top_ids]
-        self.sgd = torch.optim.SGD(body, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-        self.adam = torch.optim.Adam(self.regressor_params, lr=t.lr_regressor)
+        # named for the official recipe (SGD, Adam); train.recipe=adamw makes both AdamW
+        self.sgd, self.adam = optimisers(t, body, self.regressor_params)
+        self.base_rates = [t.lr, t.lr_regressor]
+        self.epoch = 0                      # set by run_epoch: where the rate schedule stands
         self.top_opt: Optional[torch.optim.Optimizer] = None
         # train.batch_sentences is the global batch; each rank takes its share of it
         self.batch_chunks = max(1, t.batch_sentences // size) * cfg.features.num_chunks
@@ -119,6 +122,15 @@ class Learner:
     @property
     def clusters(self) -> bool:
         return self.cfg.model.name == "deepemocluster"
+
+    @property
+    def sentence_head(self) -> bool:
+        return self.cfg.model.head == "sentence"
+
+    @property
+    def unit(self) -> int:
+        """Chunks a batch is counted in: 1, or a sentence's under the sentence head."""
+        return self.cfg.features.num_chunks if self.sentence_head else 1
 
     def _forward(self, x: torch.Tensor, model: nn.Module) -> Dict[str, torch.Tensor]:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
@@ -177,7 +189,9 @@ class Learner:
         at_pool = indices.to(pool.chunks.device)               # one copy per stage, none per batch
         size = world()[1]
         lengths = gather_tensors(torch.tensor([len(indices)], dtype=torch.int64))[:, 0].tolist()
-        bounds = step_bounds(lengths, self.batch_chunks * size, world()[0])
+        unit = self.unit                    # the sentence head's batches hold whole sentences
+        bounds = [unit * b for b in step_bounds([n // unit for n in lengths], self.batch_chunks * size // unit,
+                                                world()[0])]
         step_total = min(self.batch_chunks * size, sum(lengths))     # every step's chunks over all ranks
         n_batches = len(bounds) - 1
         sums: Dict[str, torch.Tensor] = {}
@@ -188,6 +202,7 @@ class Learner:
             views = torch.Generator(device=self.device)
             views.manual_seed(int(torch.randint(0, 2 ** 62, (1,)).item()))
         for b in range(n_batches):
+            set_rates((self.sgd, self.adam), self.base_rates, rate_factor(self.cfg.train, self.epoch + b / n_batches))
             rows = slice(bounds[b], bounds[b + 1])
             mine = bounds[b + 1] - bounds[b]
             if mine:
@@ -223,12 +238,12 @@ class Learner:
         return {**{k: float(v) / counted[k] for k, v in sums.items()}, "chunks": trained}
 
     def _empty_step(self, pool: Pool, stage: "Stage"):
-        """A step in which this rank holds no chunks: a forward of one all-zero chunk so that DDP's
+        """A step in which this rank holds no chunks: a forward of one all-zero chunk (sentence) so that DDP's
         gradient all-reduce has this rank's zeros, and the global-batch losses on no rows (their
         sums join the all-reduce as zeros). Returns (outputs, loss, logged parts: none, the
         BatchNorm buffers to restore after the step)."""
         saved = [b.detach().clone() for b in self.net.buffers()]
-        shape = (1, self.cfg.features.chunk_frames, self.cfg.features.n_mels)
+        shape = (self.unit, self.cfg.features.chunk_frames, self.cfg.features.n_mels)
         out = self._forward(torch.zeros(shape, device=self.device), self.model)
         none = Batch(torch.zeros((0,) + shape[1:], device=self.device),
                      torch.zeros(0, dtype=torch.int64, device=self.device), pool, share=0.0)

@@ -61,8 +61,36 @@ class Encoder(nn.Module):
         return self.fc(self.features(x))
 
 
-def regressor(embed_dim: int, hidden: int, outputs: int) -> nn.Sequential:
+def regressor(embed_dim: int, hidden: int, outputs: int, chunks: int = 0) -> nn.Module:
+    """The chunk regressor (the official), or with ``chunks`` > 0 the sentence-level head."""
+    if chunks > 0:
+        return SentenceRegressor(embed_dim, hidden, outputs, chunks)
     return nn.Sequential(nn.Linear(embed_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, outputs))
+
+
+class SentenceRegressor(nn.Module):
+    """``model.head: sentence`` (Temporal-Enhanced DeepEmoCluster, Lin & Busso 2024): a sentence's
+    chunk encodings, in order, through a bidirectional GRU, attention pooling over the chunks, and
+    an MLP: one prediction per sentence, modelled as a whole. It reads batches of whole sentences
+    (``chunks`` consecutive chunks each; the samplers keep them so) and returns the sentence's
+    prediction for each of its chunks, so that the mean over a sentence's chunks, the CCC over a
+    batch's chunks and everything downstream are the sentence's."""
+
+    def __init__(self, embed_dim: int, hidden: int, outputs: int, chunks: int):
+        super().__init__()
+        self.chunks = chunks
+        self.gru = nn.GRU(embed_dim, hidden // 2, batch_first=True, bidirectional=True)
+        self.attention = nn.Linear(2 * (hidden // 2), 1)
+        self.out = nn.Sequential(nn.Linear(2 * (hidden // 2), hidden), nn.ReLU(inplace=True), nn.Linear(hidden, outputs))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if h.shape[0] % self.chunks:
+            raise ValueError(f"the sentence head reads whole sentences: {h.shape[0]} chunks is not a multiple "
+                             f"of {self.chunks}")
+        seq, _ = self.gru(h.reshape(-1, self.chunks, h.shape[-1]).float())
+        weights = torch.softmax(self.attention(seq).squeeze(-1), dim=1)
+        pooled = (weights.unsqueeze(-1) * seq).sum(1)
+        return self.out(pooled).repeat_interleave(self.chunks, 0)
 
 
 class DeepEmoCluster(nn.Module):
@@ -70,12 +98,13 @@ class DeepEmoCluster(nn.Module):
     clustering) + emotion regressor. The clustering embedding is the classifier's first Linear
     output before its ReLU (as DeepCluster's compute_features)."""
 
-    def __init__(self, encoder: Encoder, k: int, n_outputs: int, embed_dim: int = 256, hidden: int = 256):
+    def __init__(self, encoder: Encoder, k: int, n_outputs: int, embed_dim: int = 256, hidden: int = 256,
+                 sentence_chunks: int = 0):
         super().__init__()
         self.encoder = encoder
         self.cls_hidden = nn.Linear(embed_dim, hidden)
         self.top = nn.Linear(hidden, k)
-        self.regressor = regressor(embed_dim, hidden, n_outputs)
+        self.regressor = regressor(embed_dim, hidden, n_outputs, sentence_chunks)
         self.reset_top(torch.Generator().manual_seed(0))
 
     def reset_top(self, generator: torch.Generator) -> None:
@@ -94,10 +123,11 @@ class DeepEmoCluster(nn.Module):
 class CNNRegressor(nn.Module):
     """Baseline: encoder + regressor, supervised only."""
 
-    def __init__(self, encoder: Encoder, n_outputs: int, embed_dim: int = 256, hidden: int = 256):
+    def __init__(self, encoder: Encoder, n_outputs: int, embed_dim: int = 256, hidden: int = 256,
+                 sentence_chunks: int = 0):
         super().__init__()
         self.encoder = encoder
-        self.regressor = regressor(embed_dim, hidden, n_outputs)
+        self.regressor = regressor(embed_dim, hidden, n_outputs, sentence_chunks)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         h = self.encoder(x)
@@ -177,12 +207,16 @@ def official_init(model: nn.Module) -> nn.Module:
 
 
 def build_model(name: str, encoder: str = "compact", width: float = 1.0, k: int = 10, n_outputs: int = 1,
-                embed_dim: int = 256, hidden: int = 256, dropout: float = 0.5, init: str = "official") -> nn.Module:
+                embed_dim: int = 256, hidden: int = 256, dropout: float = 0.5, init: str = "official",
+                sentence_chunks: int = 0) -> nn.Module:
+    """``sentence_chunks`` > 0: the sentence-level head over that many chunks (DeepEmoCluster, CNN)."""
     enc = Encoder(encoder, width, embed_dim, dropout)
     if name == "deepemocluster":
-        model = DeepEmoCluster(enc, k, n_outputs, embed_dim, hidden)
+        model = DeepEmoCluster(enc, k, n_outputs, embed_dim, hidden, sentence_chunks)
     elif name == "cnn":
-        model = CNNRegressor(enc, n_outputs, embed_dim, hidden)
+        model = CNNRegressor(enc, n_outputs, embed_dim, hidden, sentence_chunks)
+    elif sentence_chunks:
+        raise ValueError(f"model.head=sentence is offered for deepemocluster and cnn, not {name}")
     elif name in ("ae", "vae"):
         if encoder != "compact":
             raise ValueError("the AE/VAE decoders mirror the compact encoder only")
@@ -195,4 +229,4 @@ def build_model(name: str, encoder: str = "compact", width: float = 1.0, k: int 
 def model_from_config(cfg) -> nn.Module:
     m = cfg.model
     return build_model(m.name, m.encoder, m.width, cfg.cluster.k, len(m.attributes), m.embed_dim,
-                       m.hidden_dim, m.dropout, m.init)
+                       m.hidden_dim, m.dropout, m.init, cfg.features.num_chunks if m.head == "sentence" else 0)

@@ -124,6 +124,39 @@ def choose_alpha(xtr: np.ndarray, ytr: np.ndarray, xdev: np.ndarray, ydev: np.nd
     return float(best), *fits[best], dev_ccc
 
 
+def fit_attributes(train, dev, attributes: Sequence[str]):
+    """One ridge per attribute on (features, labels) of Train, alpha chosen by dev CCC:
+    ({attribute: alpha}, {attribute: weights}, {attribute: intercept}, {attribute: {alpha: dev CCC}})."""
+    alphas, weights, biases, dev_cccs = {}, {}, {}, {}
+    for j, a in enumerate(attributes):
+        alphas[a], weights[a], b, dev_cccs[a] = choose_alpha(train[0], train[1][:, j], dev[0], dev[1][:, j])
+        biases[a] = float(b)
+    return alphas, weights, biases, dev_cccs
+
+
+def teacher_predictions(tables: str, attributes: Sequence[str], train_rows: np.ndarray, pool_rows: np.ndarray,
+                        inputs: str = "egemaps", norm: str = "speaker"):
+    """A reference fitted as ``run_ridge`` fits it, on the labeled ``train_rows``, and its predictions
+    (label scale) on ``pool_rows`` (of the unlabeled and Train splits): the targets a network
+    distils on the pool (``train.teacher``). Only the labeled rows' labels are read."""
+    attributes = list(attributes)
+    train, dev = (read_split(tables, s, attributes, inputs) for s in ("train", "dev"))
+    keep = np.isin(train[0], train_rows)
+    mean, std = moments(train[1][keep])
+    model = {"norm": norm, "mean": mean, "std": std, "attributes": attributes}
+    _, model["w"], model["b"], _ = fit_attributes((normalized(model, train[1][keep], train[3][keep]), train[2][keep]),
+                                                  (normalized(model, dev[1], dev[3]), dev[2]), attributes)
+    ids, preds = [], []
+    for split in ("train", "unlabeled"):          # each split's pool rows normalised among themselves
+        d = read_split(tables, split, attributes, inputs)
+        if d is None:
+            continue
+        rows = np.isin(d[0], pool_rows)
+        ids.append(d[0][rows])
+        preds.append(predict_ridge(model, normalized(model, d[1][rows], d[3][rows])))
+    return np.concatenate(ids), np.concatenate(preds)
+
+
 def load_ridge(run: str) -> Dict:
     """The fitted reference of a ridge run (RUN/ridge.npz): its input and normalisation, the Train
     feature mean/std, weights, intercepts, and the feature settings of the tables it was fitted on
@@ -170,14 +203,9 @@ def run_ridge(tables: str, out: str, attributes: Sequence[str] = ("arousal",),
     mean, std = moments(data["train"][1])
     model = {"norm": norm, "mean": mean, "std": std}
     norm_x = {s: (d[0], normalized(model, d[1], d[3]), d[2]) for s, d in data.items() if d is not None}
-    preds = {s: np.zeros_like(d[2]) for s, d in norm_x.items()}
-    alphas, dev_cccs, weights, biases = {}, {}, {}, {}
-    for j, a in enumerate(attributes):
-        alphas[a], w, b, dev_cccs[a] = choose_alpha(norm_x["train"][1], norm_x["train"][2][:, j],
-                                                    norm_x["dev"][1], norm_x["dev"][2][:, j])
-        weights[a], biases[a] = w, float(b)
-        for s, (_, x, _) in norm_x.items():
-            preds[s][:, j] = x @ w + b
+    alphas, weights, biases, dev_cccs = fit_attributes(norm_x["train"][1:], norm_x["dev"][1:], attributes)
+    fitted = {"attributes": attributes, "w": weights, "b": biases}
+    preds = {s: predict_ridge(fitted, x) for s, (_, x, _) in norm_x.items()}
     os.makedirs(out, exist_ok=True)
     result = {"model": name, "attributes": attributes, "inputs": inputs, "norm": norm, "alpha": alphas,
               "train_sentences": int(len(norm_x["train"][1])), "labels": labels,

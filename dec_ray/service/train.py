@@ -64,6 +64,8 @@ def load_pools(config: dict, cfg: Config, stats: Stats, rank: int, world_size: i
     for n, ids in mine.items():        # a rank with no rows of a split still gets an empty pool
         pools[n] = read_rows(pool_files(tables, n, cfg), ids, cfg, stats, storage, pin, device,
                              labels=n != "unlabeled", groups=groups)
+    if cfg.train.teacher != "none" and pools["unlabeled"] is not None:
+        pools["unlabeled"].labels = teacher_targets(config["out"], pools["unlabeled"].row_ids).to(device)
     sizes = ", ".join(f"{n} {len(p.row_ids)}" for n, p in pools.items() if p is not None)
     load = {"load_s": time.perf_counter() - t0,
             "pool_gb": sum(p.nbytes for p in pools.values() if p is not None) / 1e9,
@@ -72,6 +74,30 @@ def load_pools(config: dict, cfg: Config, stats: Stats, rank: int, world_size: i
             f"{load['pool_gb'] * world_size:.2f} GB over {world_size} workers; loaded in {load['load_s']:.1f} s, "
             f"peak host memory of the worker {load['worker_peak_rss_gb']:.2f} GB")
     return pools, load, line
+
+
+TEACHER_FILE = "teacher.npz"       # RUN/teacher.npz: train.teacher's targets on the pool
+
+
+def write_teacher(out: str, tables: str, cfg: Config, stats: Stats) -> int:
+    """RUN/teacher.npz: the ``train.teacher`` reference, fitted on the run's labeled sentences, and
+    its predictions on the run's pool, z-scored with the run's label statistics (the driver's, once)."""
+    from dec_ray.report.ridge import REFERENCES, teacher_predictions
+    ids, preds = teacher_predictions(tables, cfg.model.attributes, training_rows(tables, "train", cfg),
+                                     training_rows(tables, "unlabeled", cfg), *REFERENCES[cfg.train.teacher])
+    z = stats.normalize_labels(preds.astype(np.float32), cfg.model.attributes)
+    order = np.argsort(ids)
+    np.savez(os.path.join(out, TEACHER_FILE), row_ids=ids[order], targets=z[order])
+    return len(ids)
+
+
+def teacher_targets(out: str, rows: np.ndarray) -> torch.Tensor:
+    """The teacher's z-scored targets of these pool rows (RUN/teacher.npz)."""
+    t = np.load(os.path.join(out, TEACHER_FILE))
+    at = np.searchsorted(t["row_ids"], rows)
+    if len(rows) and (at.max() >= len(t["row_ids"]) or np.any(t["row_ids"][at] != rows)):
+        raise ValueError(f"{out}/{TEACHER_FILE} lacks some of the pool's rows: the run's pool changed")
+    return torch.from_numpy(t["targets"][at])
 
 
 def rows_digest(ids: np.ndarray) -> list:
@@ -202,6 +228,10 @@ def build_trainer(tables: str, out: str, cfg: Config, stats: Stats, name: str = 
     if cfg.model.norm == "speaker":      # once, here: every worker needs every speaker's statistics
         g = run_groups(out, tables, cfg.model.input)
         lines.append(f"input z-scored per speaker ({len(g.moments.names)} groups, {GROUPS_FILE})")
+    if cfg.train.teacher != "none":
+        n = write_teacher(out, tables, cfg, stats)
+        lines.append(f"teacher: the {cfg.train.teacher} reference's predictions on {n} pool sentences, "
+                     f"weight {cfg.train.teacher_weight:g}")
     t = cfg.train
     if t.label_fraction < 1:
         rest = split_rows(tables, "train") - rows["train"]
@@ -216,8 +246,7 @@ def build_trainer(tables: str, out: str, cfg: Config, stats: Stats, name: str = 
         lines.append(f"unlabeled: {rows['unlabeled']} sentences")
     m = cfg.model
     print(f"[dec-ray] {m.name} ({m.encoder} encoder, width {m.width:g}, init {m.init}), K={cfg.cluster.k}, "
-          f"{cfg.train.epochs} epochs, SGD lr {cfg.train.lr:g} momentum {cfg.train.momentum:g}, "
-          f"Adam lr {cfg.train.lr_regressor:g}; " + "; ".join(lines), flush=True)
+          f"{cfg.train.epochs} epochs, {recipe_line(cfg.train)}; " + "; ".join(lines), flush=True)
     s = cfg.scale
     return TorchTrainer(
         train_loop_per_worker,
@@ -235,6 +264,13 @@ def build_trainer(tables: str, out: str, cfg: Config, stats: Stats, name: str = 
 
 
 WORKER_GROUP_START_S = 60.0      # Ray Train's wait for a worker group (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S)
+
+
+def recipe_line(t) -> str:
+    if t.recipe == "adamw":
+        return (f"AdamW lr {t.lr:g} / {t.lr_regressor:g} (regressor), weight decay {t.weight_decay:g}, "
+                f"warm-up {t.warmup_fraction:g} of the run then cosine")
+    return f"SGD lr {t.lr:g} momentum {t.momentum:g}, Adam lr {t.lr_regressor:g}"
 
 
 def start_tries(s) -> int:
