@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 from dec_ray.config import load_config
 from dec_ray.service.cluster import free_port
 from dec_ray.data.pools import Pool
-from dec_ray.method.epoch import Stage, emotion, epoch_subset, pseudo_label_ce, pseudo_labels_stage, supervised_stage
+from dec_ray.method.epoch import Epoch, Stage, emotion, epoch_subset, pseudo_label_ce, pseudo_labels_stage, supervised_stage
 from dec_ray.method.learner import Batch, Learner, stage_total, step_bounds
 from dec_ray.method.loop import fit
 from dec_ray.method.sampler import cluster_shares, uniform_cluster_indices
@@ -90,6 +90,27 @@ def _sampled_pass(rank: int, world: int, stats, pools, wrap) -> dict:
             "lone_ccc": lone.get("ccc", np.nan)}
 
 
+def _sentence_pass(rank: int, world: int, stats, pools, wrap) -> dict:
+    """The sentence head's pass over each rank's sentences in a shuffled order, 5 of rank 1's
+    12 left out (1 rank: the same 19 sentences): which chunks each step reads."""
+    learner = Learner(load_config(None, CFG + ["model.head=sentence"]), stats, torch.device("cpu"), wrap=wrap)
+    train = pools["train"]
+    c = train.chunks.shape[1]
+    keep = (torch.arange(train.chunks.shape[0]) < (train.chunks.shape[0] - (5 if rank == 1 else 0)))
+    if world == 1:
+        keep = torch.arange(train.chunks.shape[0]) < 19
+    order = Epoch(learner, 0).shuffled(train)
+    idx = order[keep[order // c]]
+    seen = []
+
+    def recorded(out, batch):
+        seen.append(batch.idx.clone())
+        return emotion(out, batch)
+    recorded.global_batch = True
+    out = learner.train(train, idx, Stage({"ccc": recorded}, regressor=True))
+    return {"batches": [b.numpy() for b in seen], "trained": out["chunks"], "chunks": c}
+
+
 def _run(rank: int, world: int, port: int, q, stats, arrays) -> None:
     torch.set_num_threads(1)
     if world > 1:
@@ -124,6 +145,7 @@ def _run(rank: int, world: int, port: int, q, stats, arrays) -> None:
          "weights": learner.model_copy()}))
     res.update(seen=seen, final=fit_out["metrics"], test_rows=fit_out["evals"]["test"]["row_ids"])
     res["sampled"] = _sampled_pass(rank, world, stats, pools, wrap)
+    res["sentences"] = _sentence_pass(rank, world, stats, pools, wrap)
     q.put(_numpy(res))      # tensors through a queue would be shared memory the child frees
     if world > 1:
         dist.destroy_process_group()
@@ -263,6 +285,19 @@ def test_a_pass_trains_on_two_ranks_what_one_rank_trains_when_clusters_follow_th
     # a pass in which rank 1 has nothing to train: rank 0 trains its draws in 198 // 44 steps of
     # the global batch (the last 22 dropped, as 1 rank drops them), rank 1 joins every step
     assert (r0["lone"], r1["lone"]) == (176, 0) and np.isfinite(r0["lone_ccc"])
+
+
+def test_the_sentence_head_trains_whole_sentences_in_the_one_rank_steps(runs):
+    """model.head=sentence: the step bounds count sentences, so every batch of every rank is whole
+    sentences, each in chunk order, and 2 ranks (12 + 7 sentences) train what 1 rank trains (19)."""
+    one, (r0, r1) = runs[1][0]["sentences"], [r["sentences"] for r in runs[2]]
+    c = one["chunks"]
+    assert one["trained"] == r0["trained"] + r1["trained"] == 16 * c          # 19 // 4 steps of 4 sentences
+    for r in (one, r0, r1):
+        for b in r["batches"]:
+            rows = b.reshape(-1, c)
+            assert np.all(rows % c == np.arange(c)) and np.all(rows // c == rows[:, :1] // c)
+    assert len(r0["batches"]) == len(one["batches"]) == 4
 
 
 def test_unequal_shares_of_a_batch_have_the_one_rank_gradient_of_the_cross_entropy(runs):
