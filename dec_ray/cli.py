@@ -92,6 +92,13 @@ def cmd_tune(args) -> int:
     return EXIT_REJECTS if any(r["error"] for r in rows) else EXIT_OK
 
 
+def cmd_export(args) -> int:
+    from dec_ray.report.export import export_run
+    paths = export_run(args.run, args.out, onnx=not args.no_onnx)
+    print("exported: " + ", ".join(f"{k} {v}" for k, v in paths.items()))
+    return EXIT_OK
+
+
 def cmd_predict(args) -> int:
     from dec_ray.service.batch_predict import run_predict
     info = run_predict(args.run, args.audio, args.out, args.actors, args.gpu, args.groups)
@@ -215,6 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a per-speaker model's groups (model.norm speaker): 'folder' (each file's folder, the "
                         "default) or a CSV with path and group columns")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="a trained run as TorchScript + ONNX + its input contract (contract.json)")
+    p.add_argument("--run", required=True, help="a finished training run folder (with model.pt)")
+    p.add_argument("--out", required=True, help="the folder to write model.ts, model.onnx and contract.json to")
+    p.add_argument("--no-onnx", action="store_true", help="TorchScript only")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("evaluate", parents=[ray_args],
                        help="the paper's protocol: 4 test subsets x R runs, mean/std, t-test, plot")

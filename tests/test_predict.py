@@ -86,8 +86,8 @@ def test_groups_are_refused_for_a_train_normalised_model(trained_runs, tmp_path)
 
 def test_the_new_options_train_through_ray_and_predict_as_trained(tables, tmp_path, ray_local, tiny_cfg):
     """The sentence head, the AdamW recipe and a teacher on the pool, composed, on 2 workers: the
-    teacher's loss is logged, and cross-corpus scoring of the run on its own test split gives the
-    trainer's predictions."""
+    teacher's loss is logged, cross-corpus scoring of the run on its own test split gives the
+    trainer's predictions, and the sentence head exports (ONNX Runtime checked against torch)."""
     import json
     from dec_ray.report.cross_corpus import score_on
     from dec_ray.service.train import run_training
@@ -104,3 +104,5 @@ def test_the_new_options_train_through_ray_and_predict_as_trained(tables, tmp_pa
     cross = pq.read_table(os.path.join(score_on(run, out, "self"), "test_predictions.parquet")).to_pandas()
     np.testing.assert_allclose(cross.set_index("row_id").loc[trained.index, "pred_arousal"], trained["pred_arousal"],
                                rtol=1e-4, atol=1e-4)
+    from dec_ray.report.export import export_run
+    assert set(export_run(run, str(tmp_path / "export"))) == {"contract", "torchscript", "onnx"}

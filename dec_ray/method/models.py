@@ -84,7 +84,7 @@ class SentenceRegressor(nn.Module):
         self.out = nn.Sequential(nn.Linear(2 * (hidden // 2), hidden), nn.ReLU(inplace=True), nn.Linear(hidden, outputs))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if h.shape[0] % self.chunks:
+        if not torch.jit.is_tracing() and h.shape[0] % self.chunks:
             raise ValueError(f"the sentence head reads whole sentences: {h.shape[0]} chunks is not a multiple "
                              f"of {self.chunks}")
         seq, _ = self.gru(h.reshape(-1, self.chunks, h.shape[-1]).float())

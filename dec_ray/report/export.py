@@ -1,0 +1,106 @@
+"""`dec-ray export`: a trained run in portable form, for programs that do not import dec_ray.
+
+OUT/model.ts      TorchScript: normalised chunks, float32 (N, chunk_frames, n_mels) -> per-chunk
+                  predictions (N, attributes) on the z-scored label scale
+OUT/model.onnx    the same graph in ONNX (batch dimension dynamic), checked with ONNX Runtime
+OUT/contract.json everything between a file and those inputs, and from the outputs to the 1..7
+                  scale: decoding, peak normalisation, mel settings, chunking, the storage cast,
+                  the Train statistics, the label de-normalisation and the attributes
+A sentence's prediction is the mean of its chunks' outputs, de-normalised. The plain-numpy reading
+of the contract is tested against `dec-ray predict` (tests/test_export.py). No Ray here.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict
+
+import numpy as np
+import torch
+from torch import nn
+
+from dec_ray.data.files import write_json
+from dec_ray.data.normalization import CLIP, LOG_EPS
+from dec_ray.data.parts import FLOAT16_MAX
+from dec_ray.report.inference import Predictor
+
+FORMAT = "dec_ray.export/1"
+
+
+class ChunkModel(nn.Module):
+    """The network's regression output alone: what a deployed model needs."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)["pred"]
+
+
+def contract(p: Predictor) -> Dict:
+    """The whole input contract of a trained model, as data."""
+    f, m, s = p.cfg.features, p.cfg.model, p.stats
+    mean, std = s.input_moments(m.input) if m.norm == "train" else (None, None)
+    return {
+        "format": FORMAT,
+        "audio": {"sample_rate": f.sample_rate, "mono": "the mean of the channels",
+                  "resample": "librosa.resample(res_type='soxr_hq') when the file's rate differs",
+                  "peak_normalize": "divide by the maximum absolute sample", "silence_peak": f.silence_peak,
+                  "min_duration_s": f.min_duration_s},
+        "mel": {"function": "librosa.feature.melspectrogram", "n_fft": f.n_fft, "hop_length": f.hop_length,
+                "n_mels": f.n_mels, "power": 2.0, "pad_mode": f.pad_mode, "center": True,
+                "layout": "transposed to (frames, n_mels)"},
+        "chunks": {"chunk_frames": f.chunk_frames, "num_chunks": f.num_chunks,
+                   "starts": "k * floor((frames - chunk_frames) / (num_chunks - 1)) for k < num_chunks",
+                   "short_clip_policy": f.short_clip_policy,
+                   "short_clip": "fewer frames than chunk_frames: 'repeat' tiles the frames until they fill "
+                                 "one chunk, 'reject' refuses the clip",
+                   "storage_cast": {"dtype": f.storage_dtype, "saturate_at": FLOAT16_MAX}},
+        "input": {"kind": m.input, "log_eps": LOG_EPS,
+                  "value": "the chunk values, or log(value + log_eps) for kind logmel",
+                  "norm": m.norm, "mean": mean, "std": std,
+                  "per_speaker": "norm 'speaker': mean and std per mel bin over the frames of all chunks of "
+                                 "the files of one speaker (a group of files), instead of mean/std",
+                  "z": "(value - mean) / std; NaN -> 0, +-inf -> +-clip; then clipped to [-clip, clip]",
+                  "clip": CLIP, "dtype": "float32, then cast to the storage dtype and back (as training read it)"
+                  if m.norm == "speaker" else "float32"},
+        "model": {"name": m.name, "head": m.head, "inputs": "x: float32 (N, chunk_frames, n_mels), the chunks "
+                  "of whole sentences in order (N = sentences x num_chunks)",
+                  "outputs": "(N, attributes): per-chunk predictions, z-scored label scale"},
+        "output": {"attributes": list(p.attributes),
+                   "label_mean": {a: s.label_mean[a] for a in p.attributes},
+                   "label_std": {a: s.label_std[a] for a in p.attributes},
+                   "sentence": "mean over the sentence's chunks, then * label_std + label_mean (the 1..7 scale)"},
+    }
+
+
+def export_run(run: str, out: str, onnx: bool = True) -> Dict[str, str]:
+    """Write OUT/model.ts, OUT/model.onnx (``onnx``) and OUT/contract.json; returns their paths."""
+    p = Predictor(os.path.abspath(run))
+    os.makedirs(out, exist_ok=True)
+    f = p.cfg.features
+    model = ChunkModel(p.model).eval()
+    example = torch.zeros((2 * f.num_chunks, f.chunk_frames, f.n_mels))
+    paths = {"contract": os.path.join(out, "contract.json"), "torchscript": os.path.join(out, "model.ts")}
+    with torch.no_grad():
+        torch.jit.trace(model, example, check_trace=False).save(paths["torchscript"])
+        if onnx:
+            paths["onnx"] = os.path.join(out, "model.onnx")
+            torch.onnx.export(model, (example,), paths["onnx"], input_names=["chunks"], output_names=["pred"],
+                              dynamic_axes={"chunks": {0: "n"}, "pred": {0: "n"}}, dynamo=False)
+            check_onnx(paths["onnx"], model, example)
+    write_json(paths["contract"], contract(p))
+    return paths
+
+
+def check_onnx(path: str, model: nn.Module, example: torch.Tensor) -> float:
+    """ONNX Runtime's output on random inputs of another batch size against torch's; raises when
+    they differ by more than 1e-4. Returns the largest difference."""
+    import onnxruntime as ort
+    x = torch.randn((example.shape[0] * 2, *example.shape[1:])).clamp(-CLIP, CLIP)
+    want = model(x).numpy()
+    got = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"chunks": x.numpy()})[0]
+    diff = float(np.abs(got - want).max())
+    if diff > 1e-4:
+        raise RuntimeError(f"{path}: ONNX Runtime differs from torch by {diff:.2e}")
+    return diff
