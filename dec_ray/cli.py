@@ -99,6 +99,12 @@ def cmd_export(args) -> int:
     return EXIT_OK
 
 
+def cmd_serve(args) -> int:
+    from dec_ray.service.serve import run_serve
+    run_serve(args.run, args.replicas, args.gpu, args.port, args.route, args.host)
+    return EXIT_OK
+
+
 def cmd_predict(args) -> int:
     from dec_ray.service.batch_predict import run_predict
     info = run_predict(args.run, args.audio, args.out, args.actors, args.gpu, args.groups)
@@ -228,6 +234,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the folder to write model.ts, model.onnx and contract.json to")
     p.add_argument("--no-onnx", action="store_true", help="TorchScript only")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", parents=[ray_args], help="a trained run behind HTTP with Ray Serve (POST audio, get JSON)")
+    p.add_argument("--run", required=True, help="a finished training run folder (with model.pt)")
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--gpu", action="store_true", help="one GPU per replica")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept requests from other machines")
+    p.add_argument("--route", default="/", help="the route prefix (default /)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("evaluate", parents=[ray_args],
                        help="the paper's protocol: 4 test subsets x R runs, mean/std, t-test, plot")

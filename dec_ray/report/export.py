@@ -2,7 +2,8 @@
 
 OUT/model.ts      TorchScript: normalised chunks, float32 (N, chunk_frames, n_mels) -> per-chunk
                   predictions (N, attributes) on the z-scored label scale
-OUT/model.onnx    the same graph in ONNX (batch dimension dynamic), checked with ONNX Runtime
+OUT/model.onnx    the same graph in ONNX (torch.export-based exporter, batch dimension dynamic),
+                  checked with ONNX Runtime against torch at another batch size
 OUT/contract.json everything between a file and those inputs, and from the outputs to the 1..7
                   scale: decoding, peak normalisation, mel settings, chunking, the storage cast,
                   the Train statistics, the label de-normalisation and the attributes
@@ -11,6 +12,8 @@ of the contract is tested against `dec-ray predict` (tests/test_export.py). No R
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from typing import Dict
 
@@ -86,8 +89,9 @@ def export_run(run: str, out: str, onnx: bool = True) -> Dict[str, str]:
         torch.jit.trace(model, example, check_trace=False).save(paths["torchscript"])
         if onnx:
             paths["onnx"] = os.path.join(out, "model.onnx")
-            torch.onnx.export(model, (example,), paths["onnx"], input_names=["chunks"], output_names=["pred"],
-                              dynamic_axes={"chunks": {0: "n"}, "pred": {0: "n"}}, dynamo=False)
+            with contextlib.redirect_stdout(io.StringIO()):          # the exporter's own progress lines
+                torch.onnx.export(model, (example,), paths["onnx"], input_names=["chunks"], output_names=["pred"],
+                                  dynamic_shapes={"x": {0: torch.export.Dim("n")}}, dynamo=True, verbose=False)
             check_onnx(paths["onnx"], model, example)
     write_json(paths["contract"], contract(p))
     return paths

@@ -52,11 +52,11 @@ class Predictor:
 
     @torch.no_grad()
     def predict_chunks(self, chunks: np.ndarray, groups: Optional[Sequence[str]] = None,
-                       moments: Optional[GroupMoments] = None) -> List[Dict]:
-        """(n_sentences, C, m, F) raw chunks -> one dict per sentence. A per-speaker model
-        (``model.norm: speaker``) z-scores each sentence with its group's statistics: ``moments``
-        when given (a corpus's speakers), else those of the sentences given here, grouped by
-        ``groups`` (default: all in one group)."""
+                       moments: Optional[GroupMoments] = None, per_chunk: bool = False) -> List[Dict]:
+        """(n_sentences, C, m, F) raw chunks -> one dict per sentence (``per_chunk``: with each
+        chunk's values under "chunks"). A per-speaker model (``model.norm: speaker``) z-scores each
+        sentence with its group's statistics: ``moments`` when given (a corpus's speakers), else
+        those of the sentences given here, grouped by ``groups`` (default: all in one group)."""
         n, c = chunks.shape[:2]
         if self.per_speaker:
             keys = list(groups) if groups is not None else [""] * n
@@ -65,13 +65,18 @@ class Predictor:
             chunks = as_stored(z, self.cfg.features)[0]      # training's pools hold them in the storage dtype
         x = self.normalize(torch.tensor(chunks.reshape(n * c, *chunks.shape[2:])))     # as in training
         out = self.model(x)
-        pred = out["pred"].float().cpu().numpy().reshape(n, c, -1).mean(1)
-        pred = self.stats.denormalize_labels(pred, self.attributes)
+        chunk_pred = out["pred"].float().cpu().numpy().reshape(n, c, -1)
+        pred = self.stats.denormalize_labels(chunk_pred.mean(1), self.attributes)
         clusters = [-1] * n                       # -1: the model has no cluster head
         if "logits" in out:
             clusters = out["logits"].float().cpu().numpy().reshape(n, c, -1).mean(1).argmax(1).tolist()
-        return [{**{a: float(pred[i, j]) for j, a in enumerate(self.attributes)}, "cluster": clusters[i]}
-                for i in range(n)]
+        res = [{**{a: float(pred[i, j]) for j, a in enumerate(self.attributes)}, "cluster": clusters[i]}
+               for i in range(n)]
+        if per_chunk:
+            values = self.stats.denormalize_labels(chunk_pred.reshape(n * c, -1), self.attributes).reshape(n, c, -1)
+            for i, r in enumerate(res):
+                r["chunks"] = [{a: float(values[i, k, j]) for j, a in enumerate(self.attributes)} for k in range(c)]
+        return res
 
     def predict_audio(self, y: np.ndarray, sample_rate: int) -> Dict:
         """Samples in any layout and rate, with the checks a file gets (AudioError, ShortClipError)."""
