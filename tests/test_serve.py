@@ -3,7 +3,6 @@
 composes."""
 import io
 import json
-import os
 import urllib.error
 import urllib.request
 

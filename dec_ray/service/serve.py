@@ -79,7 +79,7 @@ class EmotionModel:
             out.pop("cluster", None)
         return out
 
-    async def __call__(self, request) -> "JSONResponse":
+    async def __call__(self, request):
         from starlette.responses import JSONResponse
         per_chunk = request.query_params.get("chunks", "").lower() in ("1", "true", "yes")
         try:
