@@ -95,6 +95,13 @@ def app(run: str, replicas: int = 1, gpu: bool = False):
                                 ).bind(os.path.abspath(run), "cuda" if gpu else "cpu")
 
 
+def build_app(args: Dict) -> "serve.Application":
+    """The application builder a Serve config names (``import_path: dec_ray.service.serve:build_app``,
+    jobs/kuberay/rayservice.yaml): args ``run``, ``replicas`` (1), ``gpu`` (false)."""
+    gpu = str(args.get("gpu", False)).lower() in ("1", "true", "yes")
+    return app(args["run"], int(args.get("replicas", 1)), gpu)
+
+
 def run_serve(run: str, replicas: int = 1, gpu: bool = False, port: int = 8000, route: str = "/",
               host: str = "127.0.0.1", blocking: bool = True, name: str = "dec_ray"):
     """Start Serve on this Ray (joined or private) and deploy; returns the handle (``blocking``:
