@@ -163,7 +163,7 @@ def analyze_run(run: str, out: str, split: str = "train", max_sentences: int = 5
         dep_lines.append(f"| {r.attribute} | {r.eta2:.3f} | {r.eta2_random_mean:.3f} / {r.eta2_random_p95:.3f} | "
                          f"{r.mi_bits:.3f} | {r.mi_random_mean:.3f} / {r.mi_random_p95:.3f} |")
     with open(os.path.join(out, "analysis.md"), "w") as f:
-        f.write(f"# Cluster analysis of {run}\n\n{len(pool.row_ids)} {split} sentences "
+        f.write(f"# Cluster analysis of {os.path.relpath(run, out)}\n\n{len(pool.row_ids)} {split} sentences "
                 f"({len(emb)} chunks), K = {k}, best weights of the run.\n\n"
                 "## How much the clusters depend on the emotion\n\n" + "\n".join(dep_lines) +
                 f"\n\nMI: cluster vs the attribute in {n_bins} quantile bins. Chance (\"random\"): 20 "

@@ -147,6 +147,12 @@ def markdown_table(summary: pd.DataFrame, reference: str = REFERENCE, alpha: flo
     return "\n".join(lines)
 
 
+def relative_runs(values: pd.DataFrame, out: str) -> pd.DataFrame:
+    """The values with each run named relative to the folder they are written to: a report that
+    reads the same on another machine, or after the folder moved."""
+    return values.assign(run=[os.path.relpath(r, out) if os.path.isabs(r) else r for r in values["run"]])
+
+
 def evaluate_runs(runs: Sequence[str], out: str, n_subsets: int = 4, seed: int = 0,
                   reference: str = REFERENCE, alpha: float = 0.05) -> Dict:
     """Write OUT/evaluation.md, evaluation.csv (summary), ccc_values.csv (all values), evaluation.png."""
@@ -154,14 +160,15 @@ def evaluate_runs(runs: Sequence[str], out: str, n_subsets: int = 4, seed: int =
     values = subset_cccs(runs, n_subsets, seed)
     summary = summarize(values, reference, alpha)
     os.makedirs(out, exist_ok=True)
-    values.to_csv(os.path.join(out, "ccc_values.csv"), index=False)
+    relative_runs(values, out).to_csv(os.path.join(out, "ccc_values.csv"), index=False)
     summary.to_csv(os.path.join(out, "evaluation.csv"), index=False)
     table = markdown_table(summary, reference, alpha)
     with open(os.path.join(out, "evaluation.md"), "w") as f:
         f.write(f"# Evaluation\n\nTest set in {n_subsets} random equal subsets (seed {seed}) x the runs of each "
                 f"model; sentence-level CCC on the 1..7 scale; {reference} against each baseline.\n\n{table}"
-                f"\n\n{TESTS}\n\nRuns:\n" + "".join(f"- {r}\n" for r in runs))
-    evaluation_bars(summary, os.path.join(out, "evaluation.png"))
+                f"\n\n{TESTS}\n\nRuns (relative to this folder):\n"
+                + "".join(f"- {os.path.relpath(r, out)}\n" for r in runs))
+    evaluation_bars(summary, os.path.join(out, "evaluation.png"), values)
     return {"summary": summary, "values": values, "table": table,
             "files": [os.path.join(out, n) for n in ("evaluation.md", "evaluation.csv", "ccc_values.csv",
                                                       "evaluation.png")]}

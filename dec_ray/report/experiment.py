@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from dec_ray.report.evaluation import TESTS, compare, paper_t_test, subset_cccs
+from dec_ray.report.evaluation import TESTS, compare, paper_t_test, relative_runs, subset_cccs
 from dec_ray.report.ridge import REFERENCES
 
 AXES = (("model", "model"), ("pool", "unlabeled pool"), ("k", "K"), ("lambda_ce", "lambda"),
@@ -168,21 +168,27 @@ def study_tables(study, cells, summary: pd.DataFrame, attrs: List[str], referenc
     return "\n".join(lines) + "\n"
 
 
-def study_plot(study, cells, summary: pd.DataFrame, attrs: List[str], reference: str, path: str) -> bool:
-    """CCC against the study's numeric axis (pool size, K or lambda), one line per value of the
-    other axis, the CNN and ridge as horizontal lines; bars when only the model varies."""
-    from dec_ray.report.plots import _pyplot, evaluation_bars
+def study_plot(study, cells, summary: pd.DataFrame, attrs: List[str], reference: str, path: str,
+               values: Optional[pd.DataFrame] = None) -> bool:
+    """CCC against the study's numeric axis (pool size, K or lambda; the labelled share on a log
+    axis), one line per value of the other axis, each seed a point, the CNN and the linear
+    references as lines; bars when only the model varies."""
+    from dec_ray.report.plots import _pyplot, evaluation_bars, legend_outside, run_means, save, seed_points, wrapped
     axes = [a for a in varying(study) if a != "model"]
     if not axes:                    # models only (Table 2): bars, with the ridge reference beside them
         linear = linear_present(summary)
         names = [c.name for c in cells] + [r + labels_suffix(cells[0].labels) for r in linear]
+        label = {c.name: LABELS.get(c.model, c.model) for c in cells} | {r + labels_suffix(cells[0].labels): r
+                                                                          for r in linear}
         s = summary[summary["cell"].isin(names)].copy()
-        s["model"] = s["cell"].map({c.name: LABELS.get(c.model, c.model) for c in cells}
-                                   | {r + labels_suffix(cells[0].labels): r for r in linear})
+        s["model"] = s["cell"].map(label)
         s["significant"] = np.where(s["mark"] != "", "yes", "")
         s = s.sort_values("cell", key=lambda col: col.map(names.index))
-        evaluation_bars(s, path)
+        v = None if values is None else values[values["cell"].isin(names)].assign(
+            model=lambda d: d["cell"].map(label))
+        evaluation_bars(s, path, v)
         return True
+    points = run_means(values, "cell")
     x_axis = "labels" if "labels" in axes else "pool" if "pool" in axes else axes[0]
     other = [a for a in varying(study) if a != x_axis]
     plt = _pyplot()
@@ -194,9 +200,11 @@ def study_plot(study, cells, summary: pd.DataFrame, attrs: List[str], reference:
         for key, group in groups.items():
             group = sorted(group, key=lambda c: getattr(c, x_axis))
             s = summary[summary["attribute"] == a].set_index("cell").reindex([c.name for c in group])
-            ax.errorbar([getattr(c, x_axis) for c in group], s["ccc_mean"], yerr=s["ccc_std"], marker="o",
-                        capsize=3, label=", ".join(f"{dict(AXES)[o]} {axis_value(group[0], o)}" for o in other)
-                        or LABELS.get(group[0].model, group[0].model))
+            line = ax.errorbar([getattr(c, x_axis) for c in group], s["ccc_mean"], yerr=s["ccc_std"], marker="o",
+                               capsize=3, label=", ".join(f"{dict(AXES)[o]} {axis_value(group[0], o)}"
+                                                          for o in other) or LABELS.get(group[0].model, group[0].model))
+            for c in group:
+                seed_points(ax, getattr(c, x_axis), points.get((c.name, a)), line[0].get_color(), 0.0)
         shares = sorted({c.labels for c in cells})
         for base, style in [(reference, "--")] + [(r, STYLES[r]) for r in linear_present(summary)]:
             names = [base + labels_suffix(f) for f in shares]
@@ -206,13 +214,15 @@ def study_plot(study, cells, summary: pd.DataFrame, attrs: List[str], reference:
                             capsize=3, label=LABELS[base])
             elif r["ccc_mean"].notna().any():
                 ax.axhline(r["ccc_mean"].dropna().iloc[0], ls=style, color="gray", label=LABELS[base])
+        if x_axis == "labels":
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(shares, [f"{f:g}" for f in shares])
         ax.set_xlabel(dict(AXES)[x_axis] + (" (sentences)" if x_axis == "pool" else ""))
         ax.set_ylabel(f"test CCC, {a}")
-        ax.legend(fontsize=7)
-    fig.suptitle(study.title or study.name, fontsize=10)
+        legend_outside(ax)
+    fig.suptitle(wrapped(study.title or study.name), fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
     return True
 
 
@@ -226,10 +236,13 @@ def line_label(cell) -> str:
     return ", ".join(parts)
 
 
-def labels_plot(cells, summary: pd.DataFrame, attrs: List[str], reference: str, path: str) -> bool:
-    """Test CCC against the labelled share, one line per model (cells of every study, joined by
-    everything but their share), the CNN and ridge at each share: the label-scarce study's figure."""
-    from dec_ray.report.plots import _pyplot
+def labels_plot(cells, summary: pd.DataFrame, attrs: List[str], reference: str, path: str,
+                values: Optional[pd.DataFrame] = None) -> bool:
+    """Test CCC against the labelled share (log axis), one line per model (cells of every study,
+    joined by everything but their share), each seed a point, the CNN and the linear references at
+    each share: the label-scarce study's figure."""
+    from dec_ray.report.plots import _pyplot, legend_outside, run_means, save, seed_points
+    points = run_means(values, "cell")
     shares = sorted({c.labels for c in cells})
     if len(shares) < 2:
         return False
@@ -244,8 +257,10 @@ def labels_plot(cells, summary: pd.DataFrame, attrs: List[str], reference: str, 
         for label, group in lines.items():
             group = sorted(group, key=lambda c: c.labels)
             r = s.reindex([c.name for c in group])
-            ax.errorbar([c.labels for c in group], r["ccc_mean"], yerr=r["ccc_std"], marker="o", capsize=3,
-                        label=label, alpha=0.85)
+            line = ax.errorbar([c.labels for c in group], r["ccc_mean"], yerr=r["ccc_std"], marker="o", capsize=3,
+                               label=label, alpha=0.85)
+            for c in group:
+                seed_points(ax, c.labels, points.get((c.name, a)), line[0].get_color(), 0.0)
         for base, style in [(reference, "--")] + [(r, STYLES[r]) for r in linear_present(summary)]:
             r = s.reindex([base + labels_suffix(f) for f in shares])
             ax.errorbar(shares, r["ccc_mean"], yerr=r["ccc_std"], ls=style, marker="s", color="gray" if base !=
@@ -254,10 +269,9 @@ def labels_plot(cells, summary: pd.DataFrame, attrs: List[str], reference: str, 
         ax.set_xticks(shares, [f"{f:g}" for f in shares])
         ax.set_xlabel("labelled share of Train")
         ax.set_ylabel(f"test CCC, {a}")
-        ax.legend(fontsize=7)
+        legend_outside(ax)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
     return True
 
 
@@ -282,7 +296,7 @@ def corpus_sections(out: str, spec, cells: Dict[str, list], values: pd.DataFrame
     beside the report."""
     tag = f"_{corpus}" if corpus else ""
     summary = cell_summary(values, reference, spec.alpha)
-    values.to_csv(os.path.join(out, f"ccc_values{tag}.csv"), index=False)
+    relative_runs(values, out).to_csv(os.path.join(out, f"ccc_values{tag}.csv"), index=False)
     summary.to_csv(os.path.join(out, f"cells{tag}.csv"), index=False)
     attrs = list(dict.fromkeys(values["attribute"]))
     parts = []
@@ -290,14 +304,14 @@ def corpus_sections(out: str, spec, cells: Dict[str, list], values: pd.DataFrame
         group = cells[study.name]
         parts.append(study_tables(study, group, summary, attrs, reference))
         png = f"{study.name}{tag}.png"
-        if study_plot(study, group, summary, attrs, reference, os.path.join(out, png)):
+        if study_plot(study, group, summary, attrs, reference, os.path.join(out, png), values):
             parts.append(f"![{study.name}{tag}]({png})\n")
     # the studies with a labels axis (a K or lambda study would join their lines) and the references
     plotted = {s.name for s in spec.studies if s.labels} | {"_reference"}
     every = list(dict.fromkeys(c for name, group in cells.items() if name in plotted for c in group))
     png = f"labels_across{tag}.png"                  # not a study's name + .png
     if sum(len(study.labels) > 1 for study in spec.studies) > 1 and labels_plot(
-            every, summary, attrs, reference, os.path.join(out, png)):
+            every, summary, attrs, reference, os.path.join(out, png), values):
         parts.append(f"The cells of the studies with a labels axis against the labelled share:\n\n"
                      f"![labels{tag}]({png})\n")
     return parts
