@@ -249,8 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", nargs="+", help="finished run folders (any mix of models)")
     p.add_argument("--tables", help="train the runs first: each of --models, --repeats times (seeds 0..R-1)")
     p.add_argument("--models", nargs="+", default=["deepemocluster", "cnn", "ridge", "egemaps"],
-                   choices=["deepemocluster", "cnn", "ae", "vae", "ridge", "egemaps", "egemaps-speaker"],
-                   help="the linear references: ridge (log-mel utterance statistics), egemaps (eGeMAPS "
+                   choices=["deepemocluster", "cnn", "ae", "vae", "recommended", "ridge", "egemaps", "egemaps-speaker"],
+                   help="the networks, `recommended` (the preset of that name laid over --config), and the "
+                        "linear references: ridge (log-mel utterance statistics), egemaps (eGeMAPS "
                         "functionals, Train normalisation), egemaps-speaker (eGeMAPS, per-speaker normalisation)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", required=True, help="report folder (evaluation.md/.csv/.png; runs/ when training)")

@@ -15,6 +15,8 @@ from typing import Any, List, Optional
 import yaml
 
 ATTRIBUTES = ("arousal", "valence", "dominance")
+# presets that are a model of their own (`--models recommended`): laid over the config, named by model.label
+MODEL_PRESETS = ("recommended",)
 
 
 @dataclass
@@ -74,6 +76,9 @@ class ModelConfig:
     # the regressor: "chunk" (official: one prediction per chunk, a sentence's is their mean) |
     # "sentence" (a GRU + attention over the sentence's chunks in order; batches of whole sentences)
     head: str = "chunk"
+    # the name results give this model (result.json, reports); "" = model.name. A preset that
+    # changes the method names it (the `recommended` preset: "recommended")
+    label: str = ""
 
 
 @dataclass
@@ -286,6 +291,19 @@ def preset_path(name: str) -> str:
     """A config shipped with the package (dec_ray/presets/NAME.yaml): ``--config NAME``."""
     from importlib import resources
     return str(resources.files("dec_ray") / "presets" / f"{name}.yaml")
+
+
+def preset_overrides(name: str) -> List[str]:
+    """A preset's keys as ``section.key=value`` overrides, to lay over another config (the demo's
+    size, a study's budget)."""
+    with open(preset_path(name)) as f:
+        data = yaml.safe_load(f) or {}
+    return [f"{section}.{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+            for section, keys in data.items() for k, v in keys.items()]
+
+
+def model_label(cfg: Config) -> str:
+    return cfg.model.label or cfg.model.name
 
 
 def config_from_dict(data: dict) -> Config:

@@ -2,7 +2,7 @@
 as a user would deploy it (the normalisation statistics of its own training corpus) and, beside it,
 adapted (the target corpus's own feature statistics, from its audio: its tables' Train statistics,
 or the scored split's when it has no Train; never its labels). The label scale stays the training
-corpus's. A per-speaker reference normalises each target speaker by their own statistics either
+corpus's. A per-speaker model or reference normalises each target speaker by their own statistics either
 way. No Ray here.
 
 Each (run, corpus) gets a run-shaped folder, RUN/cross/NAME/ (result.json, test_predictions.parquet),
@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from dec_ray.config import chunk_settings
+from dec_ray.config import chunk_settings, model_label
 from dec_ray.data.files import atomic_path, write_json
 from dec_ray.data.tables import READ_BATCH, split_files, with_sentence_info
 from dec_ray.report.evaluation import predictions_table
@@ -65,7 +65,7 @@ def _predict_run(run: str, tables: str, split: str, adapted: bool = False):
         ids.append(rid)
         preds.append(np.array([[o[a] for a in p.attributes] for o in out]))
         golds.append(gold)
-    return np.concatenate(ids), np.concatenate(preds), np.concatenate(golds), p.cfg.model.name, p.attributes
+    return np.concatenate(ids), np.concatenate(preds), np.concatenate(golds), model_label(p.cfg), p.attributes
 
 
 def _predict_ridge(run: str, tables: str, split: str, adapted: bool = False):

@@ -379,7 +379,7 @@ def render_report(out: str, spec, cells: Dict[str, list], values: Dict[str, pd.D
                "training corpus")
         parts.append(f"## Across corpora: trained on this corpus, tested on {target}"
                      + (" (adapted)" if adapted else "") + f"\n\nEvery run (and each linear reference at each "
-                     f"share) scored on the test split of {target} {how}. A per-speaker reference normalises each "
+                     f"share) scored on the test split of {target} {how}. A per-speaker model or reference normalises each "
                      "target speaker with their own statistics either way. Same protocol, tested against the "
                      "CNN trained on the same labels.\n")
         parts += corpus_sections(out, spec, cells, vals, reference, corpus)

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from dec_ray.config import Config, config_from_dict, load_config
+from dec_ray.config import MODEL_PRESETS, Config, config_from_dict, load_config, model_label, preset_overrides
 from dec_ray.data.files import atomic_path, write_json
 from dec_ray.data.groups import FILE as GROUPS_FILE, TableGroups, run_groups
 from dec_ray.data.normalization import Stats
@@ -320,7 +320,7 @@ def finalize(out: str, cfg: Config, stats: Stats, result) -> dict:
     attrs = cfg.model.attributes
     loop = st["loop"]
     summary = {
-        "model": cfg.model.name, "attributes": attrs, "best_epoch": loop["best_epoch"],
+        "model": model_label(cfg), "attributes": attrs, "best_epoch": loop["best_epoch"],
         "epochs_run": loop["epoch"] + 1, "best_dev_loss": loop["best_loss"],
         "batch_sentences": cfg.train.batch_sentences,
         "dev_ccc": {a: m.get(f"dev_ccc_{a}") for a in attrs},
@@ -348,7 +348,7 @@ def finalize_from_checkpoint(out: str) -> dict:
     epochs = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
     best = next((m for m in epochs if m["epoch"] == loop["best_epoch"]), {})
     attrs = cfg.model.attributes
-    summary = {"model": cfg.model.name, "attributes": attrs, "stopped": True, "best_epoch": loop["best_epoch"],
+    summary = {"model": model_label(cfg), "attributes": attrs, "stopped": True, "best_epoch": loop["best_epoch"],
                "epochs_run": loop["epoch"] + 1, "best_dev_loss": loop["best_loss"],
                "batch_sentences": cfg.train.batch_sentences,
                "dev_ccc": {a: best.get(f"dev_ccc_{a}") for a in attrs}, "test_ccc": {a: None for a in attrs},
@@ -421,7 +421,8 @@ def repeated_runs(tables: str, out: str, models: Sequence[str], repeats: int, cf
                   overrides: Sequence[str] = ()) -> List[str]:
     """Train each model ``repeats`` times (train.seed = 0..R-1) into OUT/runs/MODEL/seedR, one
     Ray Train run after the other; finished runs are kept and interrupted ones resumed, so the
-    command can be re-run after a failure. The linear references (``ridge``, ``egemaps``,
+    command can be re-run after a failure. A model may be a preset that names one (``MODEL_PRESETS``:
+    ``recommended``), laid over the config. The linear references (``ridge``, ``egemaps``,
     ``egemaps-speaker``) are deterministic: one fit each, no Ray."""
     from dec_ray.report.ridge import REFERENCES
     runs = []
@@ -434,7 +435,8 @@ def repeated_runs(tables: str, out: str, models: Sequence[str], repeats: int, cf
         for seed in range(repeats):
             run = os.path.join(out, "runs", model, f"seed{seed}")
             runs.append(run)
-            cfg = load_config(cfg_path, [*overrides, f"model.name={model}", f"train.seed={seed}"])
+            chosen = preset_overrides(model) if model in MODEL_PRESETS else [f"model.name={model}"]
+            cfg = load_config(cfg_path, [*overrides, *chosen, f"train.seed={seed}"])
             if os.path.exists(os.path.join(run, "config.yaml")) and differences(run, cfg):
                 raise ValueError(f"{run} holds a run trained with another config ("
                                  + "; ".join(differences(run, cfg)[:4]) + "); use another --out")
