@@ -24,10 +24,11 @@ AXES = (("model", "model"), ("pool", "unlabeled pool"), ("k", "K"), ("lambda_ce"
         ("labels", "labelled share of Train"), ("options", "method options"))
 COLUMN_AXES = ("pool", "labels")       # in a two-axis grid, these are the columns
 LABELS = {"deepemocluster": "DeepEmoCluster", "cnn": "CNN-regressor", "ae": "CNN-AE", "vae": "CNN-VAE",
+          "recommended": "recommended",
           "ridge": "ridge (log-mel statistics)", "egemaps": "ridge (eGeMAPS, Train norm.)",
           "egemaps-speaker": "ridge (eGeMAPS, per-speaker norm.)"}
 LINEAR = tuple(REFERENCES)      # the linear references: ridge, egemaps, egemaps-speaker
-STYLES = {"ridge": ":", "egemaps": "-.", "egemaps-speaker": (0, (1, 3))}
+STYLES = {"ridge": ":", "egemaps": "-.", "egemaps-speaker": (0, (5, 1, 1, 1, 1, 1))}   # dash-dot-dot
 
 
 def labels_suffix(labels: float) -> str:
@@ -198,10 +199,12 @@ def study_plot(study, cells, summary: pd.DataFrame, attrs: List[str], reference:
         for c in cells:
             groups.setdefault(tuple(getattr(c, o) for o in other), []).append(c)
         for key, group in groups.items():
-            group = sorted(group, key=lambda c: getattr(c, x_axis))
+            categorical = isinstance(getattr(group[0], x_axis), str)       # option sets: the spec's order, no line
+            if not categorical:
+                group = sorted(group, key=lambda c: getattr(c, x_axis))
             s = summary[summary["attribute"] == a].set_index("cell").reindex([c.name for c in group])
             line = ax.errorbar([getattr(c, x_axis) for c in group], s["ccc_mean"], yerr=s["ccc_std"], marker="o",
-                               capsize=3, label=", ".join(f"{dict(AXES)[o]} {axis_value(group[0], o)}"
+                               capsize=3, ls="none" if categorical else "-", label=", ".join(f"{dict(AXES)[o]} {axis_value(group[0], o)}"
                                                           for o in other) or LABELS.get(group[0].model, group[0].model))
             for c in group:
                 seed_points(ax, getattr(c, x_axis), points.get((c.name, a)), line[0].get_color(), 0.0)
@@ -214,6 +217,10 @@ def study_plot(study, cells, summary: pd.DataFrame, attrs: List[str], reference:
                             capsize=3, label=LABELS[base])
             elif r["ccc_mean"].notna().any():
                 ax.axhline(r["ccc_mean"].dropna().iloc[0], ls=style, color="gray", label=LABELS[base])
+        if isinstance(getattr(cells[0], x_axis), str):
+            ax.tick_params(axis="x", labelrotation=30)
+            for t in ax.get_xticklabels():
+                t.set_horizontalalignment("right")
         if x_axis == "labels":
             ax.set_xscale("log", base=2)
             ax.set_xticks(shares, [f"{f:g}" for f in shares])

@@ -50,8 +50,8 @@ def seed_points(ax, x: float, ys: Optional[np.ndarray], color, spread: float = 0
     """The runs' values as small points around x (deterministic jitter), beside the mean."""
     if ys is None or len(ys) < 2:
         return
-    offsets = np.linspace(-spread, spread, len(ys))
-    ax.scatter(x + offsets, ys, s=9, color=color, edgecolor="black", linewidths=0.3, zorder=3, alpha=0.9)
+    xs = [x] * len(ys) if isinstance(x, str) else x + np.linspace(-spread, spread, len(ys))   # a category: no jitter
+    ax.scatter(xs, ys, s=9, color=color, edgecolor="black", linewidths=0.3, zorder=3, alpha=0.9)
 
 
 def evaluation_bars(summary: pd.DataFrame, path: str, values: Optional[pd.DataFrame] = None,
