@@ -107,8 +107,10 @@ def test_report_numbers_are_recomputed_from_the_saved_predictions(experiment):
     report = open(os.path.join(out, "report.md")).read()
     for title in ("Table 2", "Clusters of the best DeepEmoCluster run"):
         assert title in report
-    for png in ("models.png", "analysis/cluster_attributes.png"):
-        assert os.path.exists(os.path.join(out, png)), png
+    for fig in ("models.png", "models.svg", "analysis/cluster_attributes.png", "analysis/cluster_attributes.svg"):
+        assert os.path.exists(os.path.join(out, fig)), fig
+    runs = pd.read_csv(os.path.join(out, "ccc_values.csv"))["run"]       # portable: relative to the report
+    assert all(not os.path.isabs(r) and os.path.isdir(os.path.join(out, r)) for r in runs)
 
     def cell_stats(cell_dirs):
         values = []
