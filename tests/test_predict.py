@@ -77,6 +77,8 @@ def test_a_per_speaker_model_predicts_as_it_was_trained(tables, tmp_path, ray_lo
     cross = pq.read_table(os.path.join(score_on(run, out, "self"), "test_predictions.parquet")).to_pandas()
     np.testing.assert_allclose(cross.set_index("path").loc[trained.index, "pred_arousal"], trained["pred_arousal"],
                                rtol=1e-4, atol=1e-4)
+    adapted = pq.read_table(os.path.join(score_on(run, out, "self", adapted=True), "test_predictions.parquet"))
+    assert adapted.to_pandas().equals(cross)           # its speakers' own statistics either way
 
 
 def test_groups_are_refused_for_a_train_normalised_model(trained_runs, tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
@@ -94,6 +95,15 @@ def is_reference(run: str) -> bool:
     return os.path.exists(os.path.join(run, "ridge.npz"))
 
 
+def per_speaker(run: str) -> bool:
+    """Whether a run (network or reference) normalises each speaker with their own statistics."""
+    if is_reference(run):
+        from dec_ray.report.ridge import load_ridge
+        return load_ridge(run)["norm"] == "speaker"
+    from dec_ray.config import load_config
+    return load_config(os.path.join(run, "config.yaml")).model.norm == "speaker"
+
+
 def score_on(run: str, tables: str, name: str, split: str = "test", adapted: bool = False) -> str:
     """RUN/cross/NAME/ (``adapted``: RUN/cross/NAME-adapted/): the run's predictions on the
     ``split`` of another corpus's tables, in a run-shaped folder; returns it. Done once per corpus:
@@ -104,6 +114,13 @@ def score_on(run: str, tables: str, name: str, split: str = "test", adapted: boo
         with open(os.path.join(out, "result.json")) as f:
             if json.load(f).get("tables") == tables:
                 return out
+    if adapted and per_speaker(run):      # its target speakers' own statistics either way: the same numbers
+        deployed = score_on(run, tables, name, split)
+        os.makedirs(out, exist_ok=True)
+        shutil.copyfile(os.path.join(deployed, "test_predictions.parquet"), os.path.join(out, "test_predictions.parquet"))
+        with open(os.path.join(deployed, "result.json")) as f:
+            write_json(os.path.join(out, "result.json"), {**json.load(f), "adapted": True})
+        return out
     predict = _predict_ridge if is_reference(run) else _predict_run
     ids, pred, gold, model, attrs = predict(run, tables, split, adapted)
     order = np.argsort(ids)
