@@ -1,7 +1,7 @@
 """`dec-ray demo`: the whole pipeline on the embedded synthetic corpus, resumable step by step.
 
-synth corpus -> Ray Data ingest -> Ray Train: DeepEmoCluster and the CNN-regressor baseline
-(R runs each, default 1) -> the evaluation protocol (4 test subsets x R, t-test) and the cluster
+synth corpus -> Ray Data ingest -> Ray Train: DeepEmoCluster as published, the `recommended` preset
+and the CNN-regressor baseline (R runs each, default 1), and the linear references -> the evaluation protocol (4 test subsets x R, t-test) and the cluster
 analysis of the first DeepEmoCluster run -> OUT/summary.md.
 
 By default it shows the setting the product is for: only a quarter of Train keeps its labels
@@ -15,9 +15,10 @@ import time
 
 from dec_ray.config import load_config, preset_path
 
-# the two networks, then the linear references (no Ray): log-mel ridge, eGeMAPS ridge under Train
-# and per-speaker normalisation
-MODELS = ("deepemocluster", "cnn", "ridge", "egemaps", "egemaps-speaker")
+# the networks (DeepEmoCluster as published, the recommended preset, the CNN), then the linear
+# references (no Ray): log-mel ridge, eGeMAPS ridge under Train and per-speaker normalisation
+NETWORKS = ("deepemocluster", "recommended", "cnn")
+MODELS = (*NETWORKS, "ridge", "egemaps", "egemaps-speaker")
 
 
 def run_demo(out: str, labeled: int = 240, unlabeled: int = 120, seed: int = 0, overrides=(),
@@ -44,8 +45,8 @@ def run_demo(out: str, labeled: int = 240, unlabeled: int = 120, seed: int = 0, 
         print(summary.line())
     share = "all of Train's labels" if labels >= 1 else (f"{labels:g} of Train's labels, the rest of Train in "
                                                           "the unlabeled pool")
-    print(f"[demo] 3/4 training {', '.join(MODELS[:2])} with Ray Train ({repeats} run(s) each) and the linear "
-          f"references ({', '.join(MODELS[2:])}), {share} -> {out}/runs")
+    print(f"[demo] 3/4 training {', '.join(NETWORKS)} with Ray Train ({repeats} run(s) each) and the linear "
+          f"references ({', '.join(MODELS[len(NETWORKS):])}), {share} -> {out}/runs")
     runs = repeated_runs(tables, out, MODELS, repeats, cfg_path, overrides)
     print("[demo] 4/4 evaluation (4 test subsets x runs, the test on run means) and cluster analysis")
     ev = evaluate_runs(runs, os.path.join(out, "evaluation"))
