@@ -141,6 +141,8 @@ def teacher_predictions(tables: str, attributes: Sequence[str], train_rows: np.n
     distils on the pool (``train.teacher``). Only the labeled rows' labels are read."""
     attributes = list(attributes)
     train, dev = (read_split(tables, s, attributes, inputs) for s in ("train", "dev"))
+    if norm == "speaker" and not any(train[3]):
+        raise ValueError(f"{tables}: a per-speaker teacher needs speakers, and its Train names none")
     keep = np.isin(train[0], train_rows)
     mean, std = moments(train[1][keep])
     model = {"norm": norm, "mean": mean, "std": std, "attributes": attributes}

@@ -227,6 +227,9 @@ def build_trainer(tables: str, out: str, cfg: Config, stats: Stats, name: str = 
     lines = [resolve_batch(cfg, rows["train"])]
     if cfg.model.norm == "speaker":      # once, here: every worker needs every speaker's statistics
         g = run_groups(out, tables, cfg.model.input)
+        if all(n.startswith("<") for n in g.moments.names):
+            raise ValueError(f"{tables}: model.norm=speaker needs speakers, and these tables name none "
+                             "(each split would be one group); use model.norm=train")
         lines.append(f"input z-scored per speaker ({len(g.moments.names)} groups, {GROUPS_FILE})")
     if cfg.train.teacher != "none":
         n = write_teacher(out, tables, cfg, stats)
