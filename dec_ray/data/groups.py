@@ -18,7 +18,6 @@ import pyarrow.dataset as pads
 
 from dec_ray.data.normalization import CLIP, LOG_EPS
 
-NORMS = ("train", "speaker")
 SPLITS = ("train", "dev", "test", "unlabeled")
 FILE = "speaker_norm.npz"          # RUN/speaker_norm.npz: the groups of the run's tables
 
