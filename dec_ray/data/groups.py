@@ -16,7 +16,8 @@ from typing import Dict, Iterable, Optional, Sequence, Tuple
 import numpy as np
 import pyarrow.dataset as pads
 
-from dec_ray.data.normalization import CLIP, LOG_EPS
+from dec_ray.data.normalization import input_values, zscore_clip
+from dec_ray.data.pools import positions_of
 
 SPLITS = ("train", "dev", "test", "unlabeled")
 FILE = "speaker_norm.npz"          # RUN/speaker_norm.npz: the groups of the run's tables
@@ -25,12 +26,6 @@ FILE = "speaker_norm.npz"          # RUN/speaker_norm.npz: the groups of the run
 def group_key(speaker: Optional[str], split: str) -> str:
     """A sentence's group: its speaker, or ``<split>`` when it names none."""
     return speaker if speaker else f"<{split}>"
-
-
-def input_values(chunks: np.ndarray, input: str) -> np.ndarray:
-    """Raw mel power -> the values the network's input z-scores (float32): the power or its log."""
-    x = chunks.astype(np.float32)
-    return np.log(x + np.float32(LOG_EPS)) if input == "logmel" else x
 
 
 class GroupSums:
@@ -77,10 +72,7 @@ class GroupMoments:
             raise KeyError(f"no statistics for group(s) {missing[:5]}")
         g = np.array([where[k] for k in keys], dtype=np.int64)
         shape = (len(g),) + (1,) * (chunks.ndim - 2) + (chunks.shape[-1],)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            z = (input_values(chunks, input) - self.mean[g].reshape(shape)) / self.std[g].reshape(shape)
-        z = np.nan_to_num(z, nan=0.0, posinf=CLIP, neginf=-CLIP)
-        return np.clip(z, -CLIP, CLIP).astype(np.float32)
+        return zscore_clip(input_values(chunks, input), self.mean[g].reshape(shape), self.std[g].reshape(shape))
 
 
 @dataclass
@@ -92,8 +84,8 @@ class TableGroups:
     input: str
 
     def keys_of(self, rows: np.ndarray) -> np.ndarray:
-        at = np.searchsorted(self.row_ids, rows)
-        if np.any(at >= len(self.row_ids)) or np.any(self.row_ids[np.minimum(at, len(self.row_ids) - 1)] != rows):
+        at = positions_of(self.row_ids, rows)
+        if at is None:
             raise KeyError("rows outside the tables these speaker statistics were computed on")
         return self.keys[at]
 

@@ -18,6 +18,24 @@ from dec_ray.data.files import write_json
 
 CLIP = 3.0
 LOG_EPS = 1e-10          # log(power + LOG_EPS): the log-mel input and the ridge's utterance statistics
+
+
+def input_values(x: np.ndarray, input: str) -> np.ndarray:
+    """Raw mel power -> the values the network's input z-scores (float32): the power or its log."""
+    x = x.astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.log(x + np.float32(LOG_EPS)) if input == "logmel" else x
+
+
+def zscore_clip(values: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """The official input normalisation's tail, for Train's statistics or a speaker's:
+    (values - mean) / std, NaN -> 0, +-inf and the rest clipped to [-3, 3], float32."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = (values - mean) / std
+    z = np.nan_to_num(z, nan=0.0, posinf=CLIP, neginf=-CLIP)
+    return np.clip(z, -CLIP, CLIP).astype(np.float32)
+
+
 INPUTS = ("power", "logmel")
 
 
@@ -85,13 +103,7 @@ class Stats:
         """(..., n_mels) raw mel power -> (its log, for ``logmel``) z-scored, NaN -> 0, clipped to
         [-3, 3], float32."""
         mean, std = (np.asarray(v, dtype=np.float32) for v in self.input_moments(input))
-        x = x.astype(np.float32)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            if input == "logmel":
-                x = np.log(x + np.float32(LOG_EPS))
-            z = (x - mean) / std
-        z = np.nan_to_num(z, nan=0.0, posinf=CLIP, neginf=-CLIP)
-        return np.clip(z, -CLIP, CLIP)
+        return zscore_clip(input_values(x, input), mean, std)
 
     def feature_normalizer(self, device: torch.device, input: str = "power", norm: str = "train") -> "FeatureNormalizer":
         """``norm="speaker"``: the pools hold inputs already z-scored per speaker (data/groups.py);

@@ -83,6 +83,16 @@ class Pool:
                     np.concatenate([p.row_ids for p in pools]))
 
 
+def positions_of(sorted_ids: np.ndarray, rows: np.ndarray) -> Optional[np.ndarray]:
+    """Where each of ``rows`` sits in ``sorted_ids`` (global row ids, sorted), or None when some
+    are not there: the lookup of per-row data saved once per run (speaker groups, teacher targets)."""
+    rows = np.asarray(rows)
+    at = np.searchsorted(sorted_ids, rows)
+    if len(rows) and (at.max() >= len(sorted_ids) or np.any(sorted_ids[at] != rows)):
+        return None
+    return at
+
+
 def placement(pool_bytes: int, device: torch.device, fraction: float) -> Tuple[torch.device, bool, str]:
     """(where the chunks live, pinned?, why) for a worker whose pools take ``pool_bytes``."""
     gb = pool_bytes / 1e9

@@ -26,7 +26,7 @@ from dec_ray.config import MODEL_PRESETS, Config, config_from_dict, load_config,
 from dec_ray.data.files import atomic_path, write_json
 from dec_ray.data.groups import FILE as GROUPS_FILE, TableGroups, run_groups
 from dec_ray.data.normalization import Stats
-from dec_ray.data.pools import Pool, placement, row_bytes
+from dec_ray.data.pools import Pool, placement, positions_of, row_bytes
 from dec_ray.data.tables import (block_of, chunk_shape, is_complete, labeled_stats, pool_files, read_rows,
                                  row_ids, run_tables, split_files, split_rows, storage_dtype, stride_of,
                                  training_rows, with_sentence_info)
@@ -94,8 +94,8 @@ def write_teacher(out: str, tables: str, cfg: Config, stats: Stats) -> int:
 def teacher_targets(out: str, rows: np.ndarray) -> torch.Tensor:
     """The teacher's z-scored targets of these pool rows (RUN/teacher.npz)."""
     t = np.load(os.path.join(out, TEACHER_FILE))
-    at = np.searchsorted(t["row_ids"], rows)
-    if len(rows) and (at.max() >= len(t["row_ids"]) or np.any(t["row_ids"][at] != rows)):
+    at = positions_of(t["row_ids"], rows)
+    if at is None:
         raise ValueError(f"{out}/{TEACHER_FILE} lacks some of the pool's rows: the run's pool changed")
     return torch.from_numpy(t["targets"][at])
 
