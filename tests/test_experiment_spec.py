@@ -192,6 +192,39 @@ def test_option_sets_are_an_axis_of_their_own_cells():
     assert labels_of("cnn_labels-2") == ""
 
 
+def test_an_ablation_study_tests_each_option_set_against_its_own_cell():
+    """``against``: every other cell of the study is tested against that option set's cell with the
+    same labels (run means), as the difference of the means; an option set the study lacks is refused."""
+    import pandas as pd
+
+    from dec_ray.report.experiment import against_table
+    from dec_ray.service.experiment import Study
+    spec = spec_from_dict({"config": "demo", "options": {"full": ["train.recipe=adamw", "model.head=sentence"],
+                                                         "no-head": ["train.recipe=adamw"]},
+                           "studies": [{"name": "abl", "models": ["cnn"], "labels": [0.25, 1.0],
+                                        "options": ["published", "no-head", "full"], "against": "full"}]})
+    cells = plan(spec, load_config(config_path(spec), spec.set), n_unlabeled=351)["abl"]
+    rng = np.random.default_rng(0)
+    means = {"cnn_labels0.25": 0.3, "cnn_no-head_labels0.25": 0.5, "cnn_full_labels0.25": 0.52,
+             "cnn": 0.6, "cnn_no-head": 0.55, "cnn_full": 0.7}
+    values = pd.DataFrame([{"cell": c, "attribute": "arousal", "run": f"{c}/{r}", "subset": s,
+                            "ccc": mu + 0.01 * rng.normal() + 0.1 * s} for c, mu in means.items()
+                           for r in range(5) for s in range(4)])
+    table = against_table(Study(**vars(spec.studies[0])), cells, values, ["arousal"], 0.05)
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1].rstrip(" |") for line in table.splitlines()[4:]}
+    assert set(rows) == {"0.25, published", "0.25, no-head", "1, published", "1, no-head"}   # not full against itself
+    delta = {k: float(v.split()[0]) for k, v in rows.items()}
+    assert delta == pytest.approx({"0.25, published": -0.22, "0.25, no-head": -0.02,    # each share against
+                                   "1, published": -0.1, "1, no-head": -0.15}, abs=0.01)  # the full set at that share
+    assert "▼" in rows["0.25, published"] and "▼" in rows["1, no-head"]
+    # the subsets' shared spread (0.1 a subset) cancels in the run means: p is small however large it is
+    assert float(rows["1, published"].split("(p ")[1][:-1]) < 1e-3
+    assert against_table(Study(name="x"), cells, values, ["arousal"], 0.05) == ""
+    with pytest.raises(ConfigError, match="against 'none' is not one of its options"):
+        spec_from_dict({"options": {"full": ["train.recipe=adamw"]},
+                        "studies": [{"name": "a", "models": ["cnn"], "options": ["full"], "against": "none"}]})
+
+
 def test_cross_corpora_named_alike_are_refused_before_any_scoring():
     """Two corpora given without NAME= whose folders are both called tables would share
     RUN/cross/tables: the second would silently reuse the first's scores."""

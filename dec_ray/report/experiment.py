@@ -169,6 +169,36 @@ def study_tables(study, cells, summary: pd.DataFrame, attrs: List[str], referenc
     return "\n".join(lines) + "\n"
 
 
+def against_table(study, cells, values: pd.DataFrame, attrs: List[str], alpha: float) -> str:
+    """A study's cells against its own ``against`` cell with the same other axes (an ablation: each
+    option set against the preset): the difference of the means and the test on run means
+    (``compare``), per attribute; "" for a study without one."""
+    if not study.against:
+        return ""
+    key = lambda c: (c.model, c.pool, c.k, c.lambda_ce, c.labels)      # everything but the options
+    refs = {key(c): c for c in cells if c.options == study.against}
+    axes = varying(study) or ["model"]
+    lines = [f"Against {format_value('options', study.against)} (the difference of the means; the test on run "
+             f"means, ▲ / ▼: p < {alpha}):\n",
+             f"| {' / '.join(dict(AXES)[a] for a in axes)} | " + " | ".join(attrs) + " |", "|---" * (len(attrs) + 1) + "|"]
+    for c in cells:
+        ref = refs.get(key(c))
+        if ref is None or ref.name == c.name:
+            continue
+        row = [", ".join(axis_value(c, a) for a in axes)]
+        for a in attrs:
+            g = values[(values["cell"] == c.name) & (values["attribute"] == a)]
+            r = values[(values["cell"] == ref.name) & (values["attribute"] == a)]
+            if g.empty or r.empty:
+                row.append("not run")
+                continue
+            t, p, _ = compare(g, r)
+            mark = "" if not p < alpha else (" ▲" if t > 0 else " ▼")
+            row.append(f"{g['ccc'].mean() - r['ccc'].mean():+.3f}{mark}" + ("" if np.isnan(p) else f" (p {p:.2g})"))
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def study_plot(study, cells, summary: pd.DataFrame, attrs: List[str], reference: str, path: str,
                values: Optional[pd.DataFrame] = None) -> bool:
     """CCC against the study's numeric axis (pool size, K or lambda; the labelled share on a log
@@ -310,6 +340,8 @@ def corpus_sections(out: str, spec, cells: Dict[str, list], values: pd.DataFrame
     for study in spec.studies:
         group = cells[study.name]
         parts.append(study_tables(study, group, summary, attrs, reference))
+        if study.against:
+            parts.append(against_table(study, group, values, attrs, spec.alpha))
         png = f"{study.name}{tag}.png"
         if study_plot(study, group, summary, attrs, reference, os.path.join(out, png), values):
             parts.append(f"![{study.name}{tag}]({png})\n")

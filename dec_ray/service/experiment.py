@@ -51,6 +51,9 @@ class Study:
     labels: List[float] = field(default_factory=list)       # train.label_fraction values; none: 1.0
     options: List[str] = field(default_factory=list)        # names of the spec's option sets; none: published
     seeds: Optional[int] = None         # runs per cell of this study; none: the spec's seeds
+    # one of ``options`` every other cell of the study is also tested against (an ablation: the
+    # preset, and the preset without each of its options); none: the CNN only
+    against: Optional[str] = None
 
 
 @dataclass
@@ -95,6 +98,9 @@ def spec_from_dict(data: dict) -> ExperimentSpec:
         if unknown:
             raise ConfigError(f"study {study.name}: option set(s) {', '.join(unknown)} not in the spec's options "
                               f"(known: {', '.join([PUBLISHED, *(data.get('options') or {})])})")
+        if study.against is not None and study.against not in (study.options or [PUBLISHED]):
+            raise ConfigError(f"study {study.name}: against {study.against!r} is not one of its options "
+                              f"({', '.join(study.options or [PUBLISHED])})")
         studies.append(study)
     if not studies:
         raise ConfigError("experiment spec: no studies")
