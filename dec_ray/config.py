@@ -119,6 +119,10 @@ class TrainConfig:
     # targets of 1 - CCC on the pool's chunks, weighted by train.teacher_weight; "none": off
     teacher: str = "none"
     teacher_weight: float = 1.0
+    # the attributes the teacher is distilled on (of model.attributes); empty: all of them. The
+    # per-speaker eGeMAPS teacher's valence on the pool pulled the network's below zero
+    # (docs/results/recommended)
+    teacher_attributes: List[str] = field(default_factory=list)
     lambda_ce: float = 1.0          # CCC-loss + lambda * CE in stage (b)
     patience: int = 0               # early stopping on dev loss; 0: every epoch (official), best kept
     seed: int = 0
@@ -358,6 +362,10 @@ def validate(cfg: Config) -> None:
     if cfg.train.teacher not in ("none", "ridge", "egemaps", "egemaps-speaker"):
         raise ConfigError(f"train.teacher={cfg.train.teacher!r}; choose none or a reference: ridge, egemaps, "
                           "egemaps-speaker")
+    if cfg.train.teacher_attributes and (cfg.train.teacher == "none" or any(
+            a not in cfg.model.attributes for a in cfg.train.teacher_attributes)):
+        raise ConfigError(f"train.teacher_attributes={cfg.train.teacher_attributes}: some of model.attributes "
+                          f"({', '.join(cfg.model.attributes)}), with a train.teacher")
     if cfg.train.teacher != "none" and (cfg.model.name not in ("deepemocluster", "cnn") or cfg.cluster.mode == "joint"):
         raise ConfigError("train.teacher is a stage on the pool of the CNN or of DeepEmoCluster in "
                           f"cluster.mode=separate; not of model.name={cfg.model.name}, cluster.mode={cfg.cluster.mode}")

@@ -317,6 +317,32 @@ def test_the_teacher_stage_trains_the_regressor_on_the_pool(pools, tiny_cfg):
         tiny_cfg("train.teacher=egemaps-speaker", "model.name=vae")
 
 
+def test_the_teacher_is_distilled_on_the_attributes_it_is_given(tiny_cfg):
+    """train.teacher_attributes: 1 - CCC on those columns only (an attribute left out may hold any
+    target); empty: every attribute, as before; an attribute the model lacks is refused."""
+    from types import SimpleNamespace
+
+    from dec_ray.method.epoch import teacher_of
+    from dec_ray.method.losses import ccc_loss
+    attrs = "model.attributes=[arousal, valence, dominance]"
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(40, 3, generator=g), torch.randn(40, 3, generator=g)
+    out, batch = {"pred": pred}, SimpleNamespace(labels=target)
+    both = teacher_of(tiny_cfg(attrs, "train.teacher=egemaps-speaker", "train.teacher_attributes=[arousal, dominance]",
+                               "train.teacher_weight=2"))
+    assert float(both(out, batch)) == pytest.approx(2 * float(ccc_loss(pred[:, [0, 2]], target[:, [0, 2]])), rel=1e-6)
+    scrambled = target.clone()
+    scrambled[:, 1] = torch.randn(40, generator=g) * 100
+    assert float(both(out, SimpleNamespace(labels=scrambled))) == pytest.approx(float(both(out, batch)), rel=1e-6)
+    every = teacher_of(tiny_cfg(attrs, "train.teacher=egemaps-speaker"))
+    assert float(every(out, batch)) == pytest.approx(float(ccc_loss(pred, target)), rel=1e-6)
+    assert teacher_of(tiny_cfg(attrs)) is None
+    with pytest.raises(ConfigError, match="train.teacher_attributes"):
+        tiny_cfg("model.attributes=[arousal]", "train.teacher=egemaps-speaker", "train.teacher_attributes=[valence]")
+    with pytest.raises(ConfigError, match="train.teacher_attributes"):
+        tiny_cfg(attrs, "train.teacher_attributes=[arousal]")          # no teacher to restrict
+
+
 def test_the_adamw_recipe_warms_up_then_decays_to_zero(tiny_cfg):
     from dec_ray.method.recipe import rate_factor
     t = tiny_cfg("train.recipe=adamw", "train.epochs=10", "train.warmup_fraction=0.1").train

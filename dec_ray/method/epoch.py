@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -54,13 +54,25 @@ def emotion(out, batch: Batch) -> torch.Tensor:
 emotion.global_batch = True     # a statistic of the global batch already: not weighted by the rank's share
 
 
-def teacher(weight: float) -> Loss:
+def teacher(weight: float, columns: Optional[Sequence[int]] = None) -> Loss:
     """``train.teacher``: 1 - CCC against a reference's predictions, which the pool holds as its
-    labels (service/train.py puts them there), times ``weight``."""
+    labels (service/train.py puts them there), times ``weight``; ``columns``: of those attributes only."""
     def loss(out, batch: Batch) -> torch.Tensor:
-        return weight * emotion(out, batch)
+        pred, target = out["pred"], batch.labels
+        if columns is not None:
+            pred, target = pred[:, list(columns)], target[:, list(columns)]
+        return weight * ccc_loss(pred, target, reduce=all_reduce_differentiable)
     loss.global_batch = True
     return loss
+
+
+def teacher_of(cfg) -> Optional[Loss]:
+    """The run's teacher loss, or None without ``train.teacher``."""
+    if cfg.train.teacher == "none" or cfg.train.teacher_weight <= 0:
+        return None
+    wanted = cfg.train.teacher_attributes
+    columns = [cfg.model.attributes.index(a) for a in wanted] if wanted else None
+    return teacher(cfg.train.teacher_weight, columns)
 
 
 def pseudo_label_ce(pseudo: torch.Tensor, weight: float = 1.0) -> Loss:
@@ -84,17 +96,13 @@ def reconstruction(beta: float, weight: float = 1.0) -> Loss:
 
 
 # --- the stages ---
-def pseudo_labels_stage(pseudo: torch.Tensor, augment: bool = False, teacher_weight: float = 0.0) -> Stage:
+def pseudo_labels_stage(pseudo: torch.Tensor, augment: bool = False, teacher_loss: Optional[Loss] = None) -> Stage:
     """Stage (a): cross-entropy on the pseudo-labels only (of augmented views, with ``augment``);
     with ``train.teacher``, plus the teacher's regression loss (and the regressor steps)."""
-    if teacher_weight > 0:
-        return Stage({"ce": pseudo_label_ce(pseudo), "teacher": teacher(teacher_weight)}, regressor=True,
+    if teacher_loss is not None:
+        return Stage({"ce": pseudo_label_ce(pseudo), "teacher": teacher_loss}, regressor=True,
                      top=True, augment=augment)
     return Stage({"ce": pseudo_label_ce(pseudo)}, top=True, augment=augment)
-
-
-def teacher_weight(cfg) -> float:
-    return cfg.train.teacher_weight if cfg.train.teacher != "none" else 0.0
 
 
 def supervised_stage(lambda_: float, pseudo: Optional[torch.Tensor] = None,
@@ -201,7 +209,7 @@ def deepemocluster_epoch(e: Epoch, train: Pool, unlabeled: Optional[Pool]) -> No
     pool_only = e.epoch < cfg.train.warmup_epochs
     if has_rows(unlabeled):
         pseudo, idx = e.cluster_pool("unlabeled", unlabeled)
-        e.train("unlabeled_", unlabeled, idx, pseudo_labels_stage(pseudo, cfg.train.augment_pool, teacher_weight(cfg)))
+        e.train("unlabeled_", unlabeled, idx, pseudo_labels_stage(pseudo, cfg.train.augment_pool, teacher_of(cfg)))
         if pool_only:                   # warm-up (train.warmup_epochs): the pool alone
             return
     pseudo, idx = e.cluster_pool("train", train, offset=1, sampler=cfg.cluster.labeled_sampler)
@@ -212,9 +220,9 @@ def cnn_epoch(e: Epoch, train: Pool, unlabeled: Optional[Pool]) -> None:
     """The supervised step; with ``train.teacher``, first a pass distilling it on the pool."""
     cfg = e.learner.cfg
     unlabeled = pool_of_epoch(e, unlabeled)
-    if teacher_weight(cfg) > 0 and has_rows(unlabeled):
-        e.train("unlabeled_", unlabeled, e.shuffled(unlabeled, offset=2), Stage({"teacher": teacher(teacher_weight(cfg))},
-                                                                               regressor=True))
+    distil = teacher_of(cfg)
+    if distil is not None and has_rows(unlabeled):
+        e.train("unlabeled_", unlabeled, e.shuffled(unlabeled, offset=2), Stage({"teacher": distil}, regressor=True))
     e.train("", train, e.shuffled(train), supervised_stage(cfg.train.lambda_ce))
 
 

@@ -234,7 +234,8 @@ def build_trainer(tables: str, out: str, cfg: Config, stats: Stats, name: str = 
     if cfg.train.teacher != "none":
         n = write_teacher(out, tables, cfg, stats)
         lines.append(f"teacher: the {cfg.train.teacher} reference's predictions on {n} pool sentences, "
-                     f"weight {cfg.train.teacher_weight:g}")
+                     f"weight {cfg.train.teacher_weight:g}"
+                     + (f", on {', '.join(cfg.train.teacher_attributes)}" if cfg.train.teacher_attributes else ""))
     t = cfg.train
     if t.label_fraction < 1:
         rest = split_rows(tables, "train") - rows["train"]
