@@ -57,11 +57,10 @@ emotion.global_batch = True     # a statistic of the global batch already: not w
 def teacher(weight: float, columns: Optional[Sequence[int]] = None) -> Loss:
     """``train.teacher``: 1 - CCC against a reference's predictions, which the pool holds as its
     labels (service/train.py puts them there), times ``weight``; ``columns``: of those attributes only."""
+    cols = slice(None) if columns is None else list(columns)
+
     def loss(out, batch: Batch) -> torch.Tensor:
-        pred, target = out["pred"], batch.labels
-        if columns is not None:
-            pred, target = pred[:, list(columns)], target[:, list(columns)]
-        return weight * ccc_loss(pred, target, reduce=all_reduce_differentiable)
+        return weight * ccc_loss(out["pred"][:, cols], batch.labels[:, cols], reduce=all_reduce_differentiable)
     loss.global_batch = True
     return loss
 
