@@ -349,3 +349,34 @@ def test_the_adamw_recipe_warms_up_then_decays_to_zero(tiny_cfg):
     assert rate_factor(t, 0.5) == pytest.approx(0.5) and rate_factor(t, 1.0) == pytest.approx(1.0)
     assert rate_factor(t, 5.5) == pytest.approx(0.5) and rate_factor(t, 10) == pytest.approx(0.0)
     assert rate_factor(tiny_cfg().train, 7.3) == 1.0                   # official: constant
+
+
+@pytest.mark.parametrize("model", ["deepemocluster", "cnn"])
+def test_one_rate_schedule_per_run_across_both_passes_of_every_epoch(pools, tiny_cfg, model):
+    """train.recipe=adamw: the rate read at every optimiser step of a DeepEmoCluster run (two
+    passes an epoch: the pool's, then Train's) rises once, over the warm-up, then never rises
+    again; each step advances the clock by the same part of an epoch. Before: each pass ran the
+    epoch's curve of its own (a sawtooth, and the warm-up twice in epoch 0)."""
+    stats, p = pools
+    extra = ["train.teacher=ridge"] if model == "cnn" else []     # the CNN's second pass: the teacher's
+    cfg = tiny_cfg(f"model.name={model}", "train.recipe=adamw", "train.epochs=4", "train.warmup_fraction=0.25",
+                   "train.batch_sentences=4", *extra)
+    learner = Learner(cfg, stats, torch.device("cpu"))
+    rates, clock = [], []
+    learner.on_batch = lambda done, total: (rates.append(learner.sgd.param_groups[0]["lr"]),
+                                            clock.append(learner.progress(0, 1)))
+    unlabeled = p["unlabeled"]
+    if model == "cnn":                      # the teacher's targets stand in the pool's labels
+        unlabeled = Pool(unlabeled.chunks, torch.zeros_like(unlabeled.labels), unlabeled.row_ids)
+    for epoch in range(cfg.train.epochs):
+        run_epoch(learner, epoch, p["train"], unlabeled)
+    per_epoch = len(rates) // cfg.train.epochs
+    pool_steps = learner.steps_of(unlabeled.n_chunks)
+    assert per_epoch == pool_steps + learner.steps_of(p["train"].n_chunks) and pool_steps >= 2
+    peak = int(np.argmax(rates))
+    assert 0 < peak <= per_epoch, (peak, per_epoch)                     # one warm-up, in epoch 0 (its 1/4 of 4)
+    assert all(b > a for a, b in zip(rates[:peak], rates[1:peak + 1])), rates[:peak + 1]
+    assert all(b <= a for a, b in zip(rates[peak:], rates[peak + 1:])), rates[peak:]
+    assert rates[-1] < 0.1 * max(rates)                                 # decayed to near 0 at the end
+    steps = np.diff(clock)
+    assert np.allclose(steps, 1 / per_epoch), steps                     # one clock, both passes on it

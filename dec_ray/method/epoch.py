@@ -131,6 +131,14 @@ class Epoch:
         self.seed = learner.cfg.train.seed * 100_003 + epoch * 4
         self.logs: Dict[str, float] = {}
 
+    def plan(self, *pools: Optional[Pool]) -> None:
+        """The passes this epoch will make, over these pools (None: no pass), in steps: the rate
+        schedule's clock (``Learner.plan_epoch``). A collective: every rank calls it."""
+        learner = self.learner
+        unit = learner.cfg.features.num_chunks if learner.sentence_head else 1
+        learner.plan_epoch(self.epoch, sum(learner.steps_of(sum_over_ranks(p.n_chunks) // unit)
+                                           for p in pools if p is not None))
+
     def shuffled(self, pool: Pool, offset: int = 0) -> torch.Tensor:
         """All chunk ids of the pool in a random order (the baselines' sampler); under the sentence
         head, the sentences in a random order, each sentence's chunks together and in order."""
@@ -201,12 +209,15 @@ def deepemocluster_epoch(e: Epoch, train: Pool, unlabeled: Optional[Pool]) -> No
     if cfg.cluster.mode == "joint" and has_rows(unlabeled):
         # one clustering over labeled + unlabeled; CE on all, CCC on the labeled chunks
         both = Pool.concat([train, unlabeled])
+        e.plan(both)                    # its two passes split it: their steps are this plan's, +-1
         pseudo, idx = e.cluster_pool("joint", both)
         e.train("joint_unl_", both, idx[idx >= train.n_chunks], pseudo_labels_stage(pseudo))
         e.train("joint_", both, idx[idx < train.n_chunks], supervised_stage(lam, pseudo))
         return
     pool_only = e.epoch < cfg.train.warmup_epochs
-    if has_rows(unlabeled):
+    pool = unlabeled if has_rows(unlabeled) else None
+    e.plan(pool, None if pool is not None and pool_only else train)
+    if pool is not None:
         pseudo, idx = e.cluster_pool("unlabeled", unlabeled)
         e.train("unlabeled_", unlabeled, idx, pseudo_labels_stage(pseudo, cfg.train.augment_pool, teacher_of(cfg)))
         if pool_only:                   # warm-up (train.warmup_epochs): the pool alone
@@ -220,7 +231,9 @@ def cnn_epoch(e: Epoch, train: Pool, unlabeled: Optional[Pool]) -> None:
     cfg = e.learner.cfg
     unlabeled = pool_of_epoch(e, unlabeled)
     distil = teacher_of(cfg)
-    if distil is not None and has_rows(unlabeled):
+    pool = unlabeled if distil is not None and has_rows(unlabeled) else None
+    e.plan(pool, train)
+    if pool is not None:
         e.train("unlabeled_", unlabeled, e.shuffled(unlabeled, offset=2), Stage({"teacher": distil}, regressor=True))
     e.train("", train, e.shuffled(train), supervised_stage(cfg.train.lambda_ce))
 
@@ -229,7 +242,9 @@ def autoencoder_epoch(e: Epoch, train: Pool, unlabeled: Optional[Pool]) -> None:
     cfg = e.learner.cfg
     beta = cfg.model.latent_beta
     unlabeled = pool_of_epoch(e, unlabeled)
-    if has_rows(unlabeled):
+    pool = unlabeled if has_rows(unlabeled) else None
+    e.plan(pool, train)
+    if pool is not None:
         e.train("unl_", unlabeled, e.shuffled(unlabeled), Stage({"recon": reconstruction(beta)}))
     e.train("", train, e.shuffled(train, offset=1), supervised_stage(cfg.train.lambda_ce, recon_beta=beta))
 
@@ -241,6 +256,6 @@ def run_epoch(learner: Learner, epoch: int, train: Pool, unlabeled: Optional[Poo
     """One epoch of the configured model; returns its training losses, cluster statistics and the
     time of each step (``*_embed_s``, ``*_kmeans_s``, ``*train_s`` over ``*chunks`` chunks)."""
     e = Epoch(learner, epoch)
-    learner.epoch = epoch
+    learner.plan_epoch(epoch, 0)         # each epoch function plans its passes (Epoch.plan)
     EPOCHS[learner.cfg.model.name](e, train, unlabeled)
     return e.logs

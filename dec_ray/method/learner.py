@@ -24,7 +24,7 @@ from torch import nn
 from dec_ray.config import Config
 from dec_ray.data.normalization import Stats
 from dec_ray.data.pools import Pool
-from dec_ray.method.distributed import broadcast, gather_objects, gather_tensors, proportional_share, rank_seed, world
+from dec_ray.method.distributed import broadcast, gather_objects, gather_tensors, rank_seed, world
 from dec_ray.method.kmeans import kmeans
 from dec_ray.method.augment import spec_augment
 from dec_ray.method.losses import ccc, ccc_loss, sentence_means
@@ -58,14 +58,28 @@ def step_bounds(lengths: Sequence[int], global_batch: int, rank: int) -> List[in
     ``global_batch`` the chunks of one step over all ranks. The pass makes the steps 1 rank makes
     over all the draws (``total // global_batch``, at least 1; the last partial batch is dropped,
     as on 1 rank), and every step takes from each rank its share of the global batch, in proportion
-    to its draws (cumulative floors: the shares of a step add up to the global batch). So no rank
-    stops early and every draw is trained but the < 1 batch that 1 rank drops too; a rank with few
-    draws takes few chunks a step (possibly none)."""
-    total = int(sum(lengths))
+    to its draws: all ranks' draws are merged into one global order in which rank r's j-th draw
+    stands at (j + 1/2) / lengths[r] (ties by rank: Webster's apportionment, which never takes a
+    draw back as the position grows), and step s takes global positions [s * global_batch, (s + 1)
+    * global_batch). So a rank's bound never goes back (on any number of ranks), the shares of a
+    step add up to the global batch, no rank stops early and every draw is trained but the < 1
+    batch that 1 rank drops too; a rank with few draws takes few chunks a step (possibly none).
+
+    (Cumulative floors of each rank's share, ``proportional_share(position)``, add up too but go
+    back by one for a middle rank on 3+ ranks: a step of -1 chunks.)"""
+    lengths = [int(n) for n in lengths]
+    total = sum(lengths)
     if total == 0:
         return [0]
-    ends = [min(total, (s + 1) * global_batch) for s in range(max(1, total // global_batch))]
-    return [0] + [proportional_share(e, lengths, rank) for e in ends]
+    ends = np.array([min(total, (s + 1) * global_batch) for s in range(max(1, total // global_batch))])
+    if lengths[rank] == total:                       # 1 rank, or the others have nothing
+        return [0] + ends.tolist()
+    position = np.concatenate([(np.arange(n) + 0.5) / n for n in lengths if n])
+    owner = np.concatenate([np.full(n, r) for r, n in enumerate(lengths) if n])
+    mine = np.cumsum(owner[np.argsort(position, kind="stable")] == rank)     # stable: ties by rank
+    bounds = [0] + mine[ends - 1].tolist()
+    assert all(b1 >= b0 for b0, b1 in zip(bounds, bounds[1:])) and bounds[-1] <= lengths[rank], bounds
+    return bounds
 
 
 def stage_total(stage: "Stage", parts: Dict[str, torch.Tensor], share: float) -> torch.Tensor:
@@ -106,7 +120,9 @@ class Learner:
         # named for the official recipe (SGD, Adam); train.recipe=adamw makes both AdamW
         self.sgd, self.adam = optimisers(t, body, self.regressor_params)
         self.base_rates = [t.lr, t.lr_regressor]
-        self.epoch = 0                      # set by run_epoch: where the rate schedule stands
+        # where the rate schedule stands: the epoch (run_epoch sets it), the optimiser steps the
+        # epoch plans over all its passes (``plan_epoch``) and those made so far
+        self.epoch, self.planned_steps, self.steps_done = 0, 0, 0
         self.top_opt: Optional[torch.optim.Optimizer] = None
         # train.batch_sentences is the global batch; each rank takes its share of it
         self.batch_chunks = max(1, t.batch_sentences // size) * cfg.features.num_chunks
@@ -131,6 +147,24 @@ class Learner:
     def unit(self) -> int:
         """Chunks a batch is counted in: 1, or a sentence's under the sentence head."""
         return self.cfg.features.num_chunks if self.sentence_head else 1
+
+    def steps_of(self, units: int) -> int:
+        """Optimiser steps of a pass over ``units`` draws (chunks; sentences under the sentence
+        head) of all ranks: the steps 1 rank makes (``step_bounds``)."""
+        return max(1, units // (self.batch_chunks * world()[1] // self.unit)) if units > 0 else 0
+
+    def plan_epoch(self, epoch: int, steps: int) -> None:
+        """The epoch's optimiser steps over all its passes: the rate schedule advances by one
+        ``1 / steps`` of an epoch per step, across the passes (one warm-up and one decay per run,
+        not one per pass)."""
+        self.epoch, self.planned_steps, self.steps_done = epoch, steps, 0
+
+    def progress(self, pass_step: int, pass_steps: int) -> float:
+        """Epochs into the run at this step (the schedule's clock). Without a plan (a pass called
+        on its own), the pass is the epoch."""
+        if self.planned_steps <= 0:
+            return self.epoch + pass_step / max(pass_steps, 1)
+        return self.epoch + min(self.steps_done / self.planned_steps, 1.0)
 
     def _forward(self, x: torch.Tensor, model: nn.Module) -> Dict[str, torch.Tensor]:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
@@ -202,9 +236,10 @@ class Learner:
             views = torch.Generator(device=self.device)
             views.manual_seed(int(torch.randint(0, 2 ** 62, (1,)).item()))
         for b in range(n_batches):
-            set_rates((self.sgd, self.adam), self.base_rates, rate_factor(self.cfg.train, self.epoch + b / n_batches))
+            set_rates((self.sgd, self.adam), self.base_rates, rate_factor(self.cfg.train, self.progress(b, n_batches)))
             rows = slice(bounds[b], bounds[b + 1])
             mine = bounds[b + 1] - bounds[b]
+            assert mine >= 0, f"rank {world()[0]}: step {b} of {n_batches} would train {mine} chunks"
             if mine:
                 x = pool.chunk_inputs(at_pool[rows], self.normalize)
                 batch = Batch(spec_augment(x, views) if views is not None else x, indices[rows], pool,
@@ -229,6 +264,7 @@ class Learner:
                     for buf, v in zip(self.net.buffers(), saved):
                         buf.copy_(v)
             trained += mine
+            self.steps_done += 1
             if self.on_batch is not None:
                 self.on_batch(b + 1, n_batches)
             for k, v in parts.items():                       # summed on the device: no sync per batch
