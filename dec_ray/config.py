@@ -37,12 +37,19 @@ class FeatureConfig:
     # per-sentence functionals stored beside the chunks (the linear references' input): "egemaps"
     # (the 88 eGeMAPS v02 functionals, openSMILE) | "none"
     functionals: str = "egemaps"
+    # the functionals of the unlabeled pool too: only an eGeMAPS teacher (train.teacher=egemaps |
+    # egemaps-speaker) reads them, and openSMILE costs ~7x the mel of a clip; off, the pool's are null
+    functionals_pool: bool = False
+
+
+FUNCTIONAL_SETTINGS = ("functionals", "functionals_pool")     # what only the references read
 
 
 def chunk_settings(features: dict) -> dict:
     """The feature settings that make the chunks (a network's input): all but the functionals,
     which only the references read. Two tables agree for a network when these agree."""
-    return {k: v for k, v in (features or {}).items() if k != "functionals"}
+    return {k: v for k, v in (features or {}).items() if k not in FUNCTIONAL_SETTINGS}
+
 
 
 @dataclass

@@ -79,6 +79,21 @@ def tables(corpus, odd_files, ray_local, tmp_path_factory):
     return out, summary
 
 
+@pytest.fixture(scope="session")
+def tables_with_pool_functionals(tables, corpus, odd_files, tmp_path_factory):
+    """The shared tables, ingested again into a copy with features.functionals_pool=true (what
+    an eGeMAPS teacher reads): the pool's parts are redone, the labeled parts verified as they
+    are. Returns (tables, {path: mtime} of every part before)."""
+    from dec_ray.service.ingest import run_ingest
+    out = os.path.join(str(tmp_path_factory.mktemp("pool_functionals")), "tables")
+    shutil.copytree(tables[0], out)
+    before = {os.path.join(out, s, f): os.stat(os.path.join(out, s, f)).st_mtime_ns
+              for s in ("train", "dev", "test", "unlabeled") for f in os.listdir(os.path.join(out, s))}
+    cfg = load_config(None, ["ingest.min_parts_per_split=3", "features.functionals_pool=true"])
+    run_ingest(corpus, out, cfg, [os.path.join(corpus, "Unlabeled"), odd_files])
+    return out, before
+
+
 @pytest.fixture
 def tiny_cfg():
     def make(*extra):

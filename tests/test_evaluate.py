@@ -265,14 +265,14 @@ def test_the_egemaps_references_and_per_speaker_normalisation(tables, tmp_path):
         assert np.all(np.isclose(part.std(0), 1, atol=1e-6) | np.isclose(part.std(0), 0, atol=1e-6))
 
 
-def test_the_teacher_reads_only_the_labeled_sentences_labels(tables, copy_tree):
+def test_the_teacher_reads_only_the_labeled_sentences_labels(tables_with_pool_functionals, copy_tree):
     """train.teacher's targets on the pool: the reference fitted on the labeled rows, as the table's
     reference is (its dev predictions equal run_ridge's); the set-aside rows' labels, shuffled,
     change nothing."""
     import pyarrow.parquet as pq
     from dec_ray.data.tables import row_ids, split_files
     from dec_ray.report.ridge import teacher_predictions
-    src = tables[0]
+    src = tables_with_pool_functionals[0]
     train = row_ids(split_files(src, "train"))
     labeled, rest = train[::2], train[1::2]
     pool = np.union1d(rest, row_ids(split_files(src, "unlabeled")))

@@ -53,6 +53,27 @@ def test_the_egemaps_column_is_opensmiles_functionals_of_the_decoded_file(tables
         assert json.load(f)["features"]["functionals"] == "egemaps"
 
 
+def test_functionals_only_where_read_the_pool_on_request(tables, tables_with_pool_functionals):
+    """eGeMAPS (7x the mel's cost) for the labeled splits, which the references read; the pool's
+    are null unless features.functionals_pool=true, and turning it on in the same folder redoes
+    the pool's parts alone. A reference asked to read a pool without them says how to get them."""
+    from dec_ray.report.ridge import read_features
+    out, _ = tables
+    for split in ("train", "dev", "test"):
+        assert _table(out, split, ["egemaps"])["egemaps"].null_count == 0
+    pool = _table(out, "unlabeled", ["egemaps"])
+    assert pool.num_rows > 0 and pool["egemaps"].null_count == pool.num_rows
+    with pytest.raises(ValueError, match="features.functionals_pool=true"):
+        read_features(out, "unlabeled", "egemaps")
+    again, before = tables_with_pool_functionals
+    pool = _table(again, "unlabeled", ["egemaps"])
+    assert pool["egemaps"].null_count == 0 and len(pool["egemaps"][0]) == 88
+    assert read_features(again, "unlabeled", "egemaps")[1].shape == (pool.num_rows, 88)
+    for path, mtime in before.items():
+        redone = os.stat(path).st_mtime_ns != mtime
+        assert redone == (os.sep + "unlabeled" + os.sep in path), path
+
+
 def test_chunk_equals_librosa_and_equations(tables):
     from dec_ray.data.audio import load_audio
     out, _ = tables

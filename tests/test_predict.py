@@ -86,14 +86,15 @@ def test_groups_are_refused_for_a_train_normalised_model(trained_runs, tmp_path)
         run_predict(trained_runs["cnn"], [str(tmp_path)], str(tmp_path / "p.csv"), groups="folder")
 
 
-def test_the_new_options_train_through_ray_and_predict_as_trained(tables, tmp_path, ray_local, tiny_cfg):
+def test_the_new_options_train_through_ray_and_predict_as_trained(tables_with_pool_functionals, tmp_path, ray_local,
+                                                                   tiny_cfg):
     """The sentence head, the AdamW recipe and a teacher on the pool, composed, on 2 workers: the
     teacher's loss is logged, cross-corpus scoring of the run on its own test split gives the
     trainer's predictions, and the sentence head exports (ONNX Runtime checked against torch)."""
     import json
     from dec_ray.report.cross_corpus import score_on
     from dec_ray.service.train import run_training
-    out, _ = tables
+    out, _ = tables_with_pool_functionals
     run = str(tmp_path / "new")
     cfg = tiny_cfg("model.name=cnn", "model.head=sentence", "train.recipe=adamw", "train.teacher=egemaps-speaker",
                    "train.label_fraction=0.5")

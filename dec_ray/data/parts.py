@@ -31,9 +31,15 @@ def as_stored(chunks: np.ndarray, fc: FeatureConfig):
     return np.minimum(chunks, FLOAT16_MAX).astype(np.float16), int((chunks > FLOAT16_MAX).sum())
 
 
-def featurize_file(path: str, fc: FeatureConfig) -> Dict:
-    """Raw (un-normalised) chunks and frame statistics of one file, and its functionals (the
-    references' input, ``features.functionals``). Raises AudioError/ShortClipError.
+def wants_functionals(fc: FeatureConfig, split: str) -> bool:
+    """Whether a row of this split gets its functionals: the labeled splits' (the references read
+    them), the pool's only with ``features.functionals_pool`` (an eGeMAPS teacher reads them)."""
+    return fc.functionals != "none" and (split != "unlabeled" or fc.functionals_pool)
+
+
+def featurize_file(path: str, fc: FeatureConfig, functionals: bool = True) -> Dict:
+    """Raw (un-normalised) chunks and frame statistics of one file, and, with ``functionals``, its
+    functionals (the references' input, ``features.functionals``). Raises AudioError/ShortClipError.
 
     The mel features are of the peak-normalised signal (the official code's); the eGeMAPS
     functionals of the signal as recorded (mono, 16 kHz, not peak-normalised), as the field
@@ -43,7 +49,7 @@ def featurize_file(path: str, fc: FeatureConfig) -> Dict:
     recorded)."""
     y, peak = load_audio(path, fc.sample_rate, fc.silence_peak, fc.min_duration_s, return_peak=True)
     f = featurize_signal(y, fc)
-    if fc.functionals == "egemaps":
+    if functionals and fc.functionals == "egemaps":
         f["egemaps"] = egemaps(y * np.float32(peak), fc.sample_rate)
     return f
 
@@ -90,7 +96,7 @@ def write_part(items: List[Dict], part_path: str, sidecar_path: str, fc: Feature
     chunk_list, rejects, overflow = [], [], 0
     for it in items:
         try:
-            f = featurize_file(it["path"], fc)
+            f = featurize_file(it["path"], fc, wants_functionals(fc, it["split"]))
         except (AudioError, ShortClipError) as e:
             rejects.append({"path": it["path"], "split": it["split"], "reason": str(e)})
             continue
@@ -110,7 +116,7 @@ def write_part(items: List[Dict], part_path: str, sidecar_path: str, fc: Feature
         cols["logframe_sum"].append(f["logframe_sum"])
         cols["logframe_sumsq"].append(f["logframe_sumsq"])
         if "egemaps" in cols:
-            cols["egemaps"].append(f["egemaps"])
+            cols["egemaps"].append(f.get("egemaps"))           # null where not computed (the pool)
     if chunk_list:
         arrays = []
         for field in schema:

@@ -70,6 +70,11 @@ def read_features(tables: str, split: str, inputs: str, columns: Sequence[str] =
     if inputs == "logmel":
         x = utterance_features(t["chunks"].combine_chunks().to_numpy_ndarray())
     else:
+        if t[col].null_count:
+            raise ValueError(f"{tables}: {t[col].null_count} of the {split} split's {len(t)} sentences have no "
+                             f"{inputs} functionals (the pool's are computed only with "
+                             f"features.functionals_pool=true); run the same `dec-ray ingest` again with --set "
+                             "features.functionals_pool=true (it redoes the pool's parts alone)")
         x = np.stack(t[col].to_numpy(zero_copy_only=False)).astype(np.float64)
     return t.drop_columns([col]), x
 

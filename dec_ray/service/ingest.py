@@ -125,9 +125,17 @@ def compute_stats(out: str, fc: FeatureConfig) -> Stats:
     return Stats.from_sums(n, s, ss, labels, table.num_rows, asdict(fc), (ls, lss))
 
 
+def part_features(split: str, features: dict) -> dict:
+    """The feature settings a part of this split is made with: ``functionals_pool`` only for the
+    pool's parts, so turning it on redoes the pool's parts alone (and labeled parts made before
+    the setting existed still verify)."""
+    return {k: v for k, v in features.items() if split == "unlabeled" or k != "functionals_pool"}
+
+
 def part_digest(part: dict, features: dict) -> str:
     """What a part is made from: its items (files, row ids, labels) and the feature settings."""
-    blob = json.dumps({"items": part["items"], "features": features}, sort_keys=True).encode()
+    blob = json.dumps({"items": part["items"], "features": part_features(part["split"], features)},
+                      sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()
 
 
@@ -173,7 +181,7 @@ def run_ingest(corpus: Optional[str], out: str, cfg: Config, unlabeled: Sequence
             saved = json.load(f)
         if saved.get("inputs") != inputs:
             raise ValueError(f"{out} was made from other inputs ({saved.get('inputs')}); use a new output folder")
-        if saved.get("features") != features:
+        if part_features("train", saved.get("features") or {}) != part_features("train", features):
             raise ValueError(f"{out} was made with other feature settings ({saved.get('features')}); "
                              "use a new output folder")
     items: List[Item] = []
