@@ -101,7 +101,7 @@ def cmd_export(args) -> int:
 
 def cmd_serve(args) -> int:
     from dec_ray.service.serve import run_serve
-    run_serve(args.run, args.replicas, args.gpu, args.port, args.route, args.host)
+    run_serve(args.run, args.replicas, args.gpu, args.port, args.route, args.host, max_speakers=args.max_speakers)
     return EXIT_OK
 
 
@@ -225,8 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--actors", type=int, default=0, help="model replicas (default: one per free CPU/GPU)")
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--groups", default=None,
-                   help="a per-speaker model's groups (model.norm speaker): 'folder' (each file's folder, the "
-                        "default) or a CSV with path and group columns")
+                   help="a per-speaker model's speakers (model.norm speaker): a CSV with path and group (or "
+                        "speaker) columns, a corpus folder in the MSP-Podcast layout, or 'folder' (each file's "
+                        "folder; rarely a speaker). Without it, the run's population statistics")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="a trained run as TorchScript + ONNX + its input contract (contract.json)")
@@ -242,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept requests from other machines")
     p.add_argument("--route", default="/", help="the route prefix (default /)")
+    p.add_argument("--max-speakers", type=int, default=10_000,
+                   help="speakers whose statistics the service keeps (least recently used out)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("evaluate", parents=[ray_args],

@@ -45,6 +45,12 @@ class FeatureConfig:
 FUNCTIONAL_SETTINGS = ("functionals", "functionals_pool")     # what only the references read
 
 
+def reference_settings(features: dict) -> dict:
+    """The feature settings a reference's input depends on: all but whether the pool has its
+    functionals (``functionals_pool``), which no fit on the labeled splits reads."""
+    return {k: v for k, v in (features or {}).items() if k != "functionals_pool"}
+
+
 def chunk_settings(features: dict) -> dict:
     """The feature settings that make the chunks (a network's input): all but the functionals,
     which only the references read. Two tables agree for a network when these agree."""

@@ -162,6 +162,17 @@ INTERRUPTED: dict = {}
 
 
 @pytest.fixture(scope="session")
+def speaker_run(tables, ray_local, tmp_path_factory):
+    """A per-speaker model (model.norm=speaker, log-mel input, the CNN; the recommended preset's
+    normalisation) trained once on 1 worker: predict, serve and export read it."""
+    from dec_ray.service.train import run_training
+    run = str(tmp_path_factory.mktemp("speaker") / "run")
+    run_training(tables[0], run, load_config(None, TINY + ["model.name=cnn", "model.norm=speaker", "model.input=logmel",
+                                                           "scale.workers=1"]))
+    return run
+
+
+@pytest.fixture(scope="session")
 def interrupted_run(trained_runs):
     return trained_runs["ae"], INTERRUPTED
 
@@ -181,6 +192,9 @@ class LocalCluster:
         # Fast failure detection, so that a lost node is noticed in seconds, not half a minute.
         self.env.update(RAY_health_check_period_ms="1000", RAY_health_check_failure_threshold="3",
                         RAY_health_check_timeout_ms="1000")
+        # A loaded host: the raylet waits for its agents to report their ports (30 s by default)
+        # and aborts when they are late; give them the time Ray allows an agent to register
+        self.env["RAY_agent_register_timeout_ms"] = "120000"
         # Ray 2.60 heads enable token authentication: every node and client must present the token.
         self.env["RAY_AUTH_MODE"] = "token"
         subprocess.run([RAY, "get-auth-token", "--generate"], check=True, env=self.env, capture_output=True)
@@ -235,8 +249,22 @@ class LocalCluster:
         import ray
         return [n for n in ray.nodes() if n["Alive"]]
 
-    def wait_nodes(self, n, timeout=120):
-        self._wait_for(lambda: len(self.alive_nodes()) == n, f"{n} nodes", timeout)
+    def wait_nodes(self, n, timeout=180, restarts=3):
+        """Until ``n`` nodes are alive. A worker node whose `ray start` exited before the cluster
+        had ``n`` nodes (its raylet aborted while starting: on a loaded host its agents can miss
+        the raylet's wait for their ports) is started again, up to ``restarts`` times."""
+        import ray
+        assert ray.is_initialized() and ray.get_runtime_context().gcs_address.endswith(f":{self.port}"), \
+            "the driver is not connected to this cluster (a fixture started another Ray after it)"
+        t = time.time()
+        while len(self.alive_nodes()) != n:
+            assert time.time() - t < timeout, f"timed out waiting for {n} nodes"
+            for i, p in enumerate(self.workers):
+                if p.poll() is not None and restarts > 0:
+                    restarts -= 1
+                    print(f"[conftest] worker node exited with {p.returncode} while starting; starting it again")
+                    self.workers[i] = self._start([f"--address={self.address}"])
+            time.sleep(1)
 
     def stop(self):
         import ray
@@ -256,10 +284,12 @@ class LocalCluster:
 
 
 @pytest.fixture(scope="session")
-def two_node_cluster():
+def two_node_cluster(ray_local):
     """A head and a worker node of 2 CPUs each, started with the `ray` CLI, that the driver joins
     as a user's would (token auth, Ray Train's own defaults, not those of a private local Ray).
-    The cluster tests share it; they run last, so the session's Ray is ended first."""
+    The cluster tests share it; they run last, so the session's Ray is ended first (``ray_local``
+    is set up before it: set up after, as a test's ``tables`` would when the cluster tests run
+    alone, it would take the driver off this cluster)."""
     import ray
 
     from dec_ray.service.cluster import LOCAL_RAY_TRAIN_ENV, join_with_token_if_any

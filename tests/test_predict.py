@@ -44,14 +44,14 @@ def test_predict_matches_the_trainers_test_predictions(tables, trained_runs, tmp
     assert np.isclose(dec_ray.predict(run, (y, sr))["arousal"], one["arousal"], atol=1e-3)
 
 
-def test_a_per_speaker_model_predicts_as_it_was_trained(tables, tmp_path, ray_local, tiny_cfg):
+def test_a_per_speaker_model_predicts_as_it_was_trained(tables, speaker_run, tmp_path, ray_local):
     """model.norm=speaker: the trainer's test predictions are reproduced by `dec-ray predict` with the
-    speakers as groups, and by cross-corpus scoring; other groups give other numbers."""
+    speakers as groups, and by cross-corpus scoring. Without groups every file reads the population
+    statistics the run saved (and says so), never its own; a folder as a group only when asked."""
     from dec_ray.report.cross_corpus import score_on
-    from dec_ray.service.train import run_training
+    from dec_ray.report.inference import Predictor
     out, _ = tables
-    run = str(tmp_path / "spk")
-    run_training(out, run, tiny_cfg("model.name=cnn", "model.norm=speaker", "model.input=logmel", "scale.workers=1"))
+    run = speaker_run
     trained = pq.read_table(os.path.join(run, "test_predictions.parquet")).to_pandas().set_index("path")
     assert trained["speaker"].nunique() >= 2
     audio = tmp_path / "audio"
@@ -59,7 +59,7 @@ def test_a_per_speaker_model_predicts_as_it_was_trained(tables, tmp_path, ray_lo
     for p in trained.index:
         os.symlink(p, audio / os.path.basename(p))
     pd.DataFrame({"path": [f"audio/{os.path.basename(p)}" for p in trained.index],
-                  "group": trained["speaker"].to_numpy()}).to_csv(tmp_path / "groups.csv", index=False)
+                  "speaker": trained["speaker"].to_numpy()}).to_csv(tmp_path / "speakers.csv", index=False)
 
     def predicted(name, groups):
         info = run_predict(run, [str(audio)], str(tmp_path / name), actors=1, groups=groups)
@@ -67,18 +67,52 @@ def test_a_per_speaker_model_predicts_as_it_was_trained(tables, tmp_path, ray_lo
         got = pd.read_parquet(tmp_path / name)
         return got.set_index(got["path"].map(lambda p: str(audio / os.path.basename(p))))
 
-    by_speaker = predicted("speakers.parquet", str(tmp_path / "groups.csv"))
+    by_speaker = predicted("speakers.parquet", str(tmp_path / "speakers.csv"))
     expected = trained["pred_arousal"].rename(lambda p: str(audio / os.path.basename(p)))
     np.testing.assert_allclose(by_speaker.loc[expected.index, "arousal"], expected, rtol=1e-4, atol=1e-4)
-    assert set(by_speaker["group"]) == set(trained["speaker"])
-    one_group = predicted("folder.parquet", None)           # default: the folder, all speakers in one group
-    assert np.abs(one_group.loc[expected.index, "arousal"].to_numpy() - expected.to_numpy()).max() > 1e-3
+    assert set(by_speaker["group"]) == set(trained["speaker"]) and set(by_speaker["normalization"]) == {"speaker"}
+    population = predicted("population.parquet", None)
+    assert set(population["normalization"]) == {"population"}
+    p = Predictor(run)
+    one = p.predict_file(str(audio / os.path.basename(trained.index[0])))
+    assert one["normalization"] == "population"
+    assert np.isclose(population.loc[str(audio / os.path.basename(trained.index[0])), "arousal"], one["arousal"],
+                      atol=1e-5)
+    assert np.abs(population.loc[expected.index, "arousal"].to_numpy() - expected.to_numpy()).max() > 1e-3
+    with pytest.warns(UserWarning, match="rarely a speaker"):
+        predicted("folder.parquet", "folder")
 
     cross = pq.read_table(os.path.join(score_on(run, out, "self"), "test_predictions.parquet")).to_pandas()
     np.testing.assert_allclose(cross.set_index("path").loc[trained.index, "pred_arousal"], trained["pred_arousal"],
                                rtol=1e-4, atol=1e-4)
     adapted = pq.read_table(os.path.join(score_on(run, out, "self", adapted=True), "test_predictions.parquet"))
     assert adapted.to_pandas().equals(cross)           # its speakers' own statistics either way
+
+
+def test_a_group_far_larger_than_a_batch_predicts_in_batches_with_the_same_numbers(tables, speaker_run, tmp_path,
+                                                                                   ray_local):
+    """Every labeled file of the corpus as one speaker (40 files, 3 batches of 16) and 4 files with
+    no speaker: statistics in one streaming pass, then normalised forwards batch by batch, give the
+    numbers of all 40 stacked and normalised at once (which is what bounded memory must not change)."""
+    from dec_ray.report.inference import Predictor
+    from dec_ray.service.batch_predict import BATCH_FILES
+    out, _ = tables
+    paths = sorted(p for s in ("train", "dev", "test")
+                   for p in pads.dataset(split_files(out, s), format="parquet").to_table(columns=["path"])["path"]
+                   .to_pylist())
+    assert len(paths) > 2 * BATCH_FILES + 4
+    named, unnamed = paths[:-4], paths[-4:]
+    pd.DataFrame({"path": paths, "group": ["everyone"] * len(named) + [""] * 4}).to_csv(tmp_path / "g.csv", index=False)
+    info = run_predict(speaker_run, paths, str(tmp_path / "p.parquet"), actors=1, groups=str(tmp_path / "g.csv"))
+    assert info["predicted"] == len(paths)
+    got = pd.read_parquet(tmp_path / "p.parquet").set_index("path")
+    p = Predictor(speaker_run)
+    at_once = p.predict_files(named, ["everyone"] * len(named))
+    np.testing.assert_allclose(got.loc[named, "arousal"], [r["arousal"] for r in at_once], rtol=1e-5, atol=1e-5)
+    alone = [p.predict_file(x)["arousal"] for x in unnamed]
+    np.testing.assert_allclose(got.loc[unnamed, "arousal"], alone, rtol=1e-5, atol=1e-5)
+    assert list(got.loc[unnamed, "normalization"]) == ["population"] * 4
+    assert set(got.loc[named, "normalization"]) == {"speaker"}
 
 
 def test_groups_are_refused_for_a_train_normalised_model(trained_runs, tmp_path):

@@ -13,13 +13,23 @@ class ShortClipError(Exception):
     """A clip shorter than one chunk under the 'reject' policy."""
 
 
+# every librosa setting the mel takes beside the configured ones, named (librosa's defaults, the
+# official code's): what export's contract.json states, so no reader depends on a library default
+MEL_FIXED = {"power": 2.0, "window": "hann", "center": True, "fmin": 0.0, "htk": False, "norm": "slaney"}
+
+
+def mel_settings(sample_rate: int, n_fft: int) -> dict:
+    """MEL_FIXED with the values that follow from the configured ones (win_length, fmax)."""
+    return {**MEL_FIXED, "win_length": n_fft, "fmax": sample_rate / 2.0}
+
+
 def mel_spectrogram(y: np.ndarray, sample_rate: int = 16000, n_fft: int = 512,
                     hop_length: int = 256, n_mels: int = 128, pad_mode: str = "reflect") -> np.ndarray:
     """``pad_mode`` pads the signal's ends for the centred first and last frames: 'reflect' as
     the official code's librosa 0.7 did, 'constant' (zeros) as librosa >= 0.10 does by default."""
     import librosa
     mel = librosa.feature.melspectrogram(y=y, sr=sample_rate, n_fft=n_fft, hop_length=hop_length,
-                                         n_mels=n_mels, power=2.0, pad_mode=pad_mode)
+                                         n_mels=n_mels, pad_mode=pad_mode, **mel_settings(sample_rate, n_fft))
     return mel.T.astype(np.float32)
 
 

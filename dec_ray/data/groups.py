@@ -1,8 +1,16 @@
-"""Per-speaker input normalisation (``model.norm: speaker``): each sentence's input is z-scored
-with its group's own per-bin mean/std instead of Train's, then NaN -> 0 and clipped to [-3, 3] as
-the official normalisation. A group is a speaker; sentences that name none form one group per split.
-Statistics of audio only, never of labels: a test speaker's come from that speaker's audio, as they
-would at deployment. No Ray here.
+"""A group's input statistics, in one place: per-speaker normalisation (``model.norm: speaker``)
+z-scores each sentence's input with its group's own per-bin mean/std instead of Train's, then
+NaN -> 0 and clipped to [-3, 3] as the official normalisation. Training (the tables' groups),
+cross-corpus scoring, `dec-ray predict`, the service (a speaker's running statistics) and the export
+(the formula and the population's numbers) all use ``Moments`` and ``GroupMoments`` below.
+
+A group is a speaker within one split (``group_key``: a speaker ID that two splits share is two
+groups, so test audio never enters the statistics Train is normalised with); sentences that name
+no speaker form one group per split. ``POPULATION`` is the Train audio as one group: what a
+per-speaker model normalises a clip with when no speaker is named (never the clip by itself, which
+erases its level and tilt relative to its speaker, the main arousal cue). Statistics of audio only,
+never of labels: a test speaker's come from that speaker's audio, as they would at deployment. No
+Ray here.
 
 The statistics are over the frames of the stored chunks (the network's input, which the chunking
 overlaps), of the mel power or its log (``model.input``).
@@ -21,34 +29,54 @@ from dec_ray.data.pools import positions_of
 
 SPLITS = ("train", "dev", "test", "unlabeled")
 FILE = "speaker_norm.npz"          # RUN/speaker_norm.npz: the groups of the run's tables
+POPULATION = "<population>"        # the Train audio as one group
 
 
 def group_key(speaker: Optional[str], split: str) -> str:
-    """A sentence's group: its speaker, or ``<split>`` when it names none."""
-    return speaker if speaker else f"<{split}>"
+    """A sentence's group: its speaker within its split, or ``<split>`` when it names none."""
+    return f"{split}/{speaker}" if speaker else f"<{split}>"
+
+
+@dataclass
+class Moments:
+    """One group's per-bin running sums of its input values (frames, sum, sum of squares): fitted
+    in one pass or clip by clip (``+``: ranks, batches and replicas merge them exactly)."""
+    n: int
+    s: np.ndarray             # (F,) float64
+    ss: np.ndarray            # (F,) float64
+
+    @classmethod
+    def of(cls, chunks: np.ndarray, input: str) -> "Moments":
+        """The sums of these raw chunks' input values ((..., m, F): one sentence or many)."""
+        v = input_values(chunks, input).astype(np.float64).reshape(-1, chunks.shape[-1])
+        return cls(len(v), v.sum(0), (v * v).sum(0))
+
+    def __add__(self, other: "Moments") -> "Moments":
+        return Moments(self.n + other.n, self.s + other.s, self.ss + other.ss)
+
+    def mean_std(self) -> Tuple[np.ndarray, np.ndarray]:
+        """Per-bin (mean, std), float32: the population moments of the frames summed."""
+        mean = self.s / self.n
+        std = np.sqrt(np.maximum(self.ss / self.n - mean * mean, 0.0))
+        return mean.astype(np.float32), std.astype(np.float32)
 
 
 class GroupSums:
-    """Per-group frame count, sum and sum of squares, added up batch by batch."""
+    """Per-group ``Moments``, added up batch by batch."""
 
     def __init__(self):
-        self.sums: Dict[str, list] = {}
+        self.sums: Dict[str, Moments] = {}
 
     def add(self, chunks: np.ndarray, keys: Sequence[str], input: str) -> None:
         keys = np.asarray(keys, dtype=object)
         for k in np.unique(keys):
-            v = input_values(chunks[keys == k], input).astype(np.float64).reshape(-1, chunks.shape[-1])
-            acc = self.sums.setdefault(k, [0, 0.0, 0.0])
-            acc[0] += len(v)
-            acc[1] = acc[1] + v.sum(0)
-            acc[2] = acc[2] + (v * v).sum(0)
+            m = Moments.of(chunks[keys == k], input)
+            self.sums[k] = self.sums[k] + m if k in self.sums else m
 
     def moments(self) -> "GroupMoments":
         names = sorted(self.sums)
-        mean = np.stack([self.sums[k][1] / self.sums[k][0] for k in names])
-        sq = np.stack([self.sums[k][2] / self.sums[k][0] for k in names])
-        std = np.sqrt(np.maximum(sq - mean * mean, 0.0))
-        return GroupMoments(names, mean.astype(np.float32), std.astype(np.float32))
+        pairs = [self.sums[k].mean_std() for k in names]
+        return GroupMoments(names, np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]))
 
 
 @dataclass
@@ -63,6 +91,19 @@ class GroupMoments:
         sums = GroupSums()
         sums.add(chunks, keys, input)
         return sums.moments()
+
+    @classmethod
+    def one(cls, name: str, mean, std) -> "GroupMoments":
+        return cls([name], np.asarray(mean, np.float32)[None], np.asarray(std, np.float32)[None])
+
+    @classmethod
+    def concat(cls, parts: Sequence["GroupMoments"]) -> "GroupMoments":
+        return cls([n for p in parts for n in p.names], np.concatenate([p.mean for p in parts]),
+                   np.concatenate([p.std for p in parts]))
+
+    def of_group(self, name: str) -> Tuple[np.ndarray, np.ndarray]:
+        i = self.names.index(name)
+        return self.mean[i], self.std[i]
 
     def normalize(self, chunks: np.ndarray, keys: Sequence[str], input: str) -> np.ndarray:
         """(n, C, m, F) raw chunks of sentences in groups ``keys`` -> z-scored, NaN -> 0, clipped, float32."""
@@ -116,11 +157,14 @@ def _split_batches(tables: str, split: str, batch_size: int = 256) -> Iterable[T
 
 def table_groups(tables: str, input: str, splits: Sequence[str] = SPLITS) -> TableGroups:
     """Every row's group and every group's moments, in one pass over the chunks of ``splits``
-    (only the row_id, speaker and chunks columns are read: no labels)."""
+    (only the row_id, speaker and chunks columns are read: no labels); with Train among them, the
+    ``POPULATION`` group too (every Train sentence)."""
     sums, ids, keys = GroupSums(), [], []
     for split in splits:
         for rid, chunks, k in _split_batches(tables, split):
             sums.add(chunks, k, input)
+            if split == "train":
+                sums.add(chunks, [POPULATION] * len(k), input)
             ids.append(rid)
             keys.extend(k)
     if not ids:
@@ -135,7 +179,7 @@ def run_groups(run: str, tables: str, input: str) -> TableGroups:
     path = os.path.join(run, FILE)
     if os.path.exists(path):
         groups = TableGroups.load(path)
-        if groups.input == input:
+        if groups.input == input and POPULATION in groups.moments.names:
             return groups
     groups = table_groups(tables, input)
     tmp = path + ".tmp.npz"

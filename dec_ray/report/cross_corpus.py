@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from dec_ray.config import chunk_settings, model_label
+from dec_ray.config import chunk_settings, model_label, reference_settings
 from dec_ray.data.files import atomic_path, write_json
 from dec_ray.data.tables import READ_BATCH, split_files, with_sentence_info
 from dec_ray.report.evaluation import predictions_table
@@ -74,7 +74,7 @@ def _predict_ridge(run: str, tables: str, split: str, adapted: bool = False):
     with the target corpus's own statistics (its Train split's, else the scored split's)."""
     from dec_ray.report.ridge import load_ridge, moments, normalized, predict_ridge, read_split
     model = load_ridge(run)
-    if model["features"] is not None and model["features"] != features_of(tables):
+    if model["features"] is not None and reference_settings(model["features"]) != reference_settings(features_of(tables)):
         raise ValueError(f"{tables} was made with other feature settings than {run}'s training tables")
     attrs = model["attributes"]
     got = read_split(tables, split, attrs, model["inputs"])

@@ -5,8 +5,10 @@ OUT/model.ts      TorchScript: normalised chunks, float32 (N, chunk_frames, n_me
 OUT/model.onnx    the same graph in ONNX (torch.export-based exporter, batch dimension dynamic),
                   checked with ONNX Runtime against torch at another batch size
 OUT/contract.json everything between a file and those inputs, and from the outputs to the 1..7
-                  scale: decoding, peak normalisation, mel settings, chunking, the storage cast,
-                  the Train statistics, the label de-normalisation and the attributes
+                  scale: decoding, peak normalisation, every mel setting, chunking, the storage
+                  cast, the input statistics (Train's; or, for a per-speaker model, the formula of a
+                  speaker's and the population's as numbers), the label de-normalisation, the
+                  attributes, the ONNX tensors and opset, the package versions and the run
 A sentence's prediction is the mean of its chunks' outputs, de-normalised. The plain-numpy reading
 of the contract is tested against `dec-ray predict` (tests/test_export.py). No Ray here.
 """
@@ -22,6 +24,9 @@ import torch
 from torch import nn
 
 from dec_ray.data.files import write_json
+from dec_ray.config import model_label
+from dec_ray.data.features import mel_settings
+from dec_ray.data.groups import POPULATION
 from dec_ray.data.normalization import CLIP, LOG_EPS
 from dec_ray.data.parts import FLOAT16_MAX
 from dec_ray.report.inference import Predictor
@@ -40,18 +45,40 @@ class ChunkModel(nn.Module):
         return self.net(x)["pred"]
 
 
-def contract(p: Predictor) -> Dict:
+PER_SPEAKER = ("norm 'speaker': per mel bin b, over the n frames of all chunks (after the storage cast, and "
+               "the log for kind logmel) of all files of one speaker: mean_b = sum(value_b) / n, std_b = "
+               "sqrt(max(sum(value_b^2) / n - mean_b^2, 0)) (ddof 0); a clip whose speaker is unknown uses "
+               "'population' (the training run's Train audio as one group), never its own statistics")
+
+
+def versions() -> Dict[str, str]:
+    import importlib.metadata as md
+    out = {}
+    for pkg in ("dec_ray", "torch", "numpy", "librosa", "soundfile", "soxr", "onnx", "onnxruntime"):
+        try:
+            out[pkg] = md.version(pkg.replace("_", "-"))
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def contract(p: Predictor, run: str = "", onnx: Dict = None) -> Dict:
     """The whole input contract of a trained model, as data."""
     f, m, s = p.cfg.features, p.cfg.model, p.stats
     mean, std = s.input_moments(m.input) if m.norm == "train" else (None, None)
+    population = None
+    if m.norm == "speaker":
+        pm, ps = p.population_moments().of_group(POPULATION)
+        population = {"mean": pm.tolist(), "std": ps.tolist()}
     return {
         "format": FORMAT,
         "audio": {"sample_rate": f.sample_rate, "mono": "the mean of the channels",
                   "resample": "librosa.resample(res_type='soxr_hq') when the file's rate differs",
                   "peak_normalize": "divide by the maximum absolute sample", "silence_peak": f.silence_peak,
                   "min_duration_s": f.min_duration_s},
-        "mel": {"function": "librosa.feature.melspectrogram", "n_fft": f.n_fft, "hop_length": f.hop_length,
-                "n_mels": f.n_mels, "power": 2.0, "pad_mode": f.pad_mode, "center": True,
+        "mel": {"function": "librosa.feature.melspectrogram", "sr": f.sample_rate, "n_fft": f.n_fft,
+                "hop_length": f.hop_length, "n_mels": f.n_mels, "pad_mode": f.pad_mode,
+                **mel_settings(f.sample_rate, f.n_fft), "dtype": "float32",
                 "layout": "transposed to (frames, n_mels)"},
         "chunks": {"chunk_frames": f.chunk_frames, "num_chunks": f.num_chunks,
                    "starts": "k * floor((frames - chunk_frames) / (num_chunks - 1)) for k < num_chunks",
@@ -61,9 +88,8 @@ def contract(p: Predictor) -> Dict:
                    "storage_cast": {"dtype": f.storage_dtype, "saturate_at": FLOAT16_MAX}},
         "input": {"kind": m.input, "log_eps": LOG_EPS,
                   "value": "the chunk values, or log(value + log_eps) for kind logmel",
-                  "norm": m.norm, "mean": mean, "std": std,
-                  "per_speaker": "norm 'speaker': mean and std per mel bin over the frames of all chunks of "
-                                 "the files of one speaker (a group of files), instead of mean/std",
+                  "norm": m.norm, "mean": mean, "std": std, "population": population,
+                  "per_speaker": PER_SPEAKER if m.norm == "speaker" else None,
                   "z": "(value - mean) / std; NaN -> 0, +-inf -> +-clip; then clipped to [-clip, clip]",
                   "clip": CLIP, "dtype": "float32, then cast to the storage dtype and back (as training read it)"
                   if m.norm == "speaker" else "float32"},
@@ -74,7 +100,19 @@ def contract(p: Predictor) -> Dict:
                    "label_mean": {a: s.label_mean[a] for a in p.attributes},
                    "label_std": {a: s.label_std[a] for a in p.attributes},
                    "sentence": "mean over the sentence's chunks, then * label_std + label_mean (the 1..7 scale)"},
+        "onnx": onnx,
+        "versions": versions(),
+        "run": {"path": os.path.abspath(run) if run else None, "model": model_label(p.cfg), "result": _result(run)},
     }
+
+
+def _result(run: str):
+    import json
+    path = os.path.join(run, "result.json")
+    if not run or not os.path.exists(path):
+        return None
+    r = json.load(open(path))
+    return {k: r.get(k) for k in ("best_epoch", "epochs_run", "dev_ccc", "test_ccc")}
 
 
 def export_run(run: str, out: str, onnx: bool = True) -> Dict[str, str]:
@@ -85,6 +123,7 @@ def export_run(run: str, out: str, onnx: bool = True) -> Dict[str, str]:
     model = ChunkModel(p.model).eval()
     example = torch.zeros((2 * f.num_chunks, f.chunk_frames, f.n_mels))
     paths = {"contract": os.path.join(out, "contract.json"), "torchscript": os.path.join(out, "model.ts")}
+    tensors = None
     with torch.no_grad():
         torch.jit.trace(model, example, check_trace=False).save(paths["torchscript"])
         if onnx:
@@ -93,8 +132,21 @@ def export_run(run: str, out: str, onnx: bool = True) -> Dict[str, str]:
                 torch.onnx.export(model, (example,), paths["onnx"], input_names=["chunks"], output_names=["pred"],
                                   dynamic_shapes={"x": {0: torch.export.Dim("n")}}, dynamo=True, verbose=False)
             check_onnx(paths["onnx"], model, example)
-    write_json(paths["contract"], contract(p))
+            tensors = onnx_tensors(paths["onnx"])
+    write_json(paths["contract"], contract(p, run, tensors))
     return paths
+
+
+def onnx_tensors(path: str) -> Dict:
+    """The ONNX graph's inputs and outputs (name, dtype, shape; a named dimension is dynamic) and opset."""
+    import onnx
+    model = onnx.load(path, load_external_data=False)
+
+    def described(values):
+        return [{"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
+                 "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]} for v in values]
+    return {"opset": max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+            "inputs": described(model.graph.input), "outputs": described(model.graph.output)}
 
 
 def check_onnx(path: str, model: nn.Module, example: torch.Tensor) -> float:

@@ -1,7 +1,10 @@
 """Inference with a trained run: same decoding, features, float16 storage cast and normalisation as
 training; sentence prediction = mean over its chunks, on the 1..7 scale; the sentence's cluster
 is the cluster head's arg-max of the mean chunk logits (DeepEmoCluster only). A per-speaker model
-(``model.norm: speaker``) normalises files predicted together by their groups' own statistics.
+(``model.norm: speaker``) normalises each sentence with its speaker's statistics when they are
+given (files predicted together by groups, or a speaker's ``GroupMoments``), else with the
+population statistics its run saved (the Train audio as one group): never a clip by itself.
+Every answer says which (``normalization``: train | speaker | population).
 
     import dec_ray
     dec_ray.predict("runs/r1", "clip.wav")            # or a (samples, sample_rate) tuple, or a list of paths
@@ -16,7 +19,7 @@ import torch
 
 from dec_ray.config import config_from_dict
 from dec_ray.data.audio import load_audio, prepare_signal
-from dec_ray.data.groups import GroupMoments
+from dec_ray.data.groups import POPULATION, GroupMoments
 from dec_ray.data.normalization import Stats
 from dec_ray.data.parts import as_stored, featurize_signal
 from dec_ray.method.models import model_from_config
@@ -45,25 +48,47 @@ class Predictor:
         self.attributes = self.cfg.model.attributes
         self.normalize = self.stats.feature_normalizer(self.device, self.cfg.model.input, self.cfg.model.norm)
         self.per_speaker = self.cfg.model.norm == "speaker"
+        pop = state.get("population")           # a per-speaker run's Train audio as one group
+        self.population = GroupMoments.one(POPULATION, pop["mean"], pop["std"]) if pop else None
+
+    def population_moments(self) -> GroupMoments:
+        if self.population is None:
+            raise ValueError("this per-speaker run predates population statistics (model.pt without them): "
+                             "name each file's speaker (groups), or train it again")
+        return self.population
+
+    def model_input(self, chunks: np.ndarray, groups: Optional[Sequence[str]] = None,
+                    moments: Optional[GroupMoments] = None) -> Tuple[np.ndarray, str]:
+        """(n, C, m, F) raw chunks -> (what the normaliser then the network read, as training read
+        them; the normalisation used). A per-speaker model z-scores each sentence with its group's
+        moments: ``moments`` (keyed by ``groups``), else those of the sentences given here grouped by
+        ``groups``, else the population's; then the storage cast, as the training pools hold them."""
+        if not self.per_speaker:
+            return chunks, "train"
+        inp, n = self.cfg.model.input, len(chunks)
+        if groups is None:
+            moments, groups, how = self.population_moments(), [POPULATION] * n, "population"
+        else:
+            moments, how = moments or GroupMoments.of(chunks, list(groups), inp), "speaker"
+        z = moments.normalize(chunks, list(groups), inp)
+        return as_stored(z, self.cfg.features)[0], how
 
     def chunks_of(self, y: np.ndarray) -> np.ndarray:
         """The chunks of decoded samples exactly as training read them from the tables."""
         return as_stored(featurize_signal(y, self.cfg.features)["chunks"], self.cfg.features)[0]
 
-    @torch.no_grad()
     def predict_chunks(self, chunks: np.ndarray, groups: Optional[Sequence[str]] = None,
                        moments: Optional[GroupMoments] = None, per_chunk: bool = False) -> List[Dict]:
         """(n_sentences, C, m, F) raw chunks -> one dict per sentence (``per_chunk``: with each
-        chunk's values under "chunks"). A per-speaker model (``model.norm: speaker``) z-scores each
-        sentence with its group's statistics: ``moments`` when given (a corpus's speakers), else
-        those of the sentences given here, grouped by ``groups`` (default: all in one group)."""
-        n, c = chunks.shape[:2]
-        if self.per_speaker:
-            keys = list(groups) if groups is not None else [""] * n
-            inp = self.cfg.model.input
-            z = (moments or GroupMoments.of(chunks, keys, inp)).normalize(chunks, keys, inp)
-            chunks = as_stored(z, self.cfg.features)[0]      # training's pools hold them in the storage dtype
-        x = self.normalize(torch.tensor(chunks.reshape(n * c, *chunks.shape[2:])))     # as in training
+        chunk's values under "chunks"); normalised as ``model_input`` says."""
+        x, how = self.model_input(chunks, groups, moments)
+        return [{**r, "normalization": how} for r in self.forward(x, per_chunk)]
+
+    @torch.no_grad()
+    def forward(self, inputs: np.ndarray, per_chunk: bool = False) -> List[Dict]:
+        """``model_input``'s output for n sentences -> one dict per sentence."""
+        n, c = inputs.shape[:2]
+        x = self.normalize(torch.tensor(inputs.reshape(n * c, *inputs.shape[2:])))     # as in training
         out = self.model(x)
         chunk_pred = out["pred"].float().cpu().numpy().reshape(n, c, -1)
         pred = self.stats.denormalize_labels(chunk_pred.mean(1), self.attributes)
@@ -89,13 +114,15 @@ class Predictor:
         return self.chunks_of(load_audio(path, f.sample_rate, f.silence_peak, f.min_duration_s))
 
     def predict_file(self, path: str) -> Dict:
-        """One file; a per-speaker model normalises it with its own statistics (a group of one)."""
+        """One file; a per-speaker model normalises it with the population statistics."""
         return self.predict_chunks(self.file_chunks(path)[None])[0]
 
     def predict_files(self, paths: Sequence[str], groups: Optional[Sequence[str]] = None) -> List[Dict]:
-        """Files predicted together: a per-speaker model normalises each ``groups`` group (default:
-        all the files) with the group's own statistics; other models predict each file alone."""
-        if not self.per_speaker:
+        """Files predicted together: a per-speaker model normalises each ``groups`` group (each
+        file's speaker) with the group's own statistics, or without groups each file with the
+        population's; other models predict each file alone. (Holds the files' chunks in memory:
+        `dec-ray predict` streams any number of files.)"""
+        if not self.per_speaker or groups is None:
             return [self.predict_file(p) for p in paths]
         return self.predict_chunks(np.stack([self.file_chunks(p) for p in paths]), groups)
 

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from dec_ray.config import Config, FeatureConfig
+from dec_ray.config import Config, FeatureConfig, reference_settings
 from dec_ray.data.corpus import SPLITS, Item, Reject, list_unlabeled, read_corpus
 from dec_ray.data.files import write_json
 from dec_ray.data.normalization import Stats
@@ -129,7 +129,7 @@ def part_features(split: str, features: dict) -> dict:
     """The feature settings a part of this split is made with: ``functionals_pool`` only for the
     pool's parts, so turning it on redoes the pool's parts alone (and labeled parts made before
     the setting existed still verify)."""
-    return {k: v for k, v in features.items() if split == "unlabeled" or k != "functionals_pool"}
+    return features if split == "unlabeled" else reference_settings(features)
 
 
 def part_digest(part: dict, features: dict) -> str:

@@ -24,7 +24,7 @@ import torch
 
 from dec_ray.config import MODEL_PRESETS, Config, config_from_dict, load_config, model_label, preset_overrides
 from dec_ray.data.files import atomic_path, write_json
-from dec_ray.data.groups import FILE as GROUPS_FILE, TableGroups, run_groups
+from dec_ray.data.groups import FILE as GROUPS_FILE, POPULATION, TableGroups, run_groups
 from dec_ray.data.normalization import Stats
 from dec_ray.data.pools import Pool, placement, positions_of, row_bytes
 from dec_ray.data.tables import (block_of, chunk_shape, is_complete, labeled_stats, pool_files, read_rows,
@@ -306,6 +306,17 @@ def fit_or_say_why(trainer, cfg: Config):
             "Held by:\n  " + "\n  ".join(resource_holders() or ["(nothing listed)"])) from None
 
 
+def save_model(out: str, cfg: Config, stats: Stats, weights: dict) -> None:
+    """RUN/model.pt: the weights, config and Train statistics; for a per-speaker model also the
+    population statistics (its Train audio as one group), what it reads when no speaker is named."""
+    state = {"config": cfg.to_dict(), "stats": asdict(stats), "model": weights}
+    if cfg.model.norm == "speaker":
+        mean, std = TableGroups.load(os.path.join(out, GROUPS_FILE)).moments.of_group(POPULATION)
+        state["population"] = {"mean": mean.tolist(), "std": std.tolist()}
+    with atomic_path(os.path.join(out, "model.pt")) as tmp:
+        torch.save(state, tmp)
+
+
 def finalize(out: str, cfg: Config, stats: Stats, result) -> dict:
     """model.pt, predictions and result.json from the run's last checkpoint."""
     ckpt = result.checkpoint
@@ -318,8 +329,7 @@ def finalize(out: str, cfg: Config, stats: Stats, result) -> dict:
             if os.path.exists(os.path.join(d, f)):
                 with atomic_path(os.path.join(out, f)) as tmp:
                     pq.write_table(with_sentence_info(pq.read_table(os.path.join(d, f)), run_tables(out), split), tmp)
-    with atomic_path(os.path.join(out, "model.pt")) as tmp:
-        torch.save({"config": cfg.to_dict(), "stats": asdict(stats), "model": st["loop"]["best_model"]}, tmp)
+    save_model(out, cfg, stats, st["loop"]["best_model"])
     m = result.metrics or {}
     attrs = cfg.model.attributes
     loop = st["loop"]
@@ -347,8 +357,7 @@ def finalize_from_checkpoint(out: str) -> dict:
     if not states:
         raise RuntimeError(f"{out}: no checkpoint to finalize from")
     loop = torch.load(states[-1], map_location="cpu", weights_only=True)["loop"]
-    with atomic_path(os.path.join(out, "model.pt")) as tmp:
-        torch.save({"config": cfg.to_dict(), "stats": asdict(stats), "model": loop["best_model"]}, tmp)
+    save_model(out, cfg, stats, loop["best_model"])
     epochs = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
     best = next((m for m in epochs if m["epoch"] == loop["best_epoch"]), {})
     attrs = cfg.model.attributes
