@@ -20,16 +20,18 @@ from dec_ray.service.batch_predict import run_predict
 pytestmark = pytest.mark.slow
 
 
-def plain_chunks(path: str, c: dict) -> np.ndarray:
-    """contract.json read by hand: a file -> the model's input (num_chunks, chunk_frames, n_mels)."""
+def plain_values(path: str, c: dict) -> np.ndarray:
+    """contract.json read by hand: a file -> the values the input z-scores (num_chunks, chunk_frames, n_mels)."""
     a, m, k, i = c["audio"], c["mel"], c["chunks"], c["input"]
     y, sr = sf.read(path, dtype="float32", always_2d=True)
     y = y.mean(1)
     if sr != a["sample_rate"]:
         y = librosa.resample(y, orig_sr=sr, target_sr=a["sample_rate"], res_type="soxr_hq")
     y = (y / np.abs(y).max()).astype(np.float32)
-    mel = librosa.feature.melspectrogram(y=y, sr=a["sample_rate"], n_fft=m["n_fft"], hop_length=m["hop_length"],
-                                         n_mels=m["n_mels"], power=m["power"], pad_mode=m["pad_mode"]).T
+    mel = librosa.feature.melspectrogram(y=y, sr=m["sr"], n_fft=m["n_fft"], hop_length=m["hop_length"],
+                                         win_length=m["win_length"], window=m["window"], center=m["center"],
+                                         n_mels=m["n_mels"], power=m["power"], pad_mode=m["pad_mode"], fmin=m["fmin"],
+                                         fmax=m["fmax"], htk=m["htk"], norm=m["norm"], dtype=np.dtype(m["dtype"])).T
     if len(mel) < k["chunk_frames"]:
         mel = np.concatenate([mel] * -(-k["chunk_frames"] // len(mel)))
     step = (len(mel) - k["chunk_frames"]) // (k["num_chunks"] - 1)
@@ -37,9 +39,36 @@ def plain_chunks(path: str, c: dict) -> np.ndarray:
     x = np.minimum(x, k["storage_cast"]["saturate_at"]).astype(k["storage_cast"]["dtype"]).astype(np.float32)
     if i["kind"] == "logmel":
         x = np.log(x + np.float32(i["log_eps"]))
+    return x
+
+
+def plain_z(x: np.ndarray, mean, std, i: dict) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
-        z = (x - np.float32(i["mean"])) / np.float32(i["std"])
+        z = (x - np.float32(mean)) / np.float32(std)
     return np.clip(np.nan_to_num(z, nan=0.0, posinf=i["clip"], neginf=-i["clip"]), -i["clip"], i["clip"])
+
+
+def plain_chunks(path: str, c: dict) -> np.ndarray:
+    """A file -> the model's input, Train-normalised."""
+    return plain_z(plain_values(path, c), c["input"]["mean"], c["input"]["std"], c["input"])
+
+
+def plain_speaker_inputs(paths, speakers, c: dict) -> np.ndarray:
+    """Files -> the model's input, each z-scored with its speaker's moments by the contract's formula
+    (speaker None: the population's), then cast to the storage dtype and back."""
+    i, cast = c["input"], c["chunks"]["storage_cast"]["dtype"]
+    values = [plain_values(p, c).astype(np.float64) for p in paths]
+    out = []
+    for v, spk in zip(values, speakers):
+        if spk is None:
+            mean, std = i["population"]["mean"], i["population"]["std"]
+        else:
+            frames = np.concatenate([w.reshape(-1, w.shape[-1]) for w, s in zip(values, speakers) if s == spk])
+            mean = frames.sum(0) / len(frames)
+            std = np.sqrt(np.maximum((frames ** 2).sum(0) / len(frames) - mean ** 2, 0))
+        out.append(plain_z(v.astype(np.float32), mean.astype(np.float32) if spk else mean,
+                           std.astype(np.float32) if spk else std, i).astype(cast).astype(np.float32))
+    return np.concatenate(out)
 
 
 def test_the_exported_model_reads_the_contract_and_gives_predicts_numbers(tables, trained_runs, tmp_path, ray_local):
@@ -68,3 +97,32 @@ def test_the_exported_model_reads_the_contract_and_gives_predicts_numbers(tables
         got = sentence * c["output"]["label_std"][a] + c["output"]["label_mean"][a]
         expected = want.loc[[str(audio / os.path.basename(p)) for p in paths]].to_numpy()
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4, err_msg=name)
+
+
+def test_a_per_speaker_export_stands_alone(tables, speaker_run, tmp_path, ray_local):
+    """A per-speaker run's contract gives the formula of a speaker's moments and the population's
+    as numbers: read by hand, with each file's speaker it gives `dec-ray predict --groups`'s numbers,
+    without one `dec-ray predict`'s; it names the ONNX tensors, the opset, every mel setting, the
+    package versions and the run."""
+    out = str(tmp_path / "export")
+    assert main(["export", "--run", speaker_run, "--out", out]) == 0
+    c = json.load(open(os.path.join(out, "contract.json")))
+    i = c["input"]
+    assert i["norm"] == "speaker" and i["mean"] is None and len(i["population"]["mean"]) == 128 and i["per_speaker"]
+    assert c["onnx"]["inputs"] == [{"name": "chunks", "dtype": "float32", "shape": ["n", 62, 128]}]
+    assert c["onnx"]["outputs"][0]["name"] == "pred" and c["onnx"]["opset"] >= 17
+    assert {"window", "win_length", "fmin", "fmax", "htk", "norm"} <= set(c["mel"])
+    assert {"torch", "librosa", "numpy"} <= set(c["versions"]) and c["run"]["path"] == os.path.abspath(speaker_run)
+    t = pads.dataset(split_files(tables[0], "test"), format="parquet").to_table(columns=["path", "speaker"]).to_pandas()
+    t = t.sort_values("path")
+    pd.DataFrame({"path": t["path"], "speaker": t["speaker"]}).to_csv(tmp_path / "spk.csv", index=False)
+    onnx = ort.InferenceSession(os.path.join(out, "model.onnx"), providers=["CPUExecutionProvider"])
+    n, a = c["chunks"]["num_chunks"], c["output"]["attributes"][0]
+    for name, groups, speakers in (("speakers", str(tmp_path / "spk.csv"), list(t["speaker"])),
+                                   ("population", None, [None] * len(t))):
+        run_predict(speaker_run, list(t["path"]), str(tmp_path / f"{name}.csv"), actors=1, groups=groups)
+        want = pd.read_csv(tmp_path / f"{name}.csv").set_index("path").loc[list(t["path"]), "arousal"].to_numpy()
+        x = plain_speaker_inputs(list(t["path"]), speakers, c)
+        sentence = onnx.run(None, {"chunks": x})[0].reshape(len(t), n, -1).mean(1)[:, 0]
+        got = sentence * c["output"]["label_std"][a] + c["output"]["label_mean"][a]
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4, err_msg=name)

@@ -131,3 +131,34 @@ def test_per_speaker_statistics_read_audio_not_labels(tables, copy_tree):
     assert again.moments.names == groups.moments.names
     np.testing.assert_array_equal(again.moments.mean, groups.moments.mean)
     np.testing.assert_array_equal(again.moments.std, groups.moments.std)
+
+
+def test_a_speaker_id_two_splits_share_is_two_groups(tables, copy_tree):
+    """Per-speaker statistics within one split: a Test1 speaker given a Train speaker's ID (a
+    speaker-dependent manifest, or a placeholder such as "Unknown") is its own group, and the
+    statistics Train is normalised with do not move when that test audio is added. The population
+    group is every Train sentence, and the moments add up exactly batch by batch."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from dec_ray.data.groups import POPULATION, Moments, table_groups
+    from dec_ray.data.tables import split_files
+    copy = copy_tree(tables[0])
+    train = pq.read_table(split_files(copy, "train")[0], columns=["speaker"])
+    shared = train["speaker"][0].as_py()
+    for f in split_files(copy, "test"):
+        tab = pq.read_table(f)
+        tab = tab.set_column(tab.column_names.index("speaker"), "speaker", pa.array([shared] * tab.num_rows))
+        pq.write_table(tab, f)
+    alone = table_groups(copy, "power", ("train",))
+    every = table_groups(copy, "power")
+    assert f"train/{shared}" in every.moments.names and f"test/{shared}" in every.moments.names
+    for name in (f"train/{shared}", POPULATION):
+        for a, b in zip(alone.moments.of_group(name), every.moments.of_group(name)):
+            np.testing.assert_array_equal(a, b)
+    chunks = np.concatenate([pq.read_table(f, columns=["chunks"])["chunks"].combine_chunks().to_numpy_ndarray()
+                             for f in split_files(copy, "train")])
+    halves = Moments.of(chunks[:5], "power") + Moments.of(chunks[5:], "power")
+    for a, b in zip(halves.mean_std(), Moments.of(chunks, "power").mean_std()):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    for a, b in zip(Moments.of(chunks, "power").mean_std(), every.moments.of_group(POPULATION)):
+        np.testing.assert_allclose(a, b, rtol=1e-5)

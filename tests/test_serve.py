@@ -4,6 +4,7 @@ composes."""
 import io
 import json
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import numpy as np
@@ -18,13 +19,14 @@ from dec_ray.service.cluster import free_port
 pytestmark = pytest.mark.slow
 
 
-def post(url: str, body: bytes):
-    req = urllib.request.Request(url, data=body, method="POST")
+def post(url: str, body: bytes, method: str = "POST", headers=None, replica: bool = False):
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
+            out = r.status, json.loads(r.read()), r.headers.get("X-Replica")
     except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+        out = e.code, json.loads(e.read()), e.headers.get("X-Replica")
+    return out if replica else out[:2]
 
 
 def wav_bytes(y: np.ndarray, sr: int, fmt: str = "WAV") -> bytes:
@@ -66,5 +68,70 @@ def test_serving_over_http_gives_predicts_numbers_and_4xx_on_bad_audio(tables, t
         assert abs(out["arousal"] - p.predict_file(paths[1])["arousal"]) < 1e-4
         with pytest.raises(BadAudio):
             handle.predict.remote(b"").result()
+        status, got = post(url, b"", method="GET")
+        assert status == 405 and got["error"]
     finally:
         serve.shutdown()
+
+
+def test_a_per_speaker_model_serves_each_speaker_with_its_statistics_on_any_replica(tables, speaker_run, tmp_path,
+                                                                                    ray_local):
+    """The recommended preset's normalisation served: a request names its speaker; once all of a
+    speaker's clips are posted, posting them again gives `dec-ray predict --groups`'s numbers,
+    whichever of 2 replicas answers (the statistics live in one store both read). Without a
+    speaker: the population statistics, as `dec-ray predict` without groups. DELETE forgets."""
+    import pandas as pd
+    from dec_ray.service.batch_predict import run_predict
+    from dec_ray.service.serve import stop, run_serve
+    test = pads.dataset(split_files(tables[0], "test"), format="parquet").to_table(
+        columns=["path", "speaker"]).to_pandas().sort_values("path")
+    pd.DataFrame({"path": test["path"], "speaker": test["speaker"]}).to_csv(tmp_path / "spk.csv", index=False)
+    run_predict(speaker_run, list(test["path"]), str(tmp_path / "g.csv"), actors=1, groups=str(tmp_path / "spk.csv"))
+    grouped = pd.read_csv(tmp_path / "g.csv").set_index("path")["arousal"]
+    run_predict(speaker_run, list(test["path"]), str(tmp_path / "p.csv"), actors=1)
+    population = pd.read_csv(tmp_path / "p.csv").set_index("path")["arousal"]
+    port = free_port()
+    handle = run_serve(speaker_run, replicas=2, port=port, route="/", blocking=False, name="speakers")
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        replicas, answers = set(), {}
+        for rnd in range(2):
+            for path, spk in zip(test["path"], test["speaker"]):
+                q = f"?speaker={urllib.parse.quote(spk)}"
+                status, got, replica = post(url + q, open(path, "rb").read(), replica=True)
+                assert status == 200 and got["normalization"] == "speaker" and got["speaker"] == spk, got
+                replicas.add(replica)
+                answers[path] = got
+        assert len(replicas) == 2                          # both replicas answered
+        for path, spk in zip(test["path"], test["speaker"]):
+            assert answers[path]["speaker_clips"] == int((test["speaker"] == spk).sum())   # each clip counted once
+            assert abs(answers[path]["arousal"] - grouped[path]) < 1e-3, (path, answers[path], grouped[path])
+        path = test["path"].iloc[0]
+        status, got = post(url, open(path, "rb").read(), headers={})
+        assert status == 200 and got["normalization"] == "population" and "speaker" not in got
+        assert abs(got["arousal"] - population[path]) < 1e-4
+        spk = test["speaker"].iloc[0]
+        status, got = post(url, open(path, "rb").read(), headers={"X-Speaker": spk})
+        assert status == 200 and got["speaker_clips"] == int((test["speaker"] == spk).sum())   # the header names it too
+        status, got = post(url + f"speakers/{urllib.parse.quote(spk)}", b"", method="DELETE")
+        assert status == 200 and got == {"speaker": spk, "forgotten": True}
+        status, got = post(url + f"?speaker={urllib.parse.quote(spk)}", open(path, "rb").read())
+        assert got["speaker_clips"] == 1                          # forgotten: it starts again
+        out = handle.predict.remote(open(path, "rb").read(), speaker=spk).result()
+        assert out["speaker_clips"] == 1 and out["normalization"] == "speaker"     # the same clip: counted once
+        status, got = post(url + "?speaker=" + "x" * 300, open(path, "rb").read())
+        assert status == 400
+    finally:
+        stop()
+
+
+def test_the_speaker_store_keeps_at_most_its_cap_least_recently_used_out(ray_local):
+    import ray
+    from dec_ray.service.serve import SpeakerStore
+    store = SpeakerStore.remote(2)
+    one = (1, np.ones(4), np.ones(4))
+    for spk in ("a", "b", "a", "c"):                  # "b" is the least recently used when "c" arrives
+        ray.get(store.add.remote(spk, spk, *one))
+    assert ray.get(store.count.remote()) == 2
+    assert not ray.get(store.forget.remote("b")) and ray.get(store.forget.remote("a"))
+    ray.kill(store)
