@@ -6,6 +6,8 @@ split's clips are POSTed to `dec-ray serve` (one replica, this machine's Ray):
     on the speaker's clips posted so far);
   - speaker, enrolled: every clip again, once all of the speaker's clips were posted;
   - population: each clip without a speaker (the run's Train audio as one group);
+  - traffic: `--population traffic`, every clip without a speaker once, then again (the answers of
+    the second round: all the test clips served, as one group);
 and, for the record, each clip normalised by itself (a group of one: how the service answered
 before issue 39), computed offline with the same Predictor. Batch: the trainer's own test
 predictions (each test speaker's statistics). CCC per attribute on the 1..7 scale, mean over runs.
@@ -33,12 +35,26 @@ from dec_ray.data.tables import split_files  # noqa: E402
 from dec_ray.method.losses import ccc  # noqa: E402
 
 WAYS = ("batch (trainer, per speaker)", "served, speaker enrolled", "served, speaker enrolling",
-        "served, population (no speaker)", "each clip by itself (before issue 39)")
+        "served, population (no speaker)", "served, --population traffic (no speaker, all clips served once)",
+        "each clip by itself (before issue 39)")
 
 
 def post(url: str, body: bytes) -> dict:
     with urllib.request.urlopen(urllib.request.Request(url, data=body, method="POST"), timeout=120) as r:
         return json.loads(r.read())
+
+
+def traffic(run: str, test: pd.DataFrame, attrs, port: int) -> np.ndarray:
+    """--population traffic: every clip without a speaker once, then the answers of a second round."""
+    from dec_ray.service.serve import run_serve, stop
+    run_serve(run, replicas=1, port=port, route="/", blocking=False, name="traffic", population="traffic")
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        answers = [[post(url, open(path, "rb").read()) for path in test["path"]] for _ in range(2)][1]
+        assert all(a["normalization"] == "traffic" for a in answers)
+        return np.array([[a[x] for x in attrs] for a in answers])
+    finally:
+        stop()
 
 
 def served(run: str, test: pd.DataFrame, attrs, port: int) -> dict:
@@ -86,7 +102,8 @@ def main():
     for run in args.runs:
         trained = pd.read_parquet(os.path.join(run, "test_predictions.parquet")).set_index("row_id")
         preds = {WAYS[0]: trained.loc[test["row_id"], [f"pred_{a}" for a in attrs]].to_numpy(),
-                 **served(run, test, attrs, args.port), WAYS[4]: by_itself(run, test, attrs)}
+                 **served(run, test, attrs, args.port), WAYS[4]: traffic(run, test, attrs, args.port),
+                 WAYS[5]: by_itself(run, test, attrs)}
         for w, p in preds.items():
             scores[w].append([ccc(p[:, j], gold[:, j]) for j in range(len(attrs))])
         print(f"{run}: " + "; ".join(f"{w} {np.round(scores[w][-1], 3).tolist()}" for w in WAYS), flush=True)

@@ -101,7 +101,8 @@ def cmd_export(args) -> int:
 
 def cmd_serve(args) -> int:
     from dec_ray.service.serve import run_serve
-    run_serve(args.run, args.replicas, args.gpu, args.port, args.route, args.host, max_speakers=args.max_speakers)
+    run_serve(args.run, args.replicas, args.gpu, args.port, args.route, args.host, max_speakers=args.max_speakers,
+              population=args.population)
     return EXIT_OK
 
 
@@ -245,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--route", default="/", help="the route prefix (default /)")
     p.add_argument("--max-speakers", type=int, default=10_000,
                    help="speakers whose statistics the service keeps (least recently used out)")
+    p.add_argument("--population", default="train", choices=["train", "traffic"],
+                   help="a per-speaker model's statistics for requests without a speaker: the run's Train audio "
+                        "(default), or the clips served without a speaker so far, as one group (after 30)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("evaluate", parents=[ray_args],

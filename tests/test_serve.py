@@ -135,3 +135,26 @@ def test_the_speaker_store_keeps_at_most_its_cap_least_recently_used_out(ray_loc
     assert ray.get(store.count.remote()) == 2
     assert not ray.get(store.forget.remote("b")) and ray.get(store.forget.remote("a"))
     ray.kill(store)
+
+
+def test_traffic_population_takes_over_once_enough_clips_were_served(tables, speaker_run, ray_local):
+    """--population traffic: requests without a speaker read the run's population until
+    min_traffic_clips distinct clips were served, then those clips as one group (a clip posted again
+    counted once); with all test clips served, the answers are those of the test clips as one group."""
+    from ray import serve
+    from dec_ray.report.inference import Predictor
+    from dec_ray.service.serve import EmotionModel, stop
+    paths = sorted(pads.dataset(split_files(tables[0], "test"), format="parquet").to_table(columns=["path"])
+                   ["path"].to_pylist())[:4]
+    handle = serve.run(EmotionModel.bind(speaker_run, "cpu", 100, "traffic", 3), name="traffic", route_prefix=None)
+    try:
+        got = [handle.predict.remote(open(p, "rb").read()).result() for p in paths[:2] + paths[:1]]
+        assert [g["normalization"] for g in got] == ["population"] * 3 and got[-1]["traffic_clips"] == 2
+        got = [handle.predict.remote(open(p, "rb").read()).result() for p in paths[2:] + paths]
+        assert [g["normalization"] for g in got] == ["traffic"] * 6 and got[-1]["traffic_clips"] == 4
+        p = Predictor(speaker_run)
+        chunks = np.stack([p.file_chunks(x) for x in paths])
+        want = p.predict_chunks(chunks, ["all"] * 4)
+        assert np.allclose([g["arousal"] for g in got[2:]], [w["arousal"] for w in want], atol=1e-4)
+    finally:
+        stop()

@@ -19,7 +19,11 @@ in one ``SpeakerStore`` actor per application, which every replica reads, so the
 depend on the replica that answers; it keeps ``max_speakers`` speakers, least recently used out,
 and ``DELETE /speakers/ID`` forgets one (voices are personal data). A request without a speaker
 is normalised with the population statistics the run saved (its Train audio as one group), never
-by itself. A Train-normalised model reads no speaker (``normalization: train``).
+by itself; with ``population="traffic"``, once ``MIN_TRAFFIC_CLIPS`` clips were served without a
+speaker, with those clips as one group (the deployment's own population: on held-out speakers it
+scored above the Train population, README "What the service answers"; it follows whatever the
+traffic is, so an answer depends on what was served before it). A Train-normalised model reads no
+speaker (``normalization: train``).
 """
 from __future__ import annotations
 
@@ -41,6 +45,8 @@ from dec_ray.data.groups import GroupMoments, Moments
 MAX_BATCH = 16
 BATCH_WAIT_S = 0.01
 MAX_SPEAKERS = 10_000
+POPULATIONS = ("train", "traffic")    # what a request without a speaker is normalised with
+MIN_TRAFFIC_CLIPS = 30                # --population traffic: the run's population until this many clips
 MAX_SPEAKER_ID = 256                  # characters
 STORE_NAMESPACE = "dec_ray_serve"
 
@@ -83,19 +89,32 @@ class SpeakerStore:
     def __init__(self, max_speakers: int = MAX_SPEAKERS):
         self.max_speakers = max_speakers
         self.speakers: "OrderedDict[str, Tuple[Moments, set]]" = OrderedDict()
+        self.traffic: Tuple[Optional[Moments], set] = (None, set())     # --population traffic
+
+    @staticmethod
+    def _added(entry, digest: str, n: int, s: np.ndarray, ss: np.ndarray, max_digests: int = 100_000):
+        moments, digests = entry
+        if digest not in digests:
+            clip = Moments(n, s, ss)
+            moments = clip if moments is None else moments + clip
+            if len(digests) < max_digests:
+                digests.add(digest)
+        return moments, digests
 
     def add(self, speaker: str, digest: str, n: int, s: np.ndarray, ss: np.ndarray):
         """Count this clip (once: a clip posted again is not counted twice); returns the speaker's
         (mean, std, clips)."""
-        moments, digests = self.speakers.pop(speaker, (None, set()))
-        if digest not in digests:
-            clip = Moments(n, s, ss)
-            moments = clip if moments is None else moments + clip
-            digests.add(digest)
+        moments, digests = self._added(self.speakers.pop(speaker, (None, set())), digest, n, s, ss)
         self.speakers[speaker] = (moments, digests)
         while len(self.speakers) > self.max_speakers:
             self.speakers.popitem(last=False)
         return (*moments.mean_std(), len(digests))
+
+    def add_traffic(self, digest: str, n: int, s: np.ndarray, ss: np.ndarray):
+        """The same for the clips served without a speaker, as one group (a clip posted again is
+        counted once, up to 100,000 clips remembered)."""
+        self.traffic = self._added(self.traffic, digest, n, s, ss)
+        return (*self.traffic[0].mean_std(), len(self.traffic[1]))
 
     def forget(self, speaker: str) -> bool:
         return self.speakers.pop(speaker, None) is not None
@@ -128,8 +147,12 @@ def speaker_of(value: Optional[str]) -> Optional[str]:
 class EmotionModel:
     """One replica: the run's model on this replica's device."""
 
-    def __init__(self, run: str, device: str = "cpu", max_speakers: int = MAX_SPEAKERS):
+    def __init__(self, run: str, device: str = "cpu", max_speakers: int = MAX_SPEAKERS, population: str = "train",
+                 min_traffic_clips: int = MIN_TRAFFIC_CLIPS):
         from dec_ray.report.inference import Predictor
+        if population not in POPULATIONS:
+            raise ValueError(f"population={population!r}; choose one of {POPULATIONS}")
+        self.population, self.min_traffic_clips = population, min_traffic_clips
         self.predictor = Predictor(run, device)
         ctx = serve.get_replica_context()
         self.replica = ctx.replica_tag
@@ -145,11 +168,19 @@ class EmotionModel:
     async def _model_input(self, body: bytes, chunks: np.ndarray, speaker: Optional[str]):
         """(the network's input, what the answer says of its normalisation)."""
         p = self.predictor
-        if not p.per_speaker or speaker is None:
+        if not p.per_speaker or (speaker is None and self.population == "train"):
             x, how = p.model_input(chunks[None])
             return x[0], {"normalization": how}
         m = Moments.of(chunks, p.cfg.model.input)
-        mean, std, clips = await self.store.add.remote(speaker, hashlib.sha256(body).hexdigest(), m.n, m.s, m.ss)
+        digest = hashlib.sha256(body).hexdigest()
+        if speaker is None:                  # --population traffic: what was served without a speaker
+            mean, std, clips = await self.store.add_traffic.remote(digest, m.n, m.s, m.ss)
+            if clips < self.min_traffic_clips:
+                x, how = p.model_input(chunks[None])
+                return x[0], {"normalization": how, "traffic_clips": clips}
+            x, _ = p.model_input(chunks[None], ["traffic"], GroupMoments.one("traffic", mean, std))
+            return x[0], {"normalization": "traffic", "traffic_clips": clips}
+        mean, std, clips = await self.store.add.remote(speaker, digest, m.n, m.s, m.ss)
         x, how = p.model_input(chunks[None], [speaker], GroupMoments.one(speaker, mean, std))
         return x[0], {"normalization": how, "speaker": speaker, "speaker_clips": clips}
 
@@ -188,22 +219,25 @@ class EmotionModel:
             return JSONResponse({"error": str(e)}, status_code=e.status, headers=headers)
 
 
-def app(run: str, replicas: int = 1, gpu: bool = False, max_speakers: int = MAX_SPEAKERS):
+def app(run: str, replicas: int = 1, gpu: bool = False, max_speakers: int = MAX_SPEAKERS, population: str = "train"):
     """The bound application (``serve.run(app(...))``; also what a RayService's import path names)."""
     return EmotionModel.options(num_replicas=replicas,
                                 ray_actor_options={"num_cpus": 0 if gpu else 1, "num_gpus": 1 if gpu else 0}
-                                ).bind(os.path.abspath(run), "cuda" if gpu else "cpu", max_speakers)
+                                ).bind(os.path.abspath(run), "cuda" if gpu else "cpu", max_speakers, population)
 
 
 def build_app(args: Dict) -> "serve.Application":
     """The application builder a Serve config names (``import_path: dec_ray.service.serve:build_app``,
-    jobs/kuberay/rayservice.yaml): args ``run``, ``replicas`` (1), ``gpu`` (false), ``max_speakers``."""
+    jobs/kuberay/rayservice.yaml): args ``run``, ``replicas`` (1), ``gpu`` (false), ``max_speakers``,
+    ``population`` (train)."""
     gpu = str(args.get("gpu", False)).lower() in ("1", "true", "yes")
-    return app(args["run"], int(args.get("replicas", 1)), gpu, int(args.get("max_speakers", MAX_SPEAKERS)))
+    return app(args["run"], int(args.get("replicas", 1)), gpu, int(args.get("max_speakers", MAX_SPEAKERS)),
+               str(args.get("population", "train")))
 
 
 def run_serve(run: str, replicas: int = 1, gpu: bool = False, port: int = 8000, route: str = "/",
-              host: str = "127.0.0.1", blocking: bool = True, name: str = "dec_ray", max_speakers: int = MAX_SPEAKERS):
+              host: str = "127.0.0.1", blocking: bool = True, name: str = "dec_ray", max_speakers: int = MAX_SPEAKERS,
+              population: str = "train"):
     """Start Serve on this Ray (joined or private) and deploy; returns the handle (``blocking``:
     serve until interrupted)."""
     from dec_ray.report.inference import model_file
@@ -212,7 +246,10 @@ def run_serve(run: str, replicas: int = 1, gpu: bool = False, port: int = 8000, 
     ensure_ray()
     serve.start(http_options={"host": host, "port": port})
     forget_store(name)                      # a new deployment starts with no speakers
-    handle = serve.run(app(run, replicas, gpu, max_speakers), name=name, route_prefix=route, blocking=False)
+    if population not in POPULATIONS:
+        raise ValueError(f"--population {population}: choose one of {POPULATIONS}")
+    handle = serve.run(app(run, replicas, gpu, max_speakers, population), name=name, route_prefix=route,
+                       blocking=False)
     url = f"http://{host}:{port}{route}"
     print(f"[dec-ray] serving {run} at {url} ({replicas} replica(s)); try: curl -X POST --data-binary "
           f"@clip.wav '{url}'", flush=True)
