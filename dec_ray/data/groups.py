@@ -51,14 +51,23 @@ class Moments:
         v = input_values(chunks, input).astype(np.float64).reshape(-1, chunks.shape[-1])
         return cls(len(v), v.sum(0), (v * v).sum(0))
 
+    @classmethod
+    def of_rows(cls, x: np.ndarray) -> "Moments":
+        """The sums of feature rows (n, D) that may hold NaN (a functional a clip lacks): ``n`` counts
+        each column's values (the linear references' per-speaker and Train statistics)."""
+        x = np.asarray(x, dtype=np.float64)
+        return cls((~np.isnan(x)).sum(0), np.nansum(x, 0), np.nansum(x * x, 0))
+
     def __add__(self, other: "Moments") -> "Moments":
         return Moments(self.n + other.n, self.s + other.s, self.ss + other.ss)
 
-    def mean_std(self) -> Tuple[np.ndarray, np.ndarray]:
-        """Per-bin (mean, std), float32: the population moments of the frames summed."""
-        mean = self.s / self.n
-        std = np.sqrt(np.maximum(self.ss / self.n - mean * mean, 0.0))
-        return mean.astype(np.float32), std.astype(np.float32)
+    def mean_std(self, dtype=np.float32) -> Tuple[np.ndarray, np.ndarray]:
+        """Per-bin (mean, std): the population moments (ddof 0) of the values summed; a column
+        with no value has mean and std NaN."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            mean = self.s / self.n
+            std = np.sqrt(np.maximum(self.ss / self.n - mean * mean, 0.0))
+        return mean.astype(dtype), std.astype(dtype)
 
 
 class GroupSums:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -25,6 +24,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from dec_ray.data.files import write_json
+from dec_ray.data.groups import Moments
 from dec_ray.data.normalization import LOG_EPS
 from dec_ray.data.tables import split_files, with_sentence_info
 from dec_ray.method.losses import ccc
@@ -95,15 +95,15 @@ def zscore(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
 
 
 def moments(x: np.ndarray):
-    """Per-column mean and std over the rows, ignoring NaN (std floored: a constant column is 0)."""
-    with warnings.catch_warnings():             # an all-NaN column (no voiced frame anywhere) is 0
-        warnings.simplefilter("ignore", RuntimeWarning)
-        mean, std = np.nanmean(x, 0), np.nanstd(x, 0)
+    """Per-column mean and std over the rows, ignoring NaN (``groups.Moments``, the one definition
+    of a group's statistics; std floored: a constant column is 0, an all-NaN column 0 too)."""
+    mean, std = Moments.of_rows(x).mean_std(np.float64)
     return np.nan_to_num(mean), np.where(np.isfinite(std) & (std > 1e-8), std, 1.0)
 
 
 def speaker_normalize(x: np.ndarray, speakers: np.ndarray) -> np.ndarray:
-    """Each speaker's rows z-scored with that speaker's own feature statistics (no labels read)."""
+    """Each speaker's rows z-scored with that speaker's own feature statistics (no labels read).
+    The rows are one split's: a speaker is a group within a split, as the networks' groups are."""
     out = np.empty_like(x, dtype=np.float64)
     for s in np.unique(speakers):
         rows = speakers == s
