@@ -8,7 +8,6 @@ the whole batch, and the sampler draws each global cluster as often as 1 rank do
 What differs by design: dropout masks (one stream per rank) and each rank draws from its own rows,
 so the weights after an epoch agree only approximately (bound below, measured).
 """
-import os
 
 import numpy as np
 import pytest
@@ -23,6 +22,7 @@ from dec_ray.method.epoch import Epoch, Stage, emotion, epoch_subset, pseudo_lab
 from dec_ray.method.learner import Batch, Learner, stage_total, step_bounds
 from dec_ray.method.loop import fit
 from dec_ray.method.sampler import cluster_shares, uniform_cluster_indices
+from gloo_ranks import join, result
 from plain_pools import shard, synth_pools
 
 CFG = ["model.width=0.125", "cluster.k=4", "train.batch_sentences=4", "train.epochs=2", "scale.workers=2",
@@ -112,10 +112,7 @@ def _sentence_pass(rank: int, world: int, stats, pools, wrap) -> dict:
 
 
 def _run(rank: int, world: int, port: int, q, stats, arrays) -> None:
-    torch.set_num_threads(1)
-    if world > 1:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+    join(rank, world, port)
     full = {k: Pool(*v) for k, v in arrays.items()}
     pools = {k: shard(v, rank, world) for k, v in full.items()}
     # one test sentence in all: rank 1 holds none of it, yet scoring is a collective
@@ -175,7 +172,7 @@ def runs():
              for r in range(world)]
     for p in procs:
         p.start()
-    got = [q.get(timeout=300) for _ in procs]      # a hang (e.g. a skipped collective) fails here
+    got = [result(q, procs) for _ in procs]
     for p in procs:
         p.join(60)
         assert p.exitcode == 0

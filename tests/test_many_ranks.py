@@ -3,7 +3,6 @@
 sentence on a middle rank), where cumulative floors of each rank's share once made a middle
 rank's step bound go back: a step of -1 chunks, a NaN cross-entropy of no rows all-reduced into
 every rank's gradients, and one draw trained twice."""
-import os
 import random
 
 import numpy as np
@@ -17,6 +16,7 @@ from dec_ray.data.pools import Pool
 from dec_ray.method.epoch import Stage, pseudo_label_ce, run_epoch
 from dec_ray.method.learner import Learner, step_bounds
 from dec_ray.service.cluster import free_port
+from gloo_ranks import join, result
 from plain_pools import synth_pools
 
 CFG = ["model.width=0.125", "cluster.k=4", "train.epochs=1", "model.dropout=0.5"]
@@ -35,10 +35,7 @@ def _part(pool: Pool, sizes, rank: int) -> Pool:
 
 
 def _run(rank: int, world: int, port: int, q, stats, arrays) -> None:
-    torch.set_num_threads(1)
-    if world > 1:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+    join(rank, world, port)
     full = {k: Pool(*v) for k, v in arrays.items()}
     for like in ([world] if world > 1 else list(BATCH)):
         pools = full if world == 1 else {k: _part(v, LAYOUT[world][k], rank) for k, v in full.items()}
@@ -73,21 +70,6 @@ def _epoch_and_pass(rank: int, world: int, like: int, pools, stats) -> dict:
             "after": {k: v.numpy().copy() for k, v in learner.model_copy().items()}}
 
 
-def _get(q, procs, timeout: float = 300):
-    """The next result; fails at once when a rank died, and after ``timeout`` on a hang (a
-    skipped collective)."""
-    import queue
-    import time
-    t = time.time()
-    while time.time() - t < timeout:
-        try:
-            return q.get(timeout=1)
-        except queue.Empty:
-            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
-            assert not dead, f"a rank died (exit codes {dead})"
-    raise AssertionError("timed out waiting for the ranks")
-
-
 @pytest.fixture(scope="module")
 def runs():
     """1 rank, then 3, then 4 (one thread each), on the same pools."""
@@ -101,7 +83,7 @@ def runs():
         procs = [ctx.Process(target=_run, args=(r, world, port, q, stats, arrays)) for r in range(world)]
         for p in procs:
             p.start()
-        got = [_get(q, procs) for _ in procs for _ in ([world] if world > 1 else BATCH)]
+        got = [result(q, procs) for _ in procs for _ in ([world] if world > 1 else BATCH)]
         for p in procs:
             p.join(60)
             assert p.exitcode == 0
