@@ -102,9 +102,14 @@ def test_a_group_far_larger_than_a_batch_predicts_in_batches_with_the_same_numbe
                    .to_pylist())
     assert len(paths) > 2 * BATCH_FILES + 4
     named, unnamed = paths[:-4], paths[-4:]
-    pd.DataFrame({"path": paths, "group": ["everyone"] * len(named) + [""] * 4}).to_csv(tmp_path / "g.csv", index=False)
-    info = run_predict(speaker_run, paths, str(tmp_path / "p.parquet"), actors=1, groups=str(tmp_path / "g.csv"))
-    assert info["predicted"] == len(paths)
+    corrupt = tmp_path / "corrupt.wav"                      # rejected in the statistics pass, the rest go on
+    corrupt.write_bytes(b"RIFF....WAVEjunk")
+    pd.DataFrame({"path": paths + [str(corrupt)], "group": ["everyone"] * len(named) + [""] * 4 + ["everyone"]}
+                 ).to_csv(tmp_path / "g.csv", index=False)
+    info = run_predict(speaker_run, paths + [str(corrupt)], str(tmp_path / "p.parquet"), actors=1,
+                       groups=str(tmp_path / "g.csv"))
+    assert info["predicted"] == len(paths) and info["rejected"] == 1
+    assert list(pd.read_csv(info["rejects"])["path"]) == [str(corrupt)]
     got = pd.read_parquet(tmp_path / "p.parquet").set_index("path")
     p = Predictor(speaker_run)
     at_once = p.predict_files(named, ["everyone"] * len(named))

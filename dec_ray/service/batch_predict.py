@@ -77,7 +77,7 @@ class SumsActor:
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, list]:
         sums, bad = GroupSums(), []
-        inp = self.predictor.cfg.model.input
+        inp, none = self.predictor.cfg.model.input, np.zeros(self.predictor.cfg.features.n_mels)
         for path, group in zip(batch["path"], batch["group"]):
             if not group:
                 continue
@@ -91,8 +91,8 @@ class SumsActor:
         return {"group": names + [""] * len(bad), "path": [""] * len(names) + [p for p, _ in bad],
                 "error": [""] * len(names) + [r for _, r in bad],
                 "n": [sums.sums[g].n for g in names] + [0] * len(bad),
-                "s": [sums.sums[g].s for g in names] + [np.zeros(0)] * len(bad),
-                "ss": [sums.sums[g].ss for g in names] + [np.zeros(0)] * len(bad)}
+                "s": [sums.sums[g].s for g in names] + [none] * len(bad),
+                "ss": [sums.sums[g].ss for g in names] + [none] * len(bad)}
 
 
 def file_groups(paths: Sequence[str], groups: str) -> List[str]:
@@ -128,7 +128,7 @@ def file_groups(paths: Sequence[str], groups: str) -> List[str]:
 
 def group_moments(ds, run: str, actors: int):
     """Pass 1: the groups' statistics, streamed (each task sums its files by group; the driver adds
-    two vectors per group): (GroupMoments with POPULATION appended, {path: reason} of bad files)."""
+    two vectors per group): (GroupSums of the named groups, {path: reason} of the files that failed)."""
     total, bad = GroupSums(), {}
     sums = ds.map_batches(SumsActor, batch_size=BATCH_FILES, fn_constructor_kwargs={"run": run},
                           concurrency=actors, num_cpus=1, batch_format="numpy")
