@@ -79,8 +79,10 @@ class GroupSums:
     def add(self, chunks: np.ndarray, keys: Sequence[str], input: str) -> None:
         keys = np.asarray(keys, dtype=object)
         for k in np.unique(keys):
-            m = Moments.of(chunks[keys == k], input)
-            self.sums[k] = self.sums[k] + m if k in self.sums else m
+            self.add_moments(k, Moments.of(chunks[keys == k], input))
+
+    def add_moments(self, key: str, m: Moments) -> None:
+        self.sums[key] = self.sums[key] + m if key in self.sums else m
 
     def moments(self) -> "GroupMoments":
         names = sorted(self.sums)
@@ -90,7 +92,7 @@ class GroupSums:
 
 @dataclass
 class GroupMoments:
-    names: list               # group keys, sorted
+    names: list               # group keys
     mean: np.ndarray          # (G, F) per-bin mean of the input values
     std: np.ndarray           # (G, F)
 

@@ -86,7 +86,7 @@ class SumsActor:
             except Exception as e:
                 bad.append((path, _reason(e)))
                 continue
-            sums.sums[group] = sums.sums[group] + m if group in sums.sums else m
+            sums.add_moments(group, m)
         names = sorted(sums.sums)
         return {"group": names + [""] * len(bad), "path": [""] * len(names) + [p for p, _ in bad],
                 "error": [""] * len(names) + [r for _, r in bad],
@@ -137,8 +137,7 @@ def group_moments(ds, run: str, actors: int):
             if err:
                 bad[path] = err
                 continue
-            m = Moments(int(n), np.asarray(s_, np.float64), np.asarray(ss, np.float64))
-            total.sums[g] = total.sums[g] + m if g in total.sums else m
+            total.add_moments(g, Moments(int(n), np.asarray(s_, np.float64), np.asarray(ss, np.float64)))
     return total, bad
 
 
