@@ -135,9 +135,7 @@ class Epoch:
         """The passes this epoch will make, over these pools (None: no pass), in steps: the rate
         schedule's clock (``Learner.plan_epoch``). A collective: every rank calls it."""
         learner = self.learner
-        unit = learner.cfg.features.num_chunks if learner.sentence_head else 1
-        learner.plan_epoch(self.epoch, sum(learner.steps_of(sum_over_ranks(p.n_chunks) // unit)
-                                           for p in pools if p is not None))
+        learner.plan_epoch(self.epoch, sum(learner.steps_of(sum_over_ranks(p.n_chunks)) for p in pools if p is not None))
 
     def shuffled(self, pool: Pool, offset: int = 0) -> torch.Tensor:
         """All chunk ids of the pool in a random order (the baselines' sampler); under the sentence

@@ -148,9 +148,10 @@ class Learner:
         """Chunks a batch is counted in: 1, or a sentence's under the sentence head."""
         return self.cfg.features.num_chunks if self.sentence_head else 1
 
-    def steps_of(self, units: int) -> int:
-        """Optimiser steps of a pass over ``units`` draws (chunks; sentences under the sentence
-        head) of all ranks: the steps 1 rank makes (``step_bounds``)."""
+    def steps_of(self, chunks: int) -> int:
+        """Optimiser steps of a pass over ``chunks`` draws of all ranks (counted in ``unit``s, as
+        ``train`` counts them): the steps 1 rank makes (``step_bounds``)."""
+        units = chunks // self.unit
         return max(1, units // (self.batch_chunks * world()[1] // self.unit)) if units > 0 else 0
 
     def plan_epoch(self, epoch: int, steps: int) -> None:
