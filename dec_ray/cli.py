@@ -100,9 +100,11 @@ def cmd_export(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    from dec_ray.config import serve_config
     from dec_ray.service.serve import run_serve
+    settings = serve_config(None, args.overrides)
     run_serve(args.run, args.replicas, args.gpu, args.port, args.route, args.host, max_speakers=args.max_speakers,
-              population=args.population)
+              population=args.population, settings=settings)
     return EXIT_OK
 
 
@@ -249,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--population", default="train", choices=["train", "traffic"],
                    help="a per-speaker model's statistics for requests without a speaker: the run's Train audio "
                         "(default), or the clips served without a speaker so far, as one group (after 30)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a limit or batching setting (dec_ray.config.ServeConfig), e.g. --set max_duration_s=30 "
+                        "--set max_batch_size=32; defaults: max_body_mb 16, max_duration_s 60, sample rates "
+                        "8000-192000 Hz, max_batch_size 16, batch_wait_timeout_s 0.01")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("evaluate", parents=[ray_args],

@@ -213,6 +213,42 @@ class ConfigError(ValueError):
     """A config file or override that does not match the schema."""
 
 
+@dataclass
+class ServeConfig:
+    """What one `dec-ray serve` replica accepts and how it batches: the deployment's
+    ``user_config`` (a Serve config file can change it on a running application). Every limit is
+    checked before the audio is decoded or resampled."""
+    max_body_mb: float = 16.0           # a larger request body: 413 (60 s of 48 kHz stereo 16-bit WAV is 11 MB)
+    max_duration_s: float = 60.0        # decoded audio longer than this: 422, read no further
+    min_sample_rate: int = 8000         # a rate outside [min, max]: 422 (a 1 Hz header would resample x16,000)
+    max_sample_rate: int = 192000
+    max_batch_size: int = 16            # requests in one forward pass
+    batch_wait_timeout_s: float = 0.01  # how long the first request of a batch waits for more
+    # requests a replica holds (one batch running, the next gathering) = this x max_batch_size;
+    # requests waiting in each caller's queue beyond that = queue_batches x max_batch_size, then 503
+    ongoing_batches: int = 2
+    queue_batches: int = 4
+
+    @property
+    def max_ongoing_requests(self) -> int:
+        return self.ongoing_batches * self.max_batch_size
+
+    @property
+    def max_queued_requests(self) -> int:
+        return self.queue_batches * self.max_batch_size
+
+
+def serve_config(data: Optional[dict] = None, overrides: Optional[List[str]] = None) -> ServeConfig:
+    """Defaults <- a mapping (a Serve config's user_config) <- ``key=value`` overrides; unknown keys,
+    wrong types and impossible limits are errors."""
+    cfg = _build(ServeConfig, apply_overrides(dict(data or {}), overrides), "serve.")
+    bad = [k for k in ("max_body_mb", "max_duration_s", "min_sample_rate", "max_batch_size", "ongoing_batches",
+                       "queue_batches") if not getattr(cfg, k) > 0]
+    if bad or cfg.max_sample_rate < cfg.min_sample_rate or cfg.batch_wait_timeout_s < 0:
+        raise ConfigError(f"serve settings out of range: {bad or 'sample rates / batch wait'} ({cfg})")
+    return cfg
+
+
 # Keys that older runs' config.yaml may hold, and why they went.
 REMOVED = {
     "cluster.reuse_embeddings": "the memory bank refreshed only the rows the sampler drew (not DeepCluster-v2's); "
@@ -240,7 +276,7 @@ def _build(cls, data: dict, where: str):
     if gone:
         raise ConfigError("; ".join(f"{k} was removed: {REMOVED[k]}" for k in gone))
     if unknown:
-        raise ConfigError(f"unknown key(s) in {where or 'config'}: {sorted(unknown)}; "
+        raise ConfigError(f"unknown key(s) in {where.rstrip('.') or 'config'}: {sorted(unknown)}; "
                           f"known: {sorted(fields)}")
     kwargs = {}
     for name, value in data.items():

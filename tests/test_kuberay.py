@@ -2,6 +2,7 @@
 builds, the shared volume, entrypoints that parse as real `dec-ray` commands naming real spec
 files, the Serve application a RayService imports, and worker groups that hold the specs' scaling.
 Not run against a Kubernetes cluster (see jobs/README.md)."""
+import copy
 import os
 import shlex
 
@@ -106,11 +107,85 @@ def test_the_rayservice_imports_the_serve_application_with_its_arguments():
     app = builder(a["args"])
     assert isinstance(app, serve.Application)
     assert a["args"]["run"].startswith("/shared/")
-    workers = svc["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    cluster = svc["spec"]["rayClusterConfig"]
+    workers = cluster["workerGroupSpecs"][0]
     gpus = int(workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
-    assert a["args"]["replicas"] <= workers["maxReplicas"] * gpus
+    (deployment,) = a["deployments"]
+    assert cluster["enableInTreeAutoscaling"] and a["args"]["gpu"]        # GPU pods follow Serve's replicas
+    assert deployment["autoscaling_config"]["max_replicas"] <= workers["maxReplicas"] * gpus
 
 
 def test_a_broken_entrypoint_is_caught():
     with pytest.raises(SystemExit):
         command("python -m dec_ray trian --tables /shared/tables --out /shared/runs/x")
+
+
+# The KubeRay releases the manifests need (jobs/README.md): authOptions from 1.5.1, backoffLimit from
+# 1.2.0. Their CRDs are not part of this repository: KUBERAY_CRDS names a folder holding each
+# release's ray-operator/config/crd/bases files as KUBERAY_CRDS/vX.Y.Z/ray.io_*.yaml.
+KUBERAY_VERSIONS = ("v1.5.1", "v1.7.0")
+CRDS = os.environ.get("KUBERAY_CRDS", "")
+CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
+             "RayService": "ray.io_rayservices.yaml"}
+needs_crds = pytest.mark.skipif(not CRDS, reason="KUBERAY_CRDS: a folder of KubeRay releases' CRDs (jobs/README.md)")
+
+
+def structural(schema):
+    """A CRD's openAPIV3Schema as a JSON schema that refuses what the API server refuses under
+    `kubectl apply`'s strict field validation: a field the schema does not name (KubeRay's CRDs
+    preserve no unknown fields); int-or-string and nullable as Kubernetes reads them."""
+    s = {k: v for k, v in schema.items() if not k.startswith("x-kubernetes-") and k != "nullable"}
+    if schema.get("x-kubernetes-int-or-string"):
+        s.pop("type", None)
+        s["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    if schema.get("nullable") and "type" in s:
+        s["type"] = [s["type"], "null"]
+    if "properties" in s:
+        s["properties"] = {k: structural(v) for k, v in s["properties"].items()}
+        if not schema.get("x-kubernetes-preserve-unknown-fields"):
+            s.setdefault("additionalProperties", False)
+    if isinstance(s.get("additionalProperties"), dict):
+        s["additionalProperties"] = structural(s["additionalProperties"])
+    if isinstance(s.get("items"), dict):
+        s["items"] = structural(s["items"])
+    return s
+
+
+def crd_schema(version: str, kind: str):
+    crd = yaml.safe_load(open(os.path.join(CRDS, version, CRD_FILES[kind])))
+    (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return structural(v1["schema"]["openAPIV3Schema"])
+
+
+def crd_errors(version: str):
+    import jsonschema
+    out = {}
+    for name, d in manifests().items():
+        if d["kind"] in CRD_FILES:
+            errors = list(jsonschema.Draft7Validator(crd_schema(version, d["kind"])).iter_errors(d))
+            if errors:
+                out[name] = [f"{'.'.join(map(str, e.absolute_path))}: {e.message[:120]}" for e in errors]
+    return out
+
+
+@needs_crds
+@pytest.mark.parametrize("version", KUBERAY_VERSIONS)
+def test_every_manifest_passes_the_crd_schema_of_each_kuberay_release_named(version):
+    assert crd_errors(version) == {}
+    import jsonschema                          # the check bites: a misspelt field is refused
+    job = copy.deepcopy(manifests()["rayjob_ingest.yaml:dec-ray-ingest"])
+    job["spec"]["backofLimit"] = job["spec"].pop("backoffLimit")
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(job, crd_schema(version, "RayJob"))
+
+
+@needs_crds
+def test_the_release_before_the_oldest_named_refuses_the_manifests():
+    """What jobs/README.md says is the oldest KubeRay that takes the manifests is the oldest: every
+    release in KUBERAY_CRDS before it refuses at least one (v1.5.0: authOptions; v1.1.0: backoffLimit)."""
+    def key(v):
+        return tuple(int(x) for x in v.lstrip("v").split("."))
+    older = [v for v in os.listdir(CRDS) if v.startswith("v") and key(v) < key(KUBERAY_VERSIONS[0])]
+    assert older, f"no release before {KUBERAY_VERSIONS[0]} in {CRDS}"
+    for v in older:
+        assert crd_errors(v), v

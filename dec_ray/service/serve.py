@@ -1,14 +1,20 @@
 """`dec-ray serve`: a trained run as a Ray Serve deployment.
 
-HTTP: POST the bytes of an audio file (wav, flac, ogg; any rate, any channel count up to 16) to
-the route; the answer is JSON with the run's attributes on the 1..7 scale (and the cluster, for
-DeepEmoCluster) and ``normalization``: how the input was normalised. ``?chunks=true`` adds each
-chunk's values. Bad audio gets a 4xx with the reason and the replica goes on: 400 empty body, 415
-not audio, 422 audio that cannot become features (silent, too short, too many channels); 405 for
-other methods. Requests are batched with Serve's ``@serve.batch``: one forward pass for the
-waiting requests. The same deployment is a Python handle for composition:
-``handle.predict.remote(audio_bytes, speaker="spk1")``. Decoding, features and normalisation are
-the Predictor's, so the numbers are `dec-ray predict`'s.
+HTTP: POST an audio file (wav, flac, ogg; 8-192 kHz, up to 16 channels) to the route, as the raw
+body or as a multipart upload (``curl -F file=@clip.wav``); the answer is JSON with the run's
+attributes on the 1..7 scale (and the cluster, for DeepEmoCluster) and ``normalization``: how the
+input was normalised. ``?chunks=true`` adds each chunk's values. Requests are bounded before any
+decoding (``ServeConfig``: 413 a body over the cap; 422 a rate, channel count or duration out of
+bounds, read from the header); bad audio gets a 4xx with the reason (400 empty, 415 not audio, 422
+audio that cannot become features); anything else a 500 with a JSON reason, and the replica goes
+on; 405 for other methods. Decoding and the forward pass run off the replica's event loop, so
+requests decode while a batch is scored; ``@serve.batch`` scores the waiting requests in one
+forward pass, and each replica holds ``ongoing_batches`` x ``max_batch_size`` requests, each caller
+queues ``queue_batches`` x that many more, beyond which Serve answers 503 (back-pressure). Batch
+size, wait and limits are the deployment's ``user_config`` (a Serve config file can change them on
+a running application); ``check_health`` runs the model. The same deployment is a Python handle
+for composition: ``handle.predict.remote(audio_bytes, speaker="spk1")``. Decoding, features and
+normalisation are the Predictor's, so the numbers are `dec-ray predict`'s.
 
 Speakers: a per-speaker model (``model.norm: speaker``, the recommended preset) scores a request
 that names its speaker (``?speaker=ID`` or the ``X-Speaker`` header) with that speaker's running
@@ -27,23 +33,25 @@ speaker (``normalization: train``).
 """
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import hashlib
-import io
+import logging
 import os
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import ray
-import soundfile as sf
 from ray import serve
 
-from dec_ray.data.audio import MAX_CHANNELS, AudioError, prepare_signal
+from dec_ray.config import ServeConfig, serve_config
+from dec_ray.data.audio import AudioError, prepare_signal
 from dec_ray.data.features import ShortClipError
 from dec_ray.data.groups import GroupMoments, Moments
+from dec_ray.service.audio_request import BadAudio, decode_bounded, read_body, uploaded_file
 
-MAX_BATCH = 16
-BATCH_WAIT_S = 0.01
+logger = logging.getLogger("ray.serve")
 MAX_SPEAKERS = 10_000
 POPULATIONS = ("train", "traffic")    # what a request without a speaker is normalised with
 MIN_TRAFFIC_CLIPS = 30                # --population traffic: the run's population until this many clips
@@ -51,27 +59,11 @@ MAX_SPEAKER_ID = 256                  # characters
 STORE_NAMESPACE = "dec_ray_serve"
 
 
-class BadAudio(Exception):
-    """A request the model cannot score: ``status`` is the HTTP status, str(e) the reason."""
-
-    def __init__(self, status: int, reason: str):
-        super().__init__(status, reason)          # both in args: the handle's caller unpickles it
-        self.status, self.reason = status, reason
-
-    def __str__(self) -> str:
-        return self.reason
-
-
-def decode(body: bytes, predictor) -> np.ndarray:
-    """Request bytes -> the sentence's raw chunks, or BadAudio."""
-    if not body:
-        raise BadAudio(400, "empty request: POST the bytes of an audio file (wav, flac, ogg)")
-    try:
-        data, sr = sf.read(io.BytesIO(body), dtype="float32", always_2d=True)
-    except Exception as e:                       # soundfile's errors for bytes that are no audio
-        raise BadAudio(415, f"not audio soundfile can read: {str(e).splitlines()[0][:160]}")
-    if data.shape[1] > MAX_CHANNELS:
-        raise BadAudio(422, f"{data.shape[1]} channels: at most {MAX_CHANNELS}")
+def decode(body: bytes, predictor, limits: ServeConfig) -> np.ndarray:
+    """Request bytes -> the sentence's raw chunks, or BadAudio (bounded: ``decode_bounded``)."""
+    if len(body) > limits.max_body_mb * 2 ** 20:
+        raise BadAudio(413, f"audio of {len(body) / 2 ** 20:.1f} MB: at most {limits.max_body_mb:g} MB (max_body_mb)")
+    data, sr = decode_bounded(body, limits)
     f = predictor.cfg.features
     try:
         y = prepare_signal(data, sr, f.sample_rate, f.silence_peak, f.min_duration_s)
@@ -159,20 +151,61 @@ class EmotionModel:
         self.store = speaker_store(ctx.app_name, max_speakers) if self.predictor.per_speaker else None
         if self.predictor.per_speaker:
             self.predictor.population_moments()            # a run without them cannot serve unnamed requests
+        self.limits = ServeConfig()
+        self.batches: Counter = Counter()                  # batch size -> forward passes of that size
+        f = self.predictor.cfg.features
+        self._probe = np.zeros((1, f.num_chunks, f.chunk_frames, f.n_mels), np.float32)
+        self._warm_up()
 
-    @serve.batch(max_batch_size=MAX_BATCH, batch_wait_timeout_s=BATCH_WAIT_S)
+    def _warm_up(self) -> None:
+        """One request's work before the replica takes traffic: the first decode, resampling and
+        mel of a process load librosa's compiled functions (9 s on 2 cores, else the first caller
+        waits for it)."""
+        noise = np.random.default_rng(0).normal(size=(44100, 1)).astype(np.float32)
+        f = self.predictor.cfg.features
+        y = prepare_signal(noise, 44100, f.sample_rate, f.silence_peak, f.min_duration_s)
+        self.predictor.forward(self.predictor.model_input(self.predictor.chunks_of(y)[None])[0])
+
+    def reconfigure(self, user_config: Dict) -> None:
+        """The Serve config's ``user_config``: limits, batch size and wait (``ServeConfig``), on a
+        running replica too."""
+        self.limits = serve_config(user_config)
+        self._scored.set_max_batch_size(self.limits.max_batch_size)
+        self._scored.set_batch_wait_timeout_s(self.limits.batch_wait_timeout_s)
+
+    def check_health(self) -> None:
+        """Serve's periodic check: the model still runs on its device (a dead CUDA context raises)."""
+        out = self.predictor.forward(self._probe)
+        if not all(np.isfinite(v) for k, v in out[0].items() if k in self.predictor.cfg.model.attributes):
+            raise RuntimeError("the model's output is not finite")
+
+    def batch_sizes(self) -> Dict[int, int]:
+        """How many forward passes this replica made of each batch size (benchmarks read it)."""
+        return dict(self.batches)
+
+    @serve.batch(max_batch_size=ServeConfig.max_batch_size, batch_wait_timeout_s=ServeConfig.batch_wait_timeout_s)
     async def _scored(self, inputs: List[np.ndarray]) -> List[Dict]:
-        """The waiting requests' sentences, normalised each as its own request says, in one forward pass."""
-        return self.predictor.forward(np.stack(inputs), per_chunk=True)
+        """The waiting requests' sentences, normalised each as its own request says, in one forward
+        pass, in a thread: the event loop goes on taking and decoding requests."""
+        self.batches[len(inputs)] += 1
+        return await asyncio.to_thread(self.predictor.forward, np.stack(inputs), True)
 
-    async def _model_input(self, body: bytes, chunks: np.ndarray, speaker: Optional[str]):
+    def _features(self, body: bytes, speaker: Optional[str]):
+        """CPU work of one request (in a thread): its chunks, and their moments when the request
+        joins a group (a named speaker, or --population traffic)."""
+        chunks = decode(body, self.predictor, self.limits)
+        p = self.predictor
+        grouped = p.per_speaker and (speaker is not None or self.population == "traffic")
+        return chunks, (Moments.of(chunks, p.cfg.model.input) if grouped else None)
+
+    async def _model_input(self, body: bytes, chunks: np.ndarray, moments: Optional[Moments],
+                           speaker: Optional[str]):
         """(the network's input, what the answer says of its normalisation)."""
         p = self.predictor
-        if not p.per_speaker or (speaker is None and self.population == "train"):
+        if moments is None:
             x, how = p.model_input(chunks[None])
             return x[0], {"normalization": how}
-        m = Moments.of(chunks, p.cfg.model.input)
-        digest = hashlib.sha256(body).hexdigest()
+        m, digest = moments, hashlib.sha256(body).hexdigest()
         if speaker is None:                  # --population traffic: what was served without a speaker
             mean, std, clips = await self.store.add_traffic.remote(digest, m.n, m.s, m.ss)
             if clips < self.min_traffic_clips:
@@ -188,7 +221,8 @@ class EmotionModel:
         """The handle's API: audio file bytes (and the speaker, if known) -> the prediction
         (raises BadAudio)."""
         speaker = speaker_of(speaker)
-        x, info = await self._model_input(body, decode(body, self.predictor), speaker)
+        chunks, moments = await asyncio.to_thread(self._features, body, speaker)
+        x, info = await self._model_input(body, chunks, moments, speaker)
         out = dict(await self._scored(x))
         if not per_chunk:
             out.pop("chunks")
@@ -214,45 +248,74 @@ class EmotionModel:
                                     headers={**headers, "Allow": "POST, DELETE"})
             per_chunk = request.query_params.get("chunks", "").lower() in ("1", "true", "yes")
             speaker = request.query_params.get("speaker") or request.headers.get("x-speaker")
-            return JSONResponse(await self.predict(await request.body(), per_chunk, speaker), headers=headers)
+            body = await read_body(request.stream(), self.limits, request.headers.get("content-length"))
+            body = uploaded_file(body, request.headers.get("content-type", ""))
+            return JSONResponse(await self.predict(body, per_chunk, speaker), headers=headers)
         except BadAudio as e:
             return JSONResponse({"error": str(e)}, status_code=e.status, headers=headers)
+        except Exception as e:               # the replica answers and goes on; the trace goes to its log
+            logger.exception("dec_ray: request failed")
+            return JSONResponse({"error": f"internal error: {type(e).__name__}: {str(e)[:200]}"}, status_code=500,
+                                headers=headers)
 
 
-def app(run: str, replicas: int = 1, gpu: bool = False, max_speakers: int = MAX_SPEAKERS, population: str = "train"):
-    """The bound application (``serve.run(app(...))``; also what a RayService's import path names)."""
-    return EmotionModel.options(num_replicas=replicas,
-                                ray_actor_options={"num_cpus": 0 if gpu else 1, "num_gpus": 1 if gpu else 0}
-                                ).bind(os.path.abspath(run), "cuda" if gpu else "cpu", max_speakers, population)
+def app(run: str, replicas: Optional[int] = 1, gpu: bool = False, max_speakers: int = MAX_SPEAKERS,
+        population: str = "train", settings: Optional[ServeConfig] = None):
+    """The bound application (``serve.run(app(...))``). Every replica reserves a CPU for decoding
+    (and a GPU with ``gpu``); ``max_ongoing_requests`` and ``max_queued_requests`` follow the batch
+    size (``ServeConfig``). ``replicas=None`` leaves the count to a Serve config (its
+    ``num_replicas`` or ``autoscaling_config``)."""
+    s = settings or ServeConfig()
+    opts = dict(max_ongoing_requests=s.max_ongoing_requests, max_queued_requests=s.max_queued_requests,
+                user_config=dataclasses.asdict(s), ray_actor_options={"num_cpus": 1, "num_gpus": 1 if gpu else 0})
+    if replicas is not None:
+        opts["num_replicas"] = replicas
+    return EmotionModel.options(**opts).bind(os.path.abspath(run), "cuda" if gpu else "cpu", max_speakers, population)
+
+
+APP_ARGS = ("run", "gpu", "max_speakers", "population", "replicas")
 
 
 def build_app(args: Dict) -> "serve.Application":
-    """The application builder a Serve config names (``import_path: dec_ray.service.serve:build_app``,
-    jobs/kuberay/rayservice.yaml): args ``run``, ``replicas`` (1), ``gpu`` (false), ``max_speakers``,
-    ``population`` (train)."""
+    """The application builder a Serve config names (``import_path: dec_ray.service.serve:build_app``;
+    jobs/serve.yaml, jobs/kuberay/rayservice.yaml, ``serve run dec_ray.service.serve:build_app
+    run=RUN``): args ``run``, ``gpu`` (false), ``max_speakers``, ``population`` (train), ``replicas``
+    (left to the config's deployment options when absent). Limits and batching are the
+    deployment's ``user_config``."""
+    unknown = set(args) - set(APP_ARGS)
+    if unknown or "run" not in args:
+        raise ValueError(f"application args {sorted(args)}: give run, and any of {APP_ARGS[1:]}; limits and batching "
+                         "go in the deployment's user_config")
     gpu = str(args.get("gpu", False)).lower() in ("1", "true", "yes")
-    return app(args["run"], int(args.get("replicas", 1)), gpu, int(args.get("max_speakers", MAX_SPEAKERS)),
+    replicas = int(args["replicas"]) if "replicas" in args else None
+    return app(args["run"], replicas, gpu, int(args.get("max_speakers", MAX_SPEAKERS)),
                str(args.get("population", "train")))
 
 
 def run_serve(run: str, replicas: int = 1, gpu: bool = False, port: int = 8000, route: str = "/",
               host: str = "127.0.0.1", blocking: bool = True, name: str = "dec_ray", max_speakers: int = MAX_SPEAKERS,
-              population: str = "train"):
+              population: str = "train", settings: Optional[ServeConfig] = None):
     """Start Serve on this Ray (joined or private) and deploy; returns the handle (``blocking``:
-    serve until interrupted)."""
+    serve until interrupted). Serve's own log lines go to Ray's log files, not this console."""
     from dec_ray.report.inference import model_file
     from dec_ray.service.cluster import ensure_ray
     model_file(os.path.abspath(run))
+    from dec_ray.service.cluster import verbose
+    os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")    # read by the Serve actors a private Ray starts
+    if not verbose():
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)     # this driver's own Serve lines
     ensure_ray()
     serve.start(http_options={"host": host, "port": port})
     forget_store(name)                      # a new deployment starts with no speakers
     if population not in POPULATIONS:
         raise ValueError(f"--population {population}: choose one of {POPULATIONS}")
-    handle = serve.run(app(run, replicas, gpu, max_speakers, population), name=name, route_prefix=route,
+    s = settings or ServeConfig()
+    handle = serve.run(app(run, replicas, gpu, max_speakers, population, s), name=name, route_prefix=route,
                        blocking=False)
     url = f"http://{host}:{port}{route}"
-    print(f"[dec-ray] serving {run} at {url} ({replicas} replica(s)); try: curl -X POST --data-binary "
-          f"@clip.wav '{url}'", flush=True)
+    print(f"[dec-ray] serving {run} at {url} ({replicas} replica(s), batches of up to {s.max_batch_size}, clips up "
+          f"to {s.max_duration_s:g} s / {s.max_body_mb:g} MB); try: curl -X POST --data-binary @clip.wav '{url}'",
+          flush=True)
     if blocking:
         import time
         try:
