@@ -3,6 +3,7 @@ builds, the shared volume, entrypoints that parse as real `dec-ray` commands nam
 files, the Serve application a RayService imports, and worker groups that hold the specs' scaling.
 Not run against a Kubernetes cluster (see jobs/README.md)."""
 import copy
+import functools
 import os
 import shlex
 
@@ -151,8 +152,10 @@ def structural(schema):
     return s
 
 
+@functools.lru_cache(maxsize=None)
 def crd_schema(version: str, kind: str):
-    crd = yaml.safe_load(open(os.path.join(CRDS, version, CRD_FILES[kind])))
+    with open(os.path.join(CRDS, version, CRD_FILES[kind])) as f:
+        crd = yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))      # 1 MB files
     (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     return structural(v1["schema"]["openAPIV3Schema"])
 
