@@ -76,6 +76,7 @@ def main():
     from dec_ray.config import ServeConfig
     from dec_ray.service.cluster import free_port
     from dec_ray.service.serve import run_serve
+    os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")      # Serve's lines to Ray's logs, as `dec-ray serve`
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
     port = free_port()
     s = ServeConfig()
