@@ -278,7 +278,7 @@ APP_ARGS = ("run", "gpu", "max_speakers", "population", "replicas")
 
 def build_app(args: Dict) -> "serve.Application":
     """The application builder a Serve config names (``import_path: dec_ray.service.serve:build_app``;
-    jobs/serve.yaml, jobs/kuberay/rayservice.yaml, ``serve run dec_ray.service.serve:build_app
+    jobs/serve/config.yaml, jobs/kuberay/rayservice.yaml, ``serve run dec_ray.service.serve:build_app
     run=RUN``): args ``run``, ``gpu`` (false), ``max_speakers``, ``population`` (train), ``replicas``
     (left to the config's deployment options when absent). Limits and batching are the
     deployment's ``user_config``."""
@@ -298,9 +298,8 @@ def run_serve(run: str, replicas: int = 1, gpu: bool = False, port: int = 8000, 
     """Start Serve on this Ray (joined or private) and deploy; returns the handle (``blocking``:
     serve until interrupted). Serve's own log lines go to Ray's log files, not this console."""
     from dec_ray.report.inference import model_file
-    from dec_ray.service.cluster import ensure_ray
+    from dec_ray.service.cluster import ensure_ray, verbose
     model_file(os.path.abspath(run))
-    from dec_ray.service.cluster import verbose
     os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")    # read by the Serve actors a private Ray starts
     if not verbose():
         logging.getLogger("ray.serve").setLevel(logging.WARNING)     # this driver's own Serve lines
