@@ -55,6 +55,8 @@ def main():
     ap.add_argument("--requests", type=int, default=256, help="per client level")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--replicas", type=int, default=1)
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="serve settings (ServeConfig)")
+    ap.add_argument("--no-write", action="store_true", help="print, do not write bench/RESULTS.md")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="bench_serve_")
     _, files, _ = replicated_clips(work, 24, 1, seed=13)
@@ -73,13 +75,13 @@ def main():
 
     import ray
     from ray import serve
-    from dec_ray.config import ServeConfig
+    from dec_ray.config import serve_config
     from dec_ray.service.cluster import free_port
     from dec_ray.service.serve import run_serve
     os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")      # Serve's lines to Ray's logs, as `dec-ray serve`
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
     port = free_port()
-    s = ServeConfig()
+    s = serve_config(None, args.set)
     handle = run_serve(run, replicas=args.replicas, port=port, blocking=False, settings=s)
     url = f"http://127.0.0.1:{port}/"
     for b in bodies[:4]:                           # warm: the replica's first requests
@@ -112,7 +114,8 @@ def main():
             + "".join(f"| {c} | {p50:.0f} ms | {p99:.0f} ms | {p50 / own_ms:.1f} | {rps:.1f} req/s | "
                       f"{rps * own_ms / 1000:.2f} | {mb:.1f} | {mx} | {rej} |\n"
                       for c, p50, p99, rps, mb, mx, rej in rows))
-    write_section("Serving (`bench/serve.py`)", body)
+    if not args.no_write:
+        write_section("Serving (`bench/serve.py`)", body)
     print(body)
 
 

@@ -224,9 +224,12 @@ class ServeConfig:
     max_sample_rate: int = 192000
     max_batch_size: int = 16            # requests in one forward pass
     batch_wait_timeout_s: float = 0.01  # how long the first request of a batch waits for more
-    # requests a replica holds (one batch running, the next gathering) = this x max_batch_size;
-    # requests waiting in each caller's queue beyond that = queue_batches x max_batch_size, then 503
-    ongoing_batches: int = 2
+    # requests a replica holds = this x max_batch_size; requests waiting in each caller's queue
+    # beyond that = queue_batches x max_batch_size, then 503. A replica that holds its callers'
+    # requests itself decodes them back to back; with half as many (2 batches), 64 clients queued at
+    # Serve's router, which backs off while the replica is full: 12 instead of 34 requests/s
+    # (bench/serve.py, bench/RESULTS.md "Serving")
+    ongoing_batches: int = 4
     queue_batches: int = 4
 
     @property

@@ -57,12 +57,13 @@ def test_keys_that_never_had_an_effect_are_dropped_with_a_note(tmp_path):
 
 def test_the_recommended_preset_lays_its_options_over_another_config():
     """`--models recommended`: the preset's keys over the demo's size, named by its label; and as a
-    config of its own (`--config recommended`). What it holds is what docs/results/recommended chose."""
+    config of its own (`--config recommended`). What it holds is what docs/results/pool_recipe chose."""
     from dec_ray.config import model_label, preset_overrides
     demo = load_config("demo")
     c = load_config("demo", preset_overrides("recommended"))
-    assert model_label(c) == "recommended" and c.model.name == "cnn"
+    assert model_label(c) == "recommended" and c.model.name == "deepemocluster" and c.train.unlabeled_limit == 0
     assert (c.model.norm, c.model.head, c.train.recipe, c.train.teacher) == ("speaker", "sentence", "adamw", "none")
+    assert (c.cluster.balance, c.cluster.labeled_sampler) == ("sinkhorn", "natural")
     assert c.model.width == demo.model.width and c.train.epochs == demo.train.epochs      # the demo's size stays
     alone = load_config("recommended")
     assert (alone.model.norm, alone.model.head, alone.train.recipe) == ("speaker", "sentence", "adamw")

@@ -39,6 +39,7 @@ import hashlib
 import logging
 import os
 from collections import Counter, OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -153,6 +154,11 @@ class EmotionModel:
             self.predictor.population_moments()            # a run without them cannot serve unnamed requests
         self.limits = ServeConfig()
         self.batches: Counter = Counter()                  # batch size -> forward passes of that size
+        # decoding in as many threads as the replica has CPUs, the forward pass in one of its own:
+        # more decoding threads than CPUs only contend (GIL, caches) and slow every request
+        cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+        self._decoders = ThreadPoolExecutor(cpus, thread_name_prefix="decode")
+        self._forward_thread = ThreadPoolExecutor(1, thread_name_prefix="forward")
         f = self.predictor.cfg.features
         self._probe = np.zeros((1, f.num_chunks, f.chunk_frames, f.n_mels), np.float32)
         self._warm_up()
@@ -188,7 +194,8 @@ class EmotionModel:
         """The waiting requests' sentences, normalised each as its own request says, in one forward
         pass, in a thread: the event loop goes on taking and decoding requests."""
         self.batches[len(inputs)] += 1
-        return await asyncio.to_thread(self.predictor.forward, np.stack(inputs), True)
+        return await asyncio.get_running_loop().run_in_executor(self._forward_thread, self.predictor.forward,
+                                                                np.stack(inputs), True)
 
     def _features(self, body: bytes, speaker: Optional[str]):
         """CPU work of one request (in a thread): its chunks, and their moments when the request
@@ -221,7 +228,8 @@ class EmotionModel:
         """The handle's API: audio file bytes (and the speaker, if known) -> the prediction
         (raises BadAudio)."""
         speaker = speaker_of(speaker)
-        chunks, moments = await asyncio.to_thread(self._features, body, speaker)
+        chunks, moments = await asyncio.get_running_loop().run_in_executor(self._decoders, self._features, body,
+                                                                            speaker)
         x, info = await self._model_input(body, chunks, moments, speaker)
         out = dict(await self._scored(x))
         if not per_chunk:
