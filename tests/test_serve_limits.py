@@ -200,7 +200,7 @@ def test_the_shipped_serve_config_deploys_batches_beyond_5_and_reconfigures_a_ru
             return list(ex.map(one, range(n)))
 
     try:
-        handle = deploy(batch_wait_timeout_s=0.5)
+        handle = deploy(batch_wait_timeout_s=2.0)          # a batch closes when full or after 2 s
         answers = at_once(16)
         assert all(code == 200 for code, _ in answers), answers
         sizes = batch_sizes(handle)
