@@ -228,7 +228,9 @@ class ServeConfig:
     # beyond that = queue_batches x max_batch_size, then 503. A replica that holds its callers'
     # requests itself decodes them back to back; with half as many (2 batches), 64 clients queued at
     # Serve's router, which backs off while the replica is full: 12 instead of 34 requests/s
-    # (bench/serve.py, bench/RESULTS.md "Serving")
+    # (bench/serve.py, bench/RESULTS.md "Serving"). These two are deployment options, fixed when
+    # the deployment is made (`dec-ray serve`, app()); a Serve config sets max_ongoing_requests and
+    # max_queued_requests beside its user_config (jobs/serve/config.yaml, checked to agree).
     ongoing_batches: int = 4
     queue_batches: int = 4
 
