@@ -235,6 +235,10 @@ class ServeConfig:
     queue_batches: int = 4
 
     @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 2 ** 20)
+
+    @property
     def max_ongoing_requests(self) -> int:
         return self.ongoing_batches * self.max_batch_size
 

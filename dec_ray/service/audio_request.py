@@ -36,7 +36,7 @@ def _mb(n: float) -> str:
 async def read_body(chunks: AsyncIterable[bytes], limits: ServeConfig, content_length: Optional[str] = None) -> bytes:
     """The request body, or BadAudio(413) as soon as it is known to exceed the cap: from its
     Content-Length before a byte is read, else once the bytes read pass it (chunked uploads)."""
-    cap = int(limits.max_body_mb * 2 ** 20)
+    cap = limits.max_body_bytes
     if content_length is not None and content_length.isdigit() and int(content_length) > cap:
         raise BadAudio(413, f"request body {_mb(int(content_length))}: at most {_mb(cap)} (max_body_mb)")
     parts, n = [], 0
@@ -63,11 +63,14 @@ def uploaded_file(body: bytes, content_type: str) -> bytes:
 
 
 def decode_bounded(body: bytes, limits: ServeConfig):
-    """Audio file bytes -> (samples (n, channels) float32, rate), or BadAudio: 400 empty, 415 not
-    audio, 422 a rate, channel count or duration out of bounds (from the header, in milliseconds)
-    or audio that breaks off. At most ``max_duration_s`` of samples are ever decoded."""
+    """Audio file bytes -> (samples (n, channels) float32, rate), or BadAudio: 400 empty, 413 over
+    the body cap (bytes a handle's caller passed), 415 not audio, 422 a rate, channel count or
+    duration out of bounds (from the header, in milliseconds) or audio that breaks off. At most
+    ``max_duration_s`` of samples are ever decoded."""
     if not body:
         raise BadAudio(400, f"empty request: POST the bytes of an audio file ({FORMATS})")
+    if len(body) > limits.max_body_bytes:
+        raise BadAudio(413, f"audio of {_mb(len(body))}: at most {_mb(limits.max_body_bytes)} (max_body_mb)")
     try:
         info = sf.info(io.BytesIO(body))
     except Exception as e:                       # soundfile's errors for bytes that are no audio

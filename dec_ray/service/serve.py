@@ -62,8 +62,6 @@ STORE_NAMESPACE = "dec_ray_serve"
 
 def decode(body: bytes, predictor, limits: ServeConfig) -> np.ndarray:
     """Request bytes -> the sentence's raw chunks, or BadAudio (bounded: ``decode_bounded``)."""
-    if len(body) > limits.max_body_mb * 2 ** 20:
-        raise BadAudio(413, f"audio of {len(body) / 2 ** 20:.1f} MB: at most {limits.max_body_mb:g} MB (max_body_mb)")
     data, sr = decode_bounded(body, limits)
     f = predictor.cfg.features
     try:
