@@ -89,6 +89,10 @@ class ModelConfig:
     # the regressor: "chunk" (official: one prediction per chunk, a sentence's is their mean) |
     # "sentence" (a GRU + attention over the sentence's chunks in order; batches of whole sentences)
     head: str = "chunk"
+    # functionals joined to the sentence encoding before the sentence head's MLP: "none" | "egemaps"
+    # (the 88 eGeMAPS v02 functionals stored at ingest, z-scored as the references z-score them:
+    # with Train's statistics, or per speaker under model.norm=speaker; clipped to +-3)
+    functionals: str = "none"
     # the name results give this model (result.json, reports); "" = model.name. A preset that
     # changes the method names it (the `recommended` preset: "recommended")
     label: str = ""
@@ -138,6 +142,9 @@ class TrainConfig:
     teacher_attributes: List[str] = field(default_factory=list)
     lambda_ce: float = 1.0          # CCC-loss + lambda * CE in stage (b)
     patience: int = 0               # early stopping on dev loss; 0: every epoch (official), best kept
+    # score test after every epoch too (``curve_test_*`` in metrics.jsonl: the test curve beside dev's,
+    # for convergence studies); selection never reads it, and it costs one test pass an epoch
+    test_curve: bool = False
     seed: int = 0
     unlabeled_limit: int = -1       # a random subset (seeded by train.seed) of this many; -1: all, 0: none
     unlabeled_per_epoch: int = 0    # > 0: each epoch a fresh seeded draw of this many pool sentences
@@ -387,6 +394,7 @@ def validate(cfg: Config) -> None:
         "model.norm": (cfg.model.norm, ("train", "speaker")),
         "train.recipe": (cfg.train.recipe, ("official", "adamw")),
         "model.head": (cfg.model.head, ("chunk", "sentence")),
+        "model.functionals": (cfg.model.functionals, ("none", "egemaps")),
         "cluster.mode": (cfg.cluster.mode, ("separate", "joint")),
         "cluster.assign": (cfg.cluster.assign, ("faiss", "torch")),
         "tune.scheduler": (cfg.tune.scheduler, ("asha", "none")),
@@ -417,6 +425,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.head=sentence is offered for the CNN and DeepEmoCluster in cluster.mode=separate "
                           "(its samplers keep sentences whole); not for "
                           f"model.name={cfg.model.name}, cluster.mode={cfg.cluster.mode}")
+    if cfg.model.functionals != "none":
+        if cfg.model.head != "sentence":
+            raise ConfigError("model.functionals joins the functionals to the sentence encoding: it needs "
+                              "model.head=sentence (a chunk has no functionals of its own)")
+        if cfg.features.functionals != cfg.model.functionals:
+            raise ConfigError(f"model.functionals={cfg.model.functionals} reads the tables' "
+                              f"{cfg.model.functionals} column: features.functionals={cfg.features.functionals}")
+        if cfg.train.teacher != "none":
+            raise ConfigError("model.functionals with train.teacher: the teacher's pass on the pool would read "
+                              "the pool's functionals, which ingest leaves out; use one of the two")
     if cfg.train.teacher not in ("none", "ridge", "egemaps", "egemaps-speaker"):
         raise ConfigError(f"train.teacher={cfg.train.teacher!r}; choose none or a reference: ridge, egemaps, "
                           "egemaps-speaker")

@@ -24,10 +24,12 @@ from typing import Dict, Iterable, Optional, Sequence, Tuple
 import numpy as np
 import pyarrow.dataset as pads
 
-from dec_ray.data.normalization import input_values, zscore_clip
+from dec_ray.data.normalization import CLIP, input_values, zscore_clip
 from dec_ray.data.pools import positions_of
 
 SPLITS = ("train", "dev", "test", "unlabeled")
+FUNCTIONALS = "egemaps"            # a TableGroups of the sentences' eGeMAPS functionals (model.functionals)
+FUNCTIONALS_FILE = "functional_norm.npz"   # RUN/functional_norm.npz: their groups
 FILE = "speaker_norm.npz"          # RUN/speaker_norm.npz: the groups of the run's tables
 POPULATION = "<population>"        # the Train audio as one group
 
@@ -70,6 +72,20 @@ class Moments:
         return mean.astype(dtype), std.astype(dtype)
 
 
+def row_mean_std(m: Moments) -> Tuple[np.ndarray, np.ndarray]:
+    """Per-column (mean, std) of feature rows (float64), as the linear references and the fused
+    network z-score functionals: a column with no value has mean 0, a constant or empty one std 1."""
+    mean, std = m.mean_std(np.float64)
+    return np.nan_to_num(mean), np.where(np.isfinite(std) & (std > 1e-8), std, 1.0)
+
+
+def zscore_rows(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """(x - mean) / std of feature rows, NaN (a functional a clip lacks) and +-inf -> 0: the linear
+    references' input (float64)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.nan_to_num((np.asarray(x, np.float64) - mean) / std, nan=0.0, posinf=0.0, neginf=0.0)
+
+
 class GroupSums:
     """Per-group ``Moments``, added up batch by batch."""
 
@@ -84,9 +100,10 @@ class GroupSums:
     def add_moments(self, key: str, m: Moments) -> None:
         self.sums[key] = self.sums[key] + m if key in self.sums else m
 
-    def moments(self) -> "GroupMoments":
+    def moments(self, rows: bool = False) -> "GroupMoments":
+        """Each group's (mean, std); ``rows``: of feature rows (``row_mean_std``: NaN-free, std floored)."""
         names = sorted(self.sums)
-        pairs = [self.sums[k].mean_std() for k in names]
+        pairs = [row_mean_std(self.sums[k]) if rows else self.sums[k].mean_std() for k in names]
         return GroupMoments(names, np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]))
 
 
@@ -112,17 +129,31 @@ class GroupMoments:
         return cls([n for p in parts for n in p.names], np.concatenate([p.mean for p in parts]),
                    np.concatenate([p.std for p in parts]))
 
+    @classmethod
+    def of_rows(cls, x: np.ndarray, keys: Sequence[str]) -> "GroupMoments":
+        """The groups of feature rows (n, D), NaN allowed (``row_mean_std``)."""
+        sums, keys = GroupSums(), np.asarray(keys, dtype=object)
+        for k in np.unique(keys):
+            sums.add_moments(k, Moments.of_rows(np.asarray(x)[keys == k]))
+        return sums.moments(rows=True)
+
     def of_group(self, name: str) -> Tuple[np.ndarray, np.ndarray]:
         i = self.names.index(name)
         return self.mean[i], self.std[i]
 
-    def normalize(self, chunks: np.ndarray, keys: Sequence[str], input: str) -> np.ndarray:
-        """(n, C, m, F) raw chunks of sentences in groups ``keys`` -> z-scored, NaN -> 0, clipped, float32."""
+    def _index(self, keys: Sequence[str]) -> np.ndarray:
         where = {k: i for i, k in enumerate(self.names)}
         missing = sorted({k for k in keys if k not in where})
         if missing:
             raise KeyError(f"no statistics for group(s) {missing[:5]}")
-        g = np.array([where[k] for k in keys], dtype=np.int64)
+        return np.array([where[k] for k in keys], dtype=np.int64)
+
+    def normalize(self, chunks: np.ndarray, keys: Sequence[str], input: str) -> np.ndarray:
+        """(n, C, m, F) raw chunks of sentences in groups ``keys`` -> z-scored, NaN -> 0, clipped,
+        float32; ``input`` FUNCTIONALS: (n, D) functionals -> ``functional_input``."""
+        g = self._index(keys)
+        if input == FUNCTIONALS:
+            return functional_input(chunks, self.mean[g], self.std[g])
         shape = (len(g),) + (1,) * (chunks.ndim - 2) + (chunks.shape[-1],)
         return zscore_clip(input_values(chunks, input), self.mean[g].reshape(shape), self.std[g].reshape(shape))
 
@@ -153,6 +184,63 @@ class TableGroups:
         z = np.load(path)
         return cls(GroupMoments([str(n) for n in z["names"]], z["mean"], z["std"]), z["row_ids"],
                    z["keys"].astype(object), str(z["input"]))
+
+
+def functional_input(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """A sentence's functionals as the fused network reads them (``model.functionals``): the
+    references' z-score (``zscore_rows``: NaN -> 0) with its group's statistics, clipped to +-3 as
+    the mel input is (a clip from another corpus can sit far outside Train's), float32."""
+    return np.clip(zscore_rows(x, mean, std), -CLIP, CLIP).astype(np.float32)
+
+
+def functional_rows(column) -> np.ndarray:
+    """A Parquet column of functionals (fixed-size lists) -> (n, D) float64, NaN rows where a row
+    has none (the pool's, ingested without ``features.functionals_pool``)."""
+    import pyarrow as pa
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    width, n = arr.type.list_size, len(arr)
+    x = arr.values.slice(arr.offset * width, n * width).to_numpy(zero_copy_only=False).astype(np.float64)
+    x = x.reshape(n, width)            # a null row still holds its slots in a fixed-size list
+    x[arr.is_null().to_numpy(zero_copy_only=False)] = np.nan
+    return x
+
+
+def functional_groups(tables: str, per_speaker: bool, splits: Sequence[str] = SPLITS) -> TableGroups:
+    """Every row's functionals group and each group's ``row_mean_std``: per speaker within a split
+    (``per_speaker``, as ``table_groups``; from the functionals alone, no labels) with the Train rows
+    as ``POPULATION`` too, or else every row in ``POPULATION``, whose statistics are Train's either way."""
+    from dec_ray.data.tables import split_files
+    sums, ids, keys = GroupSums(), [], []
+    for split in splits:
+        files = split_files(tables, split)
+        if not files:
+            continue
+        t = pads.dataset(files, format="parquet").to_table(columns=["row_id", FUNCTIONALS, "speaker"])
+        x = functional_rows(t[FUNCTIONALS])
+        k = [group_key(s, split) if per_speaker else POPULATION for s in t["speaker"].to_pylist()]
+        if split == "train":
+            sums.add_moments(POPULATION, Moments.of_rows(x))
+        if per_speaker:
+            kk = np.asarray(k, dtype=object)
+            for g in np.unique(kk):
+                sums.add_moments(g, Moments.of_rows(x[kk == g]))
+        ids.append(t["row_id"].to_numpy())
+        keys.extend(k)
+    if POPULATION not in sums.sums:
+        raise ValueError(f"{tables}: no Train rows to compute the functionals' statistics on")
+    rid = np.concatenate(ids)
+    order = np.argsort(rid)
+    return TableGroups(sums.moments(rows=True), rid[order], np.array(keys, dtype=object)[order], FUNCTIONALS)
+
+
+def run_functional_groups(run: str, tables: str, per_speaker: bool) -> TableGroups:
+    """RUN/functional_norm.npz (``functional_groups``), computed by the driver before the workers start."""
+    groups = functional_groups(tables, per_speaker)
+    path = os.path.join(run, FUNCTIONALS_FILE)
+    tmp = path + ".tmp.npz"
+    groups.save(tmp)
+    os.replace(tmp, path)
+    return groups
 
 
 def _split_batches(tables: str, split: str, batch_size: int = 256) -> Iterable[Tuple[np.ndarray, np.ndarray, list]]:

@@ -28,10 +28,14 @@ class Pool:
     chunks: torch.Tensor        # (n, C, m, F) as stored, on the device or in (pinned) host memory
     labels: torch.Tensor        # (n, A) float32 z-scored, NaN for unlabeled; on the compute device
     row_ids: np.ndarray         # (n,) global ids from ingest
+    # (n, D) float32 normalised functionals per sentence (model.functionals), beside the labels; or None
+    functionals: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         self.chunks = torch.as_tensor(self.chunks)
         self.labels = torch.as_tensor(self.labels)
+        if self.functionals is not None:
+            self.functionals = torch.as_tensor(self.functionals)
         self.row_ids = np.asarray(self.row_ids)
         self._staging: Optional[torch.Tensor] = None
         self._copied: Optional[torch.cuda.Event] = None
@@ -42,7 +46,8 @@ class Pool:
 
     @property
     def nbytes(self) -> int:
-        return self.chunks.numel() * self.chunks.element_size() + self.labels.numel() * 4
+        f = 0 if self.functionals is None else self.functionals.numel() * 4
+        return self.chunks.numel() * self.chunks.element_size() + self.labels.numel() * 4 + f
 
     def _flat(self) -> torch.Tensor:
         return self.chunks.view(-1, *self.chunks.shape[2:])
@@ -70,17 +75,28 @@ class Pool:
         """Labels of chunks ``idx`` (on the labels' device)."""
         return self.labels[idx // self.chunks.shape[1]]
 
+    def sentence_functionals(self, idx: torch.Tensor) -> Optional[torch.Tensor]:
+        """The functionals of the sentences whose chunks ``idx`` are (whole sentences, in order, as
+        the sentence head's batches are; on the labels' device), one row per sentence; None when
+        the pool has none."""
+        if self.functionals is None:
+            return None
+        c = self.chunks.shape[1]
+        return self.functionals[idx.reshape(-1, c)[:, 0].to(self.functionals.device) // c]
+
     def take(self, rows: torch.Tensor) -> "Pool":
         """A new pool of these sentences (indices into this pool; copied where the pool lives)."""
         rows = torch.as_tensor(rows, dtype=torch.int64)
+        f = None if self.functionals is None else self.functionals[rows.to(self.functionals.device)]
         return Pool(self.chunks[rows.to(self.chunks.device)], self.labels[rows.to(self.labels.device)],
-                    self.row_ids[rows.cpu().numpy()])
+                    self.row_ids[rows.cpu().numpy()], f)
 
     @staticmethod
     def concat(pools: List["Pool"]) -> "Pool":
         pools = [p for p in pools if p is not None]
+        f = None if any(p.functionals is None for p in pools) else torch.cat([p.functionals for p in pools])
         return Pool(torch.cat([p.chunks for p in pools]), torch.cat([p.labels for p in pools]),
-                    np.concatenate([p.row_ids for p in pools]))
+                    np.concatenate([p.row_ids for p in pools]), f)
 
 
 def positions_of(sorted_ids: np.ndarray, rows: np.ndarray) -> Optional[np.ndarray]:
@@ -106,21 +122,24 @@ def placement(pool_bytes: int, device: torch.device, fraction: float) -> Tuple[t
                                        f"{fraction:g} x {free / 1e9:.1f} GB free on {device})")
 
 
-def row_bytes(chunk_shape: Tuple[int, int, int], n_attributes: int, dtype: torch.dtype = torch.float16) -> int:
+def row_bytes(chunk_shape: Tuple[int, int, int], n_attributes: int, dtype: torch.dtype = torch.float16,
+              functionals: int = 0) -> int:
     """Memory of one sentence in a Pool."""
     c, m, f = chunk_shape
-    return c * m * f * torch.empty(0, dtype=dtype).element_size() + n_attributes * 4
+    return c * m * f * torch.empty(0, dtype=dtype).element_size() + (n_attributes + functionals) * 4
 
 
 class PoolBuilder:
     """Fills a Pool batch by batch into one buffer of ``capacity`` rows allocated up front."""
 
     def __init__(self, capacity: int, chunk_shape: Tuple[int, int, int], n_attributes: int,
-                 storage: torch.device, pin: bool, label_device: torch.device, dtype: torch.dtype = torch.float16):
+                 storage: torch.device, pin: bool, label_device: torch.device, dtype: torch.dtype = torch.float16,
+                 functionals: int = 0):
         self.storage, self.pin, self.label_device, self.dtype = storage, pin, label_device, dtype
         self.chunk_shape = chunk_shape
         self.chunks = self._alloc(max(capacity, 0))
         self.labels = np.zeros((max(capacity, 0), n_attributes), np.float32)
+        self.functionals = np.zeros((max(capacity, 0), functionals), np.float32) if functionals else None
         self.ids: List[np.ndarray] = []
         self.n = 0
         self.grown = 0
@@ -135,9 +154,13 @@ class PoolBuilder:
         self.chunks = bigger
         self.labels = np.concatenate([self.labels, np.zeros((rows - len(self.labels), self.labels.shape[1]),
                                                             np.float32)])
+        if self.functionals is not None:
+            self.functionals = np.concatenate([self.functionals, np.zeros(
+                (rows - len(self.functionals), self.functionals.shape[1]), np.float32)])
         self.grown += 1
 
-    def add(self, chunks: np.ndarray, labels: np.ndarray, row_ids: np.ndarray) -> None:
+    def add(self, chunks: np.ndarray, labels: np.ndarray, row_ids: np.ndarray,
+            functionals: Optional[np.ndarray] = None) -> None:
         k = len(row_ids)
         if self.n + k > self.chunks.shape[0]:
             self._grow(self.n + k)
@@ -147,21 +170,24 @@ class PoolBuilder:
         else:
             rows.copy_(torch.from_numpy(np.array(chunks, copy=True)))
         self.labels[self.n:self.n + k] = labels
+        if self.functionals is not None:
+            self.functionals[self.n:self.n + k] = functionals
         self.ids.append(np.asarray(row_ids, dtype=np.int64))
         self.n += k
 
     def build(self) -> Pool:
         ids = np.concatenate(self.ids) if self.ids else np.zeros(0, np.int64)
-        return Pool(self.chunks[:self.n], torch.from_numpy(self.labels[:self.n].copy()).to(self.label_device), ids)
+        f = None if self.functionals is None else torch.from_numpy(self.functionals[:self.n].copy()).to(self.label_device)
+        return Pool(self.chunks[:self.n], torch.from_numpy(self.labels[:self.n].copy()).to(self.label_device), ids, f)
 
 
-def build_pool(batches: Iterable[Tuple[np.ndarray, np.ndarray, np.ndarray]], capacity: int,
+def build_pool(batches: Iterable[tuple], capacity: int,
                chunk_shape: Tuple[int, int, int], n_attributes: int, storage: torch.device = torch.device("cpu"),
                pin: bool = False, label_device: torch.device = torch.device("cpu"),
-               dtype: torch.dtype = torch.float16) -> Tuple[Pool, int]:
-    """A Pool from (chunks, z-scored labels, row ids) batches; returns it and how often the buffer
-    had to grow past ``capacity`` (0 when the estimate held)."""
-    b = PoolBuilder(capacity, chunk_shape, n_attributes, storage, pin, label_device, dtype)
-    for chunks, labels, ids in batches:
-        b.add(chunks, labels, ids)
+               dtype: torch.dtype = torch.float16, functionals: int = 0) -> Tuple[Pool, int]:
+    """A Pool from (chunks, z-scored labels, row ids[, normalised functionals]) batches; returns it
+    and how often the buffer had to grow past ``capacity`` (0 when the estimate held)."""
+    b = PoolBuilder(capacity, chunk_shape, n_attributes, storage, pin, label_device, dtype, functionals)
+    for batch in batches:
+        b.add(*batch)
     return b.build(), b.grown

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import torch
 
 from dec_ray.config import ATTRIBUTES, Config
-from dec_ray.data.groups import TableGroups
+from dec_ray.data.groups import TableGroups, functional_rows
 from dec_ray.data.normalization import Stats
 from dec_ray.data.pools import Pool, build_pool
 
@@ -64,23 +64,30 @@ def storage_dtype(cfg: Config) -> torch.dtype:
     return torch.float16 if cfg.features.storage_dtype == "float16" else torch.float32
 
 
-def pool_batches(batches, cfg: Config, stats: Stats,
-                 groups: Optional[TableGroups] = None) -> Iterator[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(chunks, z-scored labels, row ids) from table batches (dicts of numpy columns); labels are
-    normalised row by row, so a NaN stays NaN and leaves the rest of its batch alone. ``groups``
-    (``model.norm: speaker``): the chunks come out z-scored with their speaker's statistics."""
+def pool_batches(batches, cfg: Config, stats: Stats, groups: Optional[TableGroups] = None,
+                 functionals: Optional[TableGroups] = None) -> Iterator[tuple]:
+    """(chunks, z-scored labels, row ids[, normalised functionals]) from table batches (dicts of
+    numpy columns); labels are normalised row by row, so a NaN stays NaN and leaves the rest of its
+    batch alone. ``groups`` (``model.norm: speaker``): the chunks come out z-scored with their
+    speaker's statistics. ``functionals`` (``model.functionals``): each row's functionals z-scored
+    with its group's (``groups.functional_input``)."""
     attrs = cfg.model.attributes
     for b in batches:
         y = np.stack([np.asarray(b[a], dtype=np.float32) for a in attrs], axis=1)
         rows = np.asarray(b["row_id"])
         chunks = b["chunks"] if groups is None else groups.normalize_rows(b["chunks"], rows)
-        yield chunks, stats.normalize_labels(y, attrs), rows
+        if functionals is None:
+            yield chunks, stats.normalize_labels(y, attrs), rows
+        else:
+            f = functionals.normalize_rows(functional_rows(b[functionals.input]), rows)
+            yield chunks, stats.normalize_labels(y, attrs), rows, f
 
 
 def _numpy_batches(batches: Iterator[pa.RecordBatch]):
     for b in batches:
         d = {c: b.column(c).to_numpy(zero_copy_only=False) for c in COLUMNS if c != "chunks"}
         d["chunks"] = b.column("chunks").to_numpy_ndarray()
+        d.update({c: b.column(c) for c in b.schema.names if c not in d})      # functionals: a list column
         yield d
 
 
@@ -181,32 +188,37 @@ def labeled_stats(tables: str, cfg: Config) -> Stats:
 def read_rows(files: List[str], mine: np.ndarray, cfg: Config, stats: Stats,
               storage: torch.device = torch.device("cpu"), pin: bool = False,
               label_device: torch.device = torch.device("cpu"), labels: bool = True,
-              groups: Optional[TableGroups] = None) -> Pool:
+              groups: Optional[TableGroups] = None, functionals: Optional[TableGroups] = None) -> Pool:
     """The rows ``mine`` of these files, streamed batch by batch into a Pool sized exactly. The
     range bounds let Parquet skip row groups that hold none of them. ``labels=False``: the pool
     holds NaN labels whatever the files say (Train sentences set aside in the unlabeled pool).
-    ``groups``: chunks normalised per speaker as they are read (``model.norm: speaker``)."""
+    ``groups``: chunks normalised per speaker as they are read (``model.norm: speaker``);
+    ``functionals``: the rows' functionals too, normalised with their groups (``model.functionals``)."""
     mine = np.sort(np.asarray(mine, dtype=np.int64))
     batches = iter(())
     if len(mine):
         ds = pads.dataset(files, format="parquet")
         f = pc.field("row_id")
         where = (f >= int(mine[0])) & (f <= int(mine[-1])) & f.isin(pa.array(mine))
-        batches = _numpy_batches(ds.to_batches(columns=COLUMNS, filter=where, batch_size=READ_BATCH))
+        columns = COLUMNS + ([functionals.input] if functionals is not None else [])
+        batches = _numpy_batches(ds.to_batches(columns=columns, filter=where, batch_size=READ_BATCH))
         if not labels:
             batches = ({**b, **{a: np.full(len(b["row_id"]), np.nan, np.float32) for a in ATTRIBUTES}}
                        for b in batches)
-    pool, _ = build_pool(pool_batches(batches, cfg, stats, groups), len(mine), chunk_shape(cfg),
-                         len(cfg.model.attributes), storage, pin, label_device, dtype=storage_dtype(cfg))
+    width = functionals.moments.mean.shape[1] if functionals is not None else 0
+    pool, _ = build_pool(pool_batches(batches, cfg, stats, groups, functionals), len(mine), chunk_shape(cfg),
+                         len(cfg.model.attributes), storage, pin, label_device, dtype=storage_dtype(cfg),
+                         functionals=width)
     return pool
 
 
 def read_pool(files: List[str], cfg: Config, stats: Stats, rank: int = 0, world_size: int = 1,
               storage: torch.device = torch.device("cpu"), pin: bool = False,
-              label_device: torch.device = torch.device("cpu"), groups: Optional[TableGroups] = None) -> Optional[Pool]:
+              label_device: torch.device = torch.device("cpu"), groups: Optional[TableGroups] = None,
+              functionals: Optional[TableGroups] = None) -> Optional[Pool]:
     """This rank's stride (``stride_of``) of these files: every sentence is read by exactly one
     rank, and no rank holds the whole split. None when there are no files."""
     if not files:
         return None
     return read_rows(files, stride_of(row_ids(files), rank, world_size), cfg, stats, storage, pin, label_device,
-                     groups=groups)
+                     groups=groups, functionals=functionals)

@@ -28,7 +28,7 @@ from dec_ray.method.distributed import broadcast, gather_objects, gather_tensors
 from dec_ray.method.kmeans import kmeans
 from dec_ray.method.augment import spec_augment
 from dec_ray.method.losses import ccc, ccc_loss, sentence_means
-from dec_ray.method.models import model_from_config
+from dec_ray.method.models import functionals_dim, model_from_config
 from dec_ray.method.recipe import optimisers, rate_factor, set_rates
 
 if TYPE_CHECKING:
@@ -47,6 +47,7 @@ class Batch:
     idx: torch.Tensor
     pool: Pool
     share: float = 1.0
+    functionals: Optional[torch.Tensor] = None     # (sentences, D): model.functionals
 
     @property
     def labels(self) -> torch.Tensor:
@@ -130,6 +131,7 @@ class Learner:
         # called as on_batch(done, total) after each training batch (rank 0's progress line)
         self.on_batch: Optional[Callable[[int, int], None]] = None
         self.normalize = stats.feature_normalizer(device, cfg.model.input, cfg.model.norm)
+        self.functionals = functionals_dim(cfg)          # values per sentence beside the chunks (0: none)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = t.cudnn_benchmark
             if t.channels_last:
@@ -167,9 +169,22 @@ class Learner:
             return self.epoch + pass_step / max(pass_steps, 1)
         return self.epoch + min(self.steps_done / self.planned_steps, 1.0)
 
-    def _forward(self, x: torch.Tensor, model: nn.Module) -> Dict[str, torch.Tensor]:
+    def _forward(self, x: torch.Tensor, model: nn.Module, functionals: Optional[torch.Tensor] = None
+                 ) -> Dict[str, torch.Tensor]:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
-            return model(x)
+            return model(x, functionals) if self.functionals else model(x)
+
+    def _functionals(self, pool: Pool, idx: torch.Tensor, key: str = "pred") -> Optional[torch.Tensor]:
+        """The batch's sentences' functionals (``model.functionals``); zeros (the Train mean) for a
+        pool read without them, where no prediction is read (an embedding pass)."""
+        if not self.functionals:
+            return None
+        f = pool.sentence_functionals(idx)
+        if f is None:
+            if key == "pred":
+                raise ValueError("this model reads functionals beside its chunks, and the pool holds none")
+            f = torch.zeros((len(idx) // self.unit, self.functionals), device=self.device)
+        return f
 
     def sync_buffers(self) -> None:
         """Every rank takes rank 0's BatchNorm running statistics (what model.pt saves)."""
@@ -191,7 +206,8 @@ class Learner:
         order = torch.arange(pool.n_chunks, device=pool.chunks.device)
         for s in range(0, pool.n_chunks, self.batch_chunks):
             x = pool.chunk_inputs(order[s:s + self.batch_chunks], self.normalize)
-            out[s:s + len(x)] = self._forward(x, self.net)[key].float()
+            f = self._functionals(pool, order[s:s + self.batch_chunks], key)
+            out[s:s + len(x)] = self._forward(x, self.net, f)[key].float()
         return out
 
     def embed(self, pool: Pool) -> torch.Tensor:
@@ -244,8 +260,8 @@ class Learner:
             if mine:
                 x = pool.chunk_inputs(at_pool[rows], self.normalize)
                 batch = Batch(spec_augment(x, views) if views is not None else x, indices[rows], pool,
-                              share=size * mine / step_total)
-                out = self._forward(batch.x, self.model)
+                              share=size * mine / step_total, functionals=self._functionals(pool, indices[rows]))
+                out = self._forward(batch.x, self.model, batch.functionals)
                 parts = {name: loss(out, batch) for name, loss in stage.losses.items()}
                 total = stage_total(stage, parts, batch.share)
             else:                           # no chunks here this step: the collectives still need us
@@ -281,7 +297,8 @@ class Learner:
         BatchNorm buffers to restore after the step)."""
         saved = [b.detach().clone() for b in self.net.buffers()]
         shape = (self.unit, self.cfg.features.chunk_frames, self.cfg.features.n_mels)
-        out = self._forward(torch.zeros(shape, device=self.device), self.model)
+        f = torch.zeros((1, self.functionals), device=self.device) if self.functionals else None
+        out = self._forward(torch.zeros(shape, device=self.device), self.model, f)
         none = Batch(torch.zeros((0,) + shape[1:], device=self.device),
                      torch.zeros(0, dtype=torch.int64, device=self.device), pool, share=0.0)
         total = sum(loss({k: v[:0] for k, v in out.items()}, none) for loss in stage.losses.values()

@@ -51,6 +51,8 @@ def fit(learner: Learner, pools: Dict[str, Optional[Pool]], state: Optional[Loop
         t0 = time.time()
         logs = run_epoch(learner, epoch, pools["train"], pools.get("unlabeled"))
         ev = learner.evaluate(pools["dev"], "dev")["metrics"]
+        if cfg.train.test_curve and pools.get("test") is not None:      # a curve only: never selects
+            ev.update(learner.evaluate(pools["test"], "curve_test")["metrics"])
         state.epoch = epoch
         if is_better(ev["dev_loss"], state.best_loss):
             state.best_loss, state.best_epoch, state.bad_epochs = ev["dev_loss"], epoch, 0

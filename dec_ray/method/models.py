@@ -6,10 +6,12 @@ DeepEmoCluster; 'recon' (and 'mu', 'logvar') for the auto-encoders.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
+
+from dec_ray.data.functionals import EGEMAPS_DIM
 
 COMPACT_CHANNELS = (32, 32, 64, 64, 128, 128, 128)       # official code's "vgg16"
 COMPACT_STRIDES = (1, 1, 2, 2, 2, 2, 2)
@@ -61,10 +63,13 @@ class Encoder(nn.Module):
         return self.fc(self.features(x))
 
 
-def regressor(embed_dim: int, hidden: int, outputs: int, chunks: int = 0) -> nn.Module:
-    """The chunk regressor (the official), or with ``chunks`` > 0 the sentence-level head."""
+def regressor(embed_dim: int, hidden: int, outputs: int, chunks: int = 0, functionals: int = 0) -> nn.Module:
+    """The chunk regressor (the official), or with ``chunks`` > 0 the sentence-level head (with
+    ``functionals`` values per sentence joined to its encoding)."""
     if chunks > 0:
-        return SentenceRegressor(embed_dim, hidden, outputs, chunks)
+        return SentenceRegressor(embed_dim, hidden, outputs, chunks, functionals)
+    if functionals:
+        raise ValueError("functionals join the sentence head's encoding: the chunk head has none")
     return nn.Sequential(nn.Linear(embed_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, outputs))
 
 
@@ -74,23 +79,35 @@ class SentenceRegressor(nn.Module):
     an MLP: one prediction per sentence, modelled as a whole. It reads batches of whole sentences
     (``chunks`` consecutive chunks each; the samplers keep them so) and returns the sentence's
     prediction for each of its chunks, so that the mean over a sentence's chunks, the CCC over a
-    batch's chunks and everything downstream are the sentence's."""
+    batch's chunks and everything downstream are the sentence's. ``functionals`` > 0
+    (``model.functionals``): that many values per sentence (its normalised eGeMAPS) are joined to
+    the pooled encoding before the MLP."""
 
-    def __init__(self, embed_dim: int, hidden: int, outputs: int, chunks: int):
+    def __init__(self, embed_dim: int, hidden: int, outputs: int, chunks: int, functionals: int = 0):
         super().__init__()
-        self.chunks = chunks
+        self.chunks, self.functionals = chunks, functionals
         self.gru = nn.GRU(embed_dim, hidden // 2, batch_first=True, bidirectional=True)
         self.attention = nn.Linear(2 * (hidden // 2), 1)
-        self.out = nn.Sequential(nn.Linear(2 * (hidden // 2), hidden), nn.ReLU(inplace=True), nn.Linear(hidden, outputs))
+        self.out = nn.Sequential(nn.Linear(2 * (hidden // 2) + functionals, hidden), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden, outputs))
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, functionals: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not torch.jit.is_tracing() and h.shape[0] % self.chunks:
             raise ValueError(f"the sentence head reads whole sentences: {h.shape[0]} chunks is not a multiple "
                              f"of {self.chunks}")
         seq, _ = self.gru(h.reshape(-1, self.chunks, h.shape[-1]).float())
         weights = torch.softmax(self.attention(seq).squeeze(-1), dim=1)
         pooled = (weights.unsqueeze(-1) * seq).sum(1)
+        if self.functionals:
+            if functionals is None:
+                raise ValueError(f"this model reads {self.functionals} functionals per sentence beside its chunks")
+            pooled = torch.cat([pooled, functionals.to(pooled.dtype)], 1)
         return self.out(pooled).repeat_interleave(self.chunks, 0)
+
+
+def _regress(head: nn.Module, h: torch.Tensor, functionals: Optional[torch.Tensor]) -> torch.Tensor:
+    """The regressor's output; the functionals go to a head that reads them (``model.functionals``)."""
+    return head(h, functionals) if getattr(head, "functionals", 0) else head(h)
 
 
 class DeepEmoCluster(nn.Module):
@@ -99,12 +116,12 @@ class DeepEmoCluster(nn.Module):
     output before its ReLU (as DeepCluster's compute_features)."""
 
     def __init__(self, encoder: Encoder, k: int, n_outputs: int, embed_dim: int = 256, hidden: int = 256,
-                 sentence_chunks: int = 0):
+                 sentence_chunks: int = 0, functionals: int = 0):
         super().__init__()
         self.encoder = encoder
         self.cls_hidden = nn.Linear(embed_dim, hidden)
         self.top = nn.Linear(hidden, k)
-        self.regressor = regressor(embed_dim, hidden, n_outputs, sentence_chunks)
+        self.regressor = regressor(embed_dim, hidden, n_outputs, sentence_chunks, functionals)
         self.reset_top(torch.Generator().manual_seed(0))
 
     def reset_top(self, generator: torch.Generator) -> None:
@@ -114,24 +131,24 @@ class DeepEmoCluster(nn.Module):
             self.top.weight.copy_(w.to(self.top.weight.device))
             self.top.bias.zero_()
 
-    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, functionals: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         h = self.encoder(x)
         emb = self.cls_hidden(h)
-        return {"embedding": emb, "logits": self.top(torch.relu(emb)), "pred": self.regressor(h)}
+        return {"embedding": emb, "logits": self.top(torch.relu(emb)), "pred": _regress(self.regressor, h, functionals)}
 
 
 class CNNRegressor(nn.Module):
     """Baseline: encoder + regressor, supervised only."""
 
     def __init__(self, encoder: Encoder, n_outputs: int, embed_dim: int = 256, hidden: int = 256,
-                 sentence_chunks: int = 0):
+                 sentence_chunks: int = 0, functionals: int = 0):
         super().__init__()
         self.encoder = encoder
-        self.regressor = regressor(embed_dim, hidden, n_outputs, sentence_chunks)
+        self.regressor = regressor(embed_dim, hidden, n_outputs, sentence_chunks, functionals)
 
-    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, functionals: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         h = self.encoder(x)
-        return {"embedding": h, "pred": self.regressor(h)}
+        return {"embedding": h, "pred": _regress(self.regressor, h, functionals)}
 
 
 class Decoder(nn.Module):
@@ -208,14 +225,15 @@ def official_init(model: nn.Module) -> nn.Module:
 
 def build_model(name: str, encoder: str = "compact", width: float = 1.0, k: int = 10, n_outputs: int = 1,
                 embed_dim: int = 256, hidden: int = 256, dropout: float = 0.5, init: str = "official",
-                sentence_chunks: int = 0) -> nn.Module:
-    """``sentence_chunks`` > 0: the sentence-level head over that many chunks (DeepEmoCluster, CNN)."""
+                sentence_chunks: int = 0, functionals: int = 0) -> nn.Module:
+    """``sentence_chunks`` > 0: the sentence-level head over that many chunks (DeepEmoCluster, CNN),
+    reading ``functionals`` values per sentence beside them."""
     enc = Encoder(encoder, width, embed_dim, dropout)
     if name == "deepemocluster":
-        model = DeepEmoCluster(enc, k, n_outputs, embed_dim, hidden, sentence_chunks)
+        model = DeepEmoCluster(enc, k, n_outputs, embed_dim, hidden, sentence_chunks, functionals)
     elif name == "cnn":
-        model = CNNRegressor(enc, n_outputs, embed_dim, hidden, sentence_chunks)
-    elif sentence_chunks:
+        model = CNNRegressor(enc, n_outputs, embed_dim, hidden, sentence_chunks, functionals)
+    elif sentence_chunks or functionals:
         raise ValueError(f"model.head=sentence is offered for deepemocluster and cnn, not {name}")
     elif name in ("ae", "vae"):
         if encoder != "compact":
@@ -229,4 +247,10 @@ def build_model(name: str, encoder: str = "compact", width: float = 1.0, k: int 
 def model_from_config(cfg) -> nn.Module:
     m = cfg.model
     return build_model(m.name, m.encoder, m.width, cfg.cluster.k, len(m.attributes), m.embed_dim,
-                       m.hidden_dim, m.dropout, m.init, cfg.features.num_chunks if m.head == "sentence" else 0)
+                       m.hidden_dim, m.dropout, m.init, cfg.features.num_chunks if m.head == "sentence" else 0,
+                       functionals_dim(cfg))
+
+
+def functionals_dim(cfg) -> int:
+    """Values per sentence the model reads beside its chunks (``model.functionals``): 0 or 88."""
+    return EGEMAPS_DIM if cfg.model.functionals == "egemaps" else 0

@@ -24,7 +24,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from dec_ray.data.files import write_json
-from dec_ray.data.groups import Moments
+from dec_ray.data.groups import Moments, row_mean_std, zscore_rows as zscore
 from dec_ray.data.normalization import LOG_EPS
 from dec_ray.data.tables import split_files, with_sentence_info
 from dec_ray.method.losses import ccc
@@ -90,15 +90,10 @@ def read_split(tables: str, split: str, attributes: Sequence[str], inputs: str =
     return t["row_id"].to_numpy(), x, y, speakers
 
 
-def zscore(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    return np.nan_to_num((x - mean) / std, nan=0.0, posinf=0.0, neginf=0.0)
-
-
 def moments(x: np.ndarray):
-    """Per-column mean and std over the rows, ignoring NaN (``groups.Moments``, the one definition
-    of a group's statistics; std floored: a constant column is 0, an all-NaN column 0 too)."""
-    mean, std = Moments.of_rows(x).mean_std(np.float64)
-    return np.nan_to_num(mean), np.where(np.isfinite(std) & (std > 1e-8), std, 1.0)
+    """Per-column mean and std over the rows, ignoring NaN (``groups.row_mean_std``, the one
+    definition of a group's feature statistics)."""
+    return row_mean_std(Moments.of_rows(x))
 
 
 def speaker_normalize(x: np.ndarray, speakers: np.ndarray) -> np.ndarray:

@@ -24,7 +24,8 @@ import torch
 
 from dec_ray.config import MODEL_PRESETS, Config, config_from_dict, load_config, model_label, preset_overrides
 from dec_ray.data.files import atomic_path, write_json
-from dec_ray.data.groups import FILE as GROUPS_FILE, POPULATION, TableGroups, run_groups
+from dec_ray.data.groups import (FILE as GROUPS_FILE, FUNCTIONALS_FILE, POPULATION, TableGroups,
+                                 run_functional_groups, run_groups)
 from dec_ray.data.normalization import Stats
 from dec_ray.data.pools import Pool, placement, positions_of, row_bytes
 from dec_ray.data.tables import (block_of, chunk_shape, is_complete, labeled_stats, pool_files, read_rows,
@@ -33,6 +34,7 @@ from dec_ray.data.tables import (block_of, chunk_shape, is_complete, labeled_sta
 from dec_ray.method.distributed import gather_objects
 from dec_ray.method.learner import MIN_SENTENCES_PER_WORKER_BATCH, Learner, batch_sentences
 from dec_ray.method.loop import LoopState, fit
+from dec_ray.method.models import functionals_dim
 from dec_ray.report.evaluation import predictions_table
 from dec_ray.service.cluster import ResourcesUnavailable, ensure_ray, is_private, resource_holders, wait_for_room
 from dec_ray.service.console import quiet_train_worker, train_logging_config
@@ -57,13 +59,15 @@ def load_pools(config: dict, cfg: Config, stats: Stats, rank: int, world_size: i
     mine = {n: block_of(ids, rank, world_size) for n, ids in selected.items() if len(ids)}
     mine.update({n: stride_of(row_ids(split_files(tables, n)), rank, world_size) for n in EVAL_SPLITS
                  if split_files(tables, n)})
-    need = sum(len(ids) for ids in mine.values()) * row_bytes(shape, attrs, dtype)
+    width = functionals_dim(cfg)
+    need = sum(len(ids) for ids in mine.values()) * row_bytes(shape, attrs, dtype, width)
     storage, pin, where = placement(need, device, cfg.scale.pool_device_fraction)
     groups = TableGroups.load(os.path.join(config["out"], GROUPS_FILE)) if cfg.model.norm == "speaker" else None
+    functionals = TableGroups.load(os.path.join(config["out"], FUNCTIONALS_FILE)) if width else None
     pools: Dict[str, Optional[Pool]] = {n: None for n in (*DATASETS, *EVAL_SPLITS)}
     for n, ids in mine.items():        # a rank with no rows of a split still gets an empty pool
         pools[n] = read_rows(pool_files(tables, n, cfg), ids, cfg, stats, storage, pin, device,
-                             labels=n != "unlabeled", groups=groups)
+                             labels=n != "unlabeled", groups=groups, functionals=functionals)
     if cfg.train.teacher != "none" and pools["unlabeled"] is not None:
         pools["unlabeled"].labels = teacher_targets(config["out"], pools["unlabeled"].row_ids).to(device)
     sizes = ", ".join(f"{n} {len(p.row_ids)}" for n, p in pools.items() if p is not None)
@@ -231,6 +235,11 @@ def build_trainer(tables: str, out: str, cfg: Config, stats: Stats, name: str = 
             raise ValueError(f"{tables}: model.norm=speaker needs speakers, and these tables name none "
                              "(each split would be one group); use model.norm=train")
         lines.append(f"input z-scored per speaker ({len(g.moments.names)} groups, {GROUPS_FILE})")
+    if cfg.model.functionals != "none":
+        g = run_functional_groups(out, tables, cfg.model.norm == "speaker")
+        lines.append(f"{cfg.model.functionals} functionals joined to the sentence encoding, z-scored "
+                     + (f"per speaker ({len(g.moments.names)} groups, " if cfg.model.norm == "speaker"
+                        else "with Train's statistics (") + f"{FUNCTIONALS_FILE})")
     if cfg.train.teacher != "none":
         n = write_teacher(out, tables, cfg, stats)
         lines.append(f"teacher: the {cfg.train.teacher} reference's predictions on {n} pool sentences, "
@@ -313,6 +322,9 @@ def save_model(out: str, cfg: Config, stats: Stats, weights: dict) -> None:
     if cfg.model.norm == "speaker":
         mean, std = TableGroups.load(os.path.join(out, GROUPS_FILE)).moments.of_group(POPULATION)
         state["population"] = {"mean": mean.tolist(), "std": std.tolist()}
+    if cfg.model.functionals != "none":     # the functionals' Train statistics: the population's and train norm's
+        mean, std = TableGroups.load(os.path.join(out, FUNCTIONALS_FILE)).moments.of_group(POPULATION)
+        state["functionals"] = {"mean": mean.tolist(), "std": std.tolist()}
     with atomic_path(os.path.join(out, "model.pt")) as tmp:
         torch.save(state, tmp)
 
