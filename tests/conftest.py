@@ -173,6 +173,19 @@ def speaker_run(tables, ray_local, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def fused_run(tables, ray_local, tmp_path_factory):
+    """The recommended preset's model with the eGeMAPS functionals joined to its sentence encoding
+    (DeepEmoCluster, per-speaker input and functionals, sentence head, AdamW, model.functionals=egemaps),
+    trained once on 2 workers: predict, serve and export read it."""
+    from dec_ray.config import preset_overrides
+    from dec_ray.service.train import run_training
+    run = str(tmp_path_factory.mktemp("fused") / "run")
+    run_training(tables[0], run, load_config(None, preset_overrides("recommended") + TINY + [
+        "model.functionals=egemaps", "train.unlabeled_limit=-1"]))
+    return run
+
+
+@pytest.fixture(scope="session")
 def interrupted_run(trained_runs):
     return trained_runs["ae"], INTERRUPTED
 

@@ -35,6 +35,10 @@ def test_yaml_round_trip_and_overrides(tmp_path):
     ("cluster.mode=joint,cluster.labeled_sampler=natural", "joint does not apply cluster.labeled_sampler"),
     ("cluster.mode=joint,train.augment_pool=true", "joint does not apply train.augment_pool"),
     ("cluster.mode=joint,train.warmup_epochs=2", "joint does not apply train.warmup_epochs=2"),
+    ("model.functionals=egemaps", "needs model.head=sentence"),
+    ("model.functionals=egemaps,model.head=sentence,features.functionals=none", "features.functionals=none"),
+    ("model.functionals=egemaps,model.head=sentence,train.teacher=ridge", "use one of the two"),
+    ("model.functionals=mfcc", "model.functionals"),
 ])
 def test_bad_config_is_a_clear_error(override, message):
     with pytest.raises(ConfigError, match=message):

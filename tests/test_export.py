@@ -126,3 +126,70 @@ def test_a_per_speaker_export_stands_alone(tables, speaker_run, tmp_path, ray_lo
         sentence = onnx.run(None, {"chunks": x})[0].reshape(len(t), n, -1).mean(1)[:, 0]
         got = sentence * c["output"]["label_std"][a] + c["output"]["label_mean"][a]
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-4, err_msg=name)
+
+
+def plain_functionals(path: str, c: dict) -> np.ndarray:
+    """contract.json's functionals read by hand: openSMILE's eGeMAPS functionals of the decoded mono
+    signal at the contract's rate, before peak normalisation."""
+    import opensmile
+    f, a = c["functionals"], c["audio"]
+    y, sr = sf.read(path, dtype="float32", always_2d=True)
+    y = y.mean(1)
+    if sr != a["sample_rate"]:
+        y = librosa.resample(y, orig_sr=sr, target_sr=a["sample_rate"], res_type="soxr_hq")
+    smile = opensmile.Smile(feature_set=opensmile.FeatureSet.eGeMAPSv02, feature_level=opensmile.FeatureLevel.Functionals)
+    assert list(smile.feature_names) == f["names"]
+    return smile.process_signal(y, a["sample_rate"]).to_numpy()[0].astype(np.float64)
+
+
+def plain_speaker_functionals(paths, speakers, c: dict) -> np.ndarray:
+    """Files -> their normalised functionals by the contract's formula: each speaker's moments, or
+    Train's for a file without one; NaN and +-inf -> 0, clipped."""
+    f = c["functionals"]
+    values = np.stack([plain_functionals(p, c) for p in paths])
+    out = []
+    for v, spk in zip(values, speakers):
+        if spk is None:
+            mean, std = np.array(f["mean"]), np.array(f["std"])
+        else:
+            x = values[[s == spk for s in speakers]]
+            n = (~np.isnan(x)).sum(0)
+            mean = np.nansum(x, 0) / n
+            std = np.sqrt(np.maximum(np.nansum(x * x, 0) / n - mean ** 2, 0))
+            mean, std = np.nan_to_num(mean), np.where(np.isfinite(std) & (std > 1e-8), std, 1.0)
+        z = np.nan_to_num((v - mean) / std, nan=0.0, posinf=0.0, neginf=0.0)
+        out.append(np.clip(z, -f["clip"], f["clip"]).astype(np.float32))
+    return np.stack(out)
+
+
+def test_an_export_with_functionals_stands_alone(tables, fused_run, tmp_path, ray_local):
+    """A model that reads the eGeMAPS functionals (model.functionals=egemaps): its contract names
+    the openSMILE configuration, the signal it reads, the feature names, the normalisation and
+    Train's numbers; the ONNX graph takes chunks and functionals (sentences x num_chunks chunks, a
+    row of functionals a sentence). Read by hand, with openSMILE called directly, it gives
+    `dec-ray predict --groups`'s numbers, and without speakers `dec-ray predict`'s."""
+    out = str(tmp_path / "export")
+    assert main(["export", "--run", fused_run, "--out", out]) == 0
+    c = json.load(open(os.path.join(out, "contract.json")))
+    f = c["functionals"]
+    assert f["kind"] == "egemaps" and f["dim"] == 88 and len(f["mean"]) == 88 and f["norm"] == "speaker"
+    assert "eGeMAPSv02" in f["extractor"] and f["opensmile"] == c["versions"]["opensmile"]
+    assert [i["name"] for i in c["onnx"]["inputs"]] == ["chunks", "functionals"]
+    t = pads.dataset(split_files(tables[0], "test"), format="parquet").to_table(columns=["path", "speaker"]).to_pandas()
+    t = t.sort_values("path")
+    pd.DataFrame({"path": t["path"], "speaker": t["speaker"]}).to_csv(tmp_path / "spk.csv", index=False)
+    onnx = ort.InferenceSession(os.path.join(out, "model.onnx"), providers=["CPUExecutionProvider"])
+    ts = torch.jit.load(os.path.join(out, "model.ts"))
+    n, attrs = c["chunks"]["num_chunks"], c["output"]["attributes"]
+    for name, groups, speakers in (("speakers", str(tmp_path / "spk.csv"), list(t["speaker"])),
+                                   ("population", None, [None] * len(t))):
+        run_predict(fused_run, list(t["path"]), str(tmp_path / f"{name}.csv"), actors=1, groups=groups)
+        want = pd.read_csv(tmp_path / f"{name}.csv").set_index("path").loc[list(t["path"]), attrs].to_numpy()
+        x = plain_speaker_inputs(list(t["path"]), speakers, c)
+        fx = plain_speaker_functionals(list(t["path"]), speakers, c)
+        for engine, chunk_pred in (("onnx", onnx.run(None, {"chunks": x, "functionals": fx})[0]),
+                                   ("torchscript", ts(torch.from_numpy(x), torch.from_numpy(fx)).detach().numpy())):
+            sentence = chunk_pred.reshape(len(t), n, -1).mean(1)
+            got = sentence * np.array([c["output"]["label_std"][a] for a in attrs]) + \
+                np.array([c["output"]["label_mean"][a] for a in attrs])
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-4, err_msg=f"{name} {engine}")

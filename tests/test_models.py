@@ -71,3 +71,22 @@ def test_ccc_matches_numpy_formula():
 def test_sentence_prediction_is_the_mean_of_its_chunks():
     ids, means = sentence_means(np.array([[1.0], [3.0], [10.0]]), np.array([7, 7, 2]))
     assert list(ids) == [2, 7] and np.allclose(means[:, 0], [10.0, 2.0])
+
+
+@pytest.mark.parametrize("name", ["deepemocluster", "cnn"])
+def test_the_functionals_join_the_sentence_encoding(name, real_batch):
+    """model.functionals: the sentence head reads a row of functionals per sentence beside its
+    chunks; the prediction depends on them, every chunk of a sentence gets the sentence's, and the
+    gradient reaches the encoder; without them it refuses, as the chunk head refuses them."""
+    torch.manual_seed(0)
+    m = build_model(name, width=0.25, k=7, n_outputs=2, sentence_chunks=11, functionals=88, init="torch").eval()
+    f = torch.randn(2, 88)
+    a, b = m(real_batch, f)["pred"], m(real_batch, f + 1)["pred"]
+    assert a.shape == (22, 2) and not torch.allclose(a, b)
+    assert torch.equal(a[:11], a[:1].expand(11, 2)) and torch.equal(a[11:], a[11:12].expand(11, 2))
+    ccc_loss(m.train()(real_batch, f)["pred"], torch.randn(22, 2)).backward()
+    assert m.encoder.fc[0].weight.grad is not None
+    with pytest.raises(ValueError, match="functionals per sentence"):
+        m(real_batch)
+    with pytest.raises(ValueError, match="chunk head"):
+        build_model(name, width=0.25, functionals=88)

@@ -127,11 +127,12 @@ def test_a_per_speaker_model_serves_each_speaker_with_its_statistics_on_any_repl
 
 def test_the_speaker_store_keeps_at_most_its_cap_least_recently_used_out(ray_local):
     import ray
+    from dec_ray.data.groups import Moments
     from dec_ray.service.serve import SpeakerStore
     store = SpeakerStore.remote(2)
-    one = (1, np.ones(4), np.ones(4))
+    one = [Moments(1, np.ones(4), np.ones(4))]
     for spk in ("a", "b", "a", "c"):                  # "b" is the least recently used when "c" arrives
-        ray.get(store.add.remote(spk, spk, *one))
+        ray.get(store.add.remote(spk, spk, one))
     assert ray.get(store.count.remote()) == 2
     assert not ray.get(store.forget.remote("b")) and ray.get(store.forget.remote("a"))
     ray.kill(store)
@@ -156,5 +157,38 @@ def test_traffic_population_takes_over_once_enough_clips_were_served(tables, spe
         chunks = np.stack([p.file_chunks(x) for x in paths])
         want = p.predict_chunks(chunks, ["all"] * 4)
         assert np.allclose([g["arousal"] for g in got[2:]], [w["arousal"] for w in want], atol=1e-4)
+    finally:
+        stop()
+
+
+def test_a_model_with_functionals_serves_what_it_measured(tables, fused_run, tmp_path, ray_local):
+    """The recommended model with the eGeMAPS functionals joined (model.functionals=egemaps): once
+    all of a test speaker's clips were posted with their speaker, the service answers what
+    `dec-ray predict --groups` answers and what the run scored on test (its test_predictions, the
+    numbers its results rest on); a clip without a speaker gets `dec-ray predict`'s population answer."""
+    import pandas as pd
+    from dec_ray.service.batch_predict import run_predict
+    from dec_ray.service.serve import run_serve, stop
+    test = pads.dataset(split_files(tables[0], "test"), format="parquet").to_table(
+        columns=["path", "speaker"]).to_pandas().sort_values("path")
+    pd.DataFrame({"path": test["path"], "speaker": test["speaker"]}).to_csv(tmp_path / "spk.csv", index=False)
+    run_predict(fused_run, list(test["path"]), str(tmp_path / "g.csv"), actors=1, groups=str(tmp_path / "spk.csv"))
+    grouped = pd.read_csv(tmp_path / "g.csv").set_index("path")["arousal"]
+    measured = pd.read_parquet(f"{fused_run}/test_predictions.parquet").set_index("path")["pred_arousal"]
+    assert np.allclose(grouped.loc[test["path"]], measured.loc[test["path"]], atol=1e-4)
+    population = Predictor(fused_run).predict_file(test["path"].iloc[0])
+    port = free_port()
+    run_serve(fused_run, replicas=1, port=port, route="/", blocking=False, name="fused")
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        for _ in range(2):
+            answers = {p: post(url + f"?speaker={urllib.parse.quote(s)}", open(p, "rb").read())
+                       for p, s in zip(test["path"], test["speaker"])}
+        assert all(status == 200 and got["normalization"] == "speaker" for status, got in answers.values())
+        served = np.array([answers[p][1]["arousal"] for p in test["path"]])
+        assert np.allclose(served, measured.loc[test["path"]], atol=1e-3), (served, measured)
+        status, got = post(url, open(test["path"].iloc[0], "rb").read())
+        assert status == 200 and got["normalization"] == "population"
+        assert abs(got["arousal"] - population["arousal"]) < 1e-4
     finally:
         stop()

@@ -17,10 +17,11 @@ MAX_CHANNELS = 16      # a 2-D array with at most this many rows and more column
 
 
 def prepare_signal(data: np.ndarray, sr: int, sample_rate: int = 16000, silence_peak: float = 1e-4,
-                   min_duration_s: float = 0.0, return_peak: bool = False):
+                   min_duration_s: float = 0.0, recorded: bool = False):
     """Samples of any layout ((n,), (n, channels) or (channels, n)) at rate ``sr`` -> mono at
-    ``sample_rate``, peak-normalised. The same checks for a file and for an array. ``return_peak``:
-    (samples, the peak they were divided by), so that the signal as recorded is samples * peak."""
+    ``sample_rate``, peak-normalised. The same checks for a file and for an array. ``recorded``:
+    (those samples, the mono signal at ``sample_rate`` before the peak normalisation: what the
+    functionals are computed from; exactly, as openSMILE's voicing thresholds turn on the last bit)."""
     data = np.asarray(data, dtype=np.float32)
     if not isinstance(sr, (int, np.integer)) or sr <= 0:
         raise AudioError(f"bad sample rate: {sr!r}")
@@ -43,18 +44,18 @@ def prepare_signal(data: np.ndarray, sr: int, sample_rate: int = 16000, silence_
     peak = float(np.max(np.abs(y)))
     if peak < silence_peak:
         raise AudioError(f"silent: peak amplitude {peak:.2e}")
-    y = (y / peak).astype(np.float32)
-    return (y, peak) if return_peak else y
+    y, mono = (y / peak).astype(np.float32), y.astype(np.float32)
+    return (y, mono) if recorded else y
 
 
 def load_audio(path: str, sample_rate: int = 16000, silence_peak: float = 1e-4,
-               min_duration_s: float = 0.0, return_peak: bool = False):
+               min_duration_s: float = 0.0, recorded: bool = False):
     """Read, mix down to mono, resample to ``sample_rate`` and peak-normalise to [-1, 1]
-    (``return_peak``: and the peak, see ``prepare_signal``)."""
+    (``recorded``: and the signal before the peak normalisation, see ``prepare_signal``)."""
     try:
         data, sr = sf.read(path, dtype="float32", always_2d=True)
     except FileNotFoundError:
         raise AudioError("missing file")
     except Exception as e:  # soundfile raises LibsndfileError / RuntimeError for corrupt input
         raise AudioError(f"unreadable: {str(e).splitlines()[0][:160]}")
-    return prepare_signal(data, sr, sample_rate, silence_peak, min_duration_s, return_peak)
+    return prepare_signal(data, sr, sample_rate, silence_peak, min_duration_s, recorded)

@@ -226,7 +226,7 @@ def functional_groups(tables: str, per_speaker: bool, splits: Sequence[str] = SP
                 sums.add_moments(g, Moments.of_rows(x[kk == g]))
         ids.append(t["row_id"].to_numpy())
         keys.extend(k)
-    if POPULATION not in sums.sums:
+    if not ids or (not per_speaker and POPULATION not in sums.sums):
         raise ValueError(f"{tables}: no Train rows to compute the functionals' statistics on")
     rid = np.concatenate(ids)
     order = np.argsort(rid)

@@ -47,10 +47,10 @@ def featurize_file(path: str, fc: FeatureConfig, functionals: bool = True) -> Di
     the level differences within a speaker that carry arousal (on RAVDESS at 1/4 of the labels,
     per-speaker normalised eGeMAPS: test CCC 0.68 from the peak-normalised signal, 0.75 as
     recorded)."""
-    y, peak = load_audio(path, fc.sample_rate, fc.silence_peak, fc.min_duration_s, return_peak=True)
+    y, recorded = load_audio(path, fc.sample_rate, fc.silence_peak, fc.min_duration_s, recorded=True)
     f = featurize_signal(y, fc)
     if functionals and fc.functionals == "egemaps":
-        f["egemaps"] = egemaps(y * np.float32(peak), fc.sample_rate)
+        f["egemaps"] = egemaps(recorded, fc.sample_rate)
     return f
 
 

@@ -22,9 +22,10 @@ import pyarrow.parquet as pq
 
 from dec_ray.config import chunk_settings, model_label, reference_settings
 from dec_ray.data.files import atomic_path, write_json
+from dec_ray.data.groups import FUNCTIONALS, POPULATION, GroupMoments, functional_rows
 from dec_ray.data.tables import READ_BATCH, split_files, with_sentence_info
 from dec_ray.report.evaluation import predictions_table
-from dec_ray.report.ridge import features_of
+from dec_ray.report.ridge import features_of, has_input
 
 
 def parse_corpus(spec: str) -> Tuple[str, str]:
@@ -34,14 +35,22 @@ def parse_corpus(spec: str) -> Tuple[str, str]:
     return (name or os.path.basename(path.rstrip("/")), path)
 
 
-def _batches(tables: str, split: str, attributes: Sequence[str]):
+def _batches(tables: str, split: str, attributes: Sequence[str], functionals: bool = False):
+    """(row ids, ``Features``, gold labels) of a split, batch by batch; ``functionals``: with the
+    sentences' eGeMAPS functionals (a model that reads them)."""
+    from dec_ray.report.inference import Features
     files = split_files(tables, split)
     if not files:
         raise ValueError(f"{tables}: no {split} split to score on")
+    if functionals and not has_input(tables, FUNCTIONALS):
+        raise ValueError(f"{tables} has no {FUNCTIONALS} functionals, which the model reads: ingest it with "
+                         f"features.functionals={FUNCTIONALS}")
     ds = pads.dataset(files, format="parquet")
-    for b in ds.to_batches(columns=["row_id", "chunks", *attributes], batch_size=READ_BATCH):
+    columns = ["row_id", "chunks", *attributes] + ([FUNCTIONALS] if functionals else [])
+    for b in ds.to_batches(columns=columns, batch_size=READ_BATCH):
         gold = np.stack([b.column(a).to_numpy(zero_copy_only=False).astype(np.float64) for a in attributes], 1)
-        yield b.column("row_id").to_numpy(), b.column("chunks").to_numpy_ndarray(), gold
+        f = functional_rows(b.column(FUNCTIONALS)) if functionals else None
+        yield b.column("row_id").to_numpy(), Features(b.column("chunks").to_numpy_ndarray(), f), gold
 
 
 def _predict_run(run: str, tables: str, split: str, adapted: bool = False):
@@ -49,20 +58,27 @@ def _predict_run(run: str, tables: str, split: str, adapted: bool = False):
     ``adapted``: its input normalised with the target tables' own Train mel statistics. A
     per-speaker model reads the target's speakers' own statistics (from the scored split's audio)
     either way: as deployed and adapted are the same for it."""
-    from dec_ray.data.groups import table_groups
+    from dec_ray.data.groups import functional_groups, table_groups
     from dec_ray.data.normalization import Stats
     from dec_ray.report.inference import Predictor
     p = Predictor(run)
     if p.stats.features and chunk_settings(p.stats.features) != chunk_settings(features_of(tables)):
         raise ValueError(f"{tables} was made with other feature settings than {run}'s training tables")
     groups = table_groups(tables, p.cfg.model.input, (split,)) if p.per_speaker else None
+    fgroups = functional_groups(tables, True, (split,)) if p.per_speaker and p.functionals else None
     if adapted and not p.per_speaker:
         own = Stats.load(os.path.join(tables, "stats.json"))
         p.normalize = own.feature_normalizer(p.device, p.cfg.model.input)         # the target's audio statistics, not its labels
+        if p.functionals:                  # the same for the functionals: the target's Train (else this split)
+            own_split = "train" if split_files(tables, "train") else split
+            x = functional_rows(pads.dataset(split_files(tables, own_split), format="parquet").to_table(
+                columns=[FUNCTIONALS])[FUNCTIONALS])
+            p.functional_population = GroupMoments.of_rows(x, [POPULATION] * len(x))
     ids, preds, golds = [], [], []
-    for rid, chunks, gold in _batches(tables, split, p.attributes):
-        out = (p.predict_chunks(chunks, groups.keys_of(rid), groups.moments) if groups
-               else p.predict_chunks(chunks))
+    for rid, features, gold in _batches(tables, split, p.attributes, bool(p.functionals)):
+        out = (p.predict_features(features, groups.keys_of(rid), groups.moments,
+                                  functional_moments=fgroups.moments if fgroups else None) if groups
+               else p.predict_features(features))
         ids.append(rid)
         preds.append(np.array([[o[a] for a in p.attributes] for o in out]))
         golds.append(gold)

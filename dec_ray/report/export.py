@@ -45,6 +45,14 @@ class ChunkModel(nn.Module):
         return self.net(x)["pred"]
 
 
+class FusedModel(ChunkModel):
+    """The same for a model that reads functionals (``model.functionals``): chunks and the
+    sentences' normalised functionals."""
+
+    def forward(self, x: torch.Tensor, functionals: torch.Tensor) -> torch.Tensor:
+        return self.net(x, functionals)["pred"]
+
+
 PER_SPEAKER = ("norm 'speaker': per mel bin b, over the n frames of all chunks (after the storage cast, and "
                "the log for kind logmel) of all files of one speaker: mean_b = sum(value_b) / n, std_b = "
                "sqrt(max(sum(value_b^2) / n - mean_b^2, 0)) (ddof 0); a clip whose speaker is unknown uses "
@@ -54,12 +62,35 @@ PER_SPEAKER = ("norm 'speaker': per mel bin b, over the n frames of all chunks (
 def versions() -> Dict[str, str]:
     import importlib.metadata as md
     out = {}
-    for pkg in ("dec_ray", "torch", "numpy", "librosa", "soundfile", "soxr", "onnx", "onnxruntime"):
+    for pkg in ("dec_ray", "torch", "numpy", "librosa", "soundfile", "soxr", "opensmile", "onnx", "onnxruntime"):
         try:
             out[pkg] = md.version(pkg.replace("_", "-"))
         except md.PackageNotFoundError:
             pass
     return out
+
+
+PER_SPEAKER_FUNCTIONALS = ("norm 'speaker': per functional j, over the files of one speaker that have a value for it "
+                           "(NaN: none): n_j, mean_j = sum(value_j) / n_j, std_j = sqrt(max(sum(value_j^2) / n_j - "
+                           "mean_j^2, 0)) (ddof 0); a mean with no value is 0, a std that is not finite or <= 1e-8 "
+                           "is 1; a clip whose speaker is unknown uses 'mean' and 'std' (Train's)")
+
+
+def functionals_contract(p: Predictor) -> Dict:
+    """How a sentence's functionals are made and normalised (``model.functionals``)."""
+    import opensmile
+    from dec_ray.data.functionals import _smile
+    m = p.cfg.model
+    mean, std = p.functional_population.of_group(POPULATION)
+    return {"kind": m.functionals, "dim": p.functionals,
+            "extractor": "opensmile.Smile(feature_set=opensmile.FeatureSet.eGeMAPSv02, "
+                         "feature_level=opensmile.FeatureLevel.Functionals).process_signal(signal, sample_rate)",
+            "opensmile": opensmile.__version__, "names": list(_smile().feature_names),
+            "signal": "the decoded mono samples at audio.sample_rate before peak normalisation (as recorded)",
+            "norm": m.norm, "mean": [float(v) for v in mean], "std": [float(v) for v in std],
+            "per_speaker": PER_SPEAKER_FUNCTIONALS if m.norm == "speaker" else None,
+            "z": "(value - mean) / std; NaN and +-inf -> 0; then clipped to [-clip, clip]", "clip": CLIP,
+            "dtype": "float32, one row per sentence"}
 
 
 def contract(p: Predictor, run: str = "", onnx: Dict = None) -> Dict:
@@ -93,8 +124,11 @@ def contract(p: Predictor, run: str = "", onnx: Dict = None) -> Dict:
                   "z": "(value - mean) / std; NaN -> 0, +-inf -> +-clip; then clipped to [-clip, clip]",
                   "clip": CLIP, "dtype": "float32, then cast to the storage dtype and back (as training read it)"
                   if m.norm == "speaker" else "float32"},
+        "functionals": functionals_contract(p) if p.functionals else None,
         "model": {"name": m.name, "head": m.head, "inputs": "x: float32 (N, chunk_frames, n_mels), the chunks "
-                  "of whole sentences in order (N = sentences x num_chunks)",
+                  "of whole sentences in order (N = sentences x num_chunks)" + (
+                      "; functionals: float32 (sentences, functionals.dim), normalised, in the same order"
+                      if p.functionals else ""),
                   "outputs": "(N, attributes): per-chunk predictions, z-scored label scale"},
         "output": {"attributes": list(p.attributes),
                    "label_mean": {a: s.label_mean[a] for a in p.attributes},
@@ -120,8 +154,13 @@ def export_run(run: str, out: str, onnx: bool = True) -> Dict[str, str]:
     p = Predictor(os.path.abspath(run))
     os.makedirs(out, exist_ok=True)
     f = p.cfg.features
-    model = ChunkModel(p.model).eval()
-    example = torch.zeros((2 * f.num_chunks, f.chunk_frames, f.n_mels))
+    model = (FusedModel if p.functionals else ChunkModel)(p.model).eval()
+    example = (torch.zeros((2 * f.num_chunks, f.chunk_frames, f.n_mels)),)
+    names, shapes = ["chunks"], {"x": {0: torch.export.Dim("n")}}
+    if p.functionals:               # n chunks = sentences x num_chunks, one row of functionals a sentence
+        sentences = torch.export.Dim("sentences")
+        example += (torch.zeros((2, p.functionals)),)
+        names, shapes = ["chunks", "functionals"], {"x": {0: f.num_chunks * sentences}, "functionals": {0: sentences}}
     paths = {"contract": os.path.join(out, "contract.json"), "torchscript": os.path.join(out, "model.ts")}
     tensors = None
     with torch.no_grad():
@@ -129,9 +168,9 @@ def export_run(run: str, out: str, onnx: bool = True) -> Dict[str, str]:
         if onnx:
             paths["onnx"] = os.path.join(out, "model.onnx")
             with contextlib.redirect_stdout(io.StringIO()):          # the exporter's own progress lines
-                torch.onnx.export(model, (example,), paths["onnx"], input_names=["chunks"], output_names=["pred"],
-                                  dynamic_shapes={"x": {0: torch.export.Dim("n")}}, dynamo=True, verbose=False)
-            check_onnx(paths["onnx"], model, example)
+                torch.onnx.export(model, example, paths["onnx"], input_names=names, output_names=["pred"],
+                                  dynamic_shapes=shapes, dynamo=True, verbose=False)
+            check_onnx(paths["onnx"], model, example, names)
             tensors = onnx_tensors(paths["onnx"])
     write_json(paths["contract"], contract(p, run, tensors))
     return paths
@@ -149,13 +188,15 @@ def onnx_tensors(path: str) -> Dict:
             "inputs": described(model.graph.input), "outputs": described(model.graph.output)}
 
 
-def check_onnx(path: str, model: nn.Module, example: torch.Tensor) -> float:
+def check_onnx(path: str, model: nn.Module, example, names=("chunks",)) -> float:
     """ONNX Runtime's output on random inputs of another batch size against torch's; raises when
     they differ by more than 1e-4. Returns the largest difference."""
     import onnxruntime as ort
-    x = torch.randn((example.shape[0] * 2, *example.shape[1:])).clamp(-CLIP, CLIP)
-    want = model(x).numpy()
-    got = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"chunks": x.numpy()})[0]
+    example = example if isinstance(example, tuple) else (example,)
+    xs = tuple(torch.randn((e.shape[0] * 2, *e.shape[1:])).clamp(-CLIP, CLIP) for e in example)
+    want = model(*xs).numpy()
+    got = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(
+        None, {n: x.numpy() for n, x in zip(names, xs)})[0]
     diff = float(np.abs(got - want).max())
     if diff > 1e-4:
         raise RuntimeError(f"{path}: ONNX Runtime differs from torch by {diff:.2e}")

@@ -12,17 +12,39 @@ Every answer says which (``normalization``: train | speaker | population).
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from dec_ray.config import config_from_dict
 from dec_ray.data.audio import load_audio, prepare_signal
-from dec_ray.data.groups import POPULATION, GroupMoments
+from dec_ray.data.functionals import egemaps
+from dec_ray.data.groups import FUNCTIONALS, POPULATION, GroupMoments
 from dec_ray.data.normalization import Stats
 from dec_ray.data.parts import as_stored, featurize_signal
-from dec_ray.method.models import model_from_config
+from dec_ray.method.models import functionals_dim, model_from_config
+
+
+class Features(NamedTuple):
+    """What sentences yield before any normalisation: their raw chunks (n, C, m, F), as stored,
+    and, for a model that reads them (``model.functionals``), their functionals (n, D) of the
+    signal as recorded; else None."""
+    chunks: np.ndarray
+    functionals: Optional[np.ndarray] = None
+
+
+class ModelInput(NamedTuple):
+    """What the network reads for n sentences: the chunks before the normaliser (n, C, m, F) and
+    the normalised functionals (n, D) or None."""
+    chunks: np.ndarray
+    functionals: Optional[np.ndarray] = None
+
+    @staticmethod
+    def stack(inputs: Sequence["ModelInput"]) -> "ModelInput":
+        f = [i.functionals for i in inputs]
+        return ModelInput(np.concatenate([i.chunks for i in inputs]),
+                          None if f[0] is None else np.concatenate(f))
 
 
 def model_file(run: str) -> str:
@@ -50,6 +72,9 @@ class Predictor:
         self.per_speaker = self.cfg.model.norm == "speaker"
         pop = state.get("population")           # a per-speaker run's Train audio as one group
         self.population = GroupMoments.one(POPULATION, pop["mean"], pop["std"]) if pop else None
+        self.functionals = functionals_dim(self.cfg)          # functionals per sentence (0: none)
+        fs = state.get("functionals")            # their Train statistics (model.functionals)
+        self.functional_population = GroupMoments.one(POPULATION, fs["mean"], fs["std"]) if fs else None
 
     def population_moments(self) -> GroupMoments:
         if self.population is None:
@@ -57,39 +82,86 @@ class Predictor:
                              "name each file's speaker (groups), or train it again")
         return self.population
 
-    def model_input(self, chunks: np.ndarray, groups: Optional[Sequence[str]] = None,
-                    moments: Optional[GroupMoments] = None) -> Tuple[np.ndarray, str]:
-        """(n, C, m, F) raw chunks -> (what the normaliser then the network read, as training read
-        them; the normalisation used). A per-speaker model z-scores each sentence with its group's
-        moments: ``moments`` (keyed by ``groups``), else those of the sentences given here grouped by
-        ``groups``, else the population's; then the storage cast, as the training pools hold them."""
+    def model_input(self, features: Features, groups: Optional[Sequence[str]] = None,
+                    moments: Optional[GroupMoments] = None,
+                    functional_moments: Optional[GroupMoments] = None) -> Tuple[ModelInput, str]:
+        """Raw features of n sentences -> (what the network reads, as training read it; the
+        normalisation used). A per-speaker model z-scores each sentence with its group's moments:
+        ``moments`` (and ``functional_moments``, keyed by ``groups``), else those of the sentences
+        given here grouped by ``groups``, else the population's; then the storage cast, as the
+        training pools hold them. Functionals of a Train-normalised model: Train's statistics."""
+        chunks, n = features.chunks, len(features.chunks)
+        functionals = self._functional_input(features, groups, functional_moments)
         if not self.per_speaker:
-            return chunks, "train"
-        inp, n = self.cfg.model.input, len(chunks)
+            return ModelInput(chunks, functionals), "train"
+        inp = self.cfg.model.input
         if groups is None:
             moments, groups, how = self.population_moments(), [POPULATION] * n, "population"
         else:
             moments, how = moments or GroupMoments.of(chunks, list(groups), inp), "speaker"
         z = moments.normalize(chunks, list(groups), inp)
-        return as_stored(z, self.cfg.features)[0], how
+        return ModelInput(as_stored(z, self.cfg.features)[0], functionals), how
+
+    def _functional_input(self, features: Features, groups: Optional[Sequence[str]],
+                          moments: Optional[GroupMoments]) -> Optional[np.ndarray]:
+        """The normalised functionals (``groups.functional_input``): with the groups' statistics for
+        a per-speaker model given groups, else with Train's (the population's)."""
+        if not self.functionals:
+            return None
+        if features.functionals is None:
+            raise ValueError(f"this model reads {self.cfg.model.functionals} functionals beside the chunks")
+        x = features.functionals
+        if not self.per_speaker or groups is None:
+            if self.functional_population is None:
+                raise ValueError("model.pt lacks the functionals' Train statistics: train the run again")
+            moments, groups = self.functional_population, [POPULATION] * len(x)
+        else:
+            moments = moments or GroupMoments.of_rows(x, list(groups))
+        return moments.normalize(x, list(groups), FUNCTIONALS)
+
+    def signal_features(self, y: np.ndarray, recorded: Optional[np.ndarray] = None) -> Features:
+        """The features of decoded samples (16 kHz mono, peak-normalised; ``recorded``: the same
+        before the peak normalisation, ``prepare_signal(recorded=True)``) exactly as training read
+        them from the tables: the chunks of ``y`` and the functionals of ``recorded``
+        (``parts.featurize_file``)."""
+        chunks = as_stored(featurize_signal(y, self.cfg.features)["chunks"], self.cfg.features)[0]
+        if not self.functionals:
+            return Features(chunks)
+        if recorded is None:
+            raise ValueError("this model reads functionals of the signal as recorded: give it (recorded=)")
+        return Features(chunks, egemaps(recorded, self.cfg.features.sample_rate).astype(np.float64))
 
     def chunks_of(self, y: np.ndarray) -> np.ndarray:
         """The chunks of decoded samples exactly as training read them from the tables."""
         return as_stored(featurize_signal(y, self.cfg.features)["chunks"], self.cfg.features)[0]
 
-    def predict_chunks(self, chunks: np.ndarray, groups: Optional[Sequence[str]] = None,
-                       moments: Optional[GroupMoments] = None, per_chunk: bool = False) -> List[Dict]:
-        """(n_sentences, C, m, F) raw chunks -> one dict per sentence (``per_chunk``: with each
-        chunk's values under "chunks"); normalised as ``model_input`` says."""
-        x, how = self.model_input(chunks, groups, moments)
+    def predict_features(self, features: Features, groups: Optional[Sequence[str]] = None,
+                         moments: Optional[GroupMoments] = None, per_chunk: bool = False,
+                         functional_moments: Optional[GroupMoments] = None) -> List[Dict]:
+        """Raw features of n sentences -> one dict per sentence (``per_chunk``: with each chunk's
+        values under "chunks"); normalised as ``model_input`` says."""
+        x, how = self.model_input(features, groups, moments, functional_moments)
         return [{**r, "normalization": how} for r in self.forward(x, per_chunk)]
 
+    def predict_chunks(self, chunks: np.ndarray, groups: Optional[Sequence[str]] = None,
+                       moments: Optional[GroupMoments] = None, per_chunk: bool = False) -> List[Dict]:
+        """``predict_features`` of chunks alone (a model without functionals)."""
+        return self.predict_features(Features(chunks), groups, moments, per_chunk)
+
     @torch.no_grad()
-    def forward(self, inputs: np.ndarray, per_chunk: bool = False) -> List[Dict]:
+    def forward(self, inputs: Union[ModelInput, np.ndarray], per_chunk: bool = False) -> List[Dict]:
         """``model_input``'s output for n sentences -> one dict per sentence."""
-        n, c = inputs.shape[:2]
-        x = self.normalize(torch.tensor(inputs.reshape(n * c, *inputs.shape[2:])))     # as in training
-        out = self.model(x)
+        if not isinstance(inputs, ModelInput):
+            inputs = ModelInput(inputs)
+        chunks = inputs.chunks
+        n, c = chunks.shape[:2]
+        x = self.normalize(torch.tensor(chunks.reshape(n * c, *chunks.shape[2:])))     # as in training
+        if self.functionals:
+            if inputs.functionals is None:
+                raise ValueError(f"this model reads {self.cfg.model.functionals} functionals beside the chunks")
+            out = self.model(x, torch.tensor(inputs.functionals, dtype=torch.float32, device=self.device))
+        else:
+            out = self.model(x)
         chunk_pred = out["pred"].float().cpu().numpy().reshape(n, c, -1)
         pred = self.stats.denormalize_labels(chunk_pred.mean(1), self.attributes)
         clusters = [-1] * n                       # -1: the model has no cluster head
@@ -106,8 +178,13 @@ class Predictor:
     def predict_audio(self, y: np.ndarray, sample_rate: int) -> Dict:
         """Samples in any layout and rate, with the checks a file gets (AudioError, ShortClipError)."""
         f = self.cfg.features
-        y = prepare_signal(y, sample_rate, f.sample_rate, f.silence_peak, f.min_duration_s)
-        return self.predict_chunks(self.chunks_of(y)[None])[0]
+        y, recorded = prepare_signal(y, sample_rate, f.sample_rate, f.silence_peak, f.min_duration_s, recorded=True)
+        return self.predict_features(stacked([self.signal_features(y, recorded)]))[0]
+
+    def file_features(self, path: str) -> Features:
+        f = self.cfg.features
+        return self.signal_features(*load_audio(path, f.sample_rate, f.silence_peak, f.min_duration_s,
+                                                recorded=True))
 
     def file_chunks(self, path: str) -> np.ndarray:
         f = self.cfg.features
@@ -115,7 +192,7 @@ class Predictor:
 
     def predict_file(self, path: str) -> Dict:
         """One file; a per-speaker model normalises it with the population statistics."""
-        return self.predict_chunks(self.file_chunks(path)[None])[0]
+        return self.predict_features(stacked([self.file_features(path)]))[0]
 
     def predict_files(self, paths: Sequence[str], groups: Optional[Sequence[str]] = None) -> List[Dict]:
         """Files predicted together: a per-speaker model normalises each ``groups`` group (each
@@ -124,7 +201,13 @@ class Predictor:
         `dec-ray predict` streams any number of files.)"""
         if not self.per_speaker or groups is None:
             return [self.predict_file(p) for p in paths]
-        return self.predict_chunks(np.stack([self.file_chunks(p) for p in paths]), groups)
+        return self.predict_features(stacked([self.file_features(p) for p in paths]), groups)
+
+
+def stacked(features: Sequence[Features]) -> Features:
+    """One sentence's features each -> the features of them all, in order."""
+    f = [x.functionals for x in features]
+    return Features(np.stack([x.chunks for x in features]), None if f[0] is None else np.stack(f))
 
 
 def predict(run: str, audio: Union[str, Sequence[str], Tuple[np.ndarray, int]],

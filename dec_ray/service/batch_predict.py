@@ -33,12 +33,14 @@ def _reason(e: Exception) -> str:
 
 class PredictActor:
     """A batch of files -> their predictions; ``moments``: the groups' statistics (a per-speaker
-    model with groups; a file whose group is ``POPULATION`` reads the population's)."""
+    model with groups; a file whose group is ``POPULATION`` reads the population's), and
+    ``functional_moments`` their functionals' (a model that reads functionals)."""
 
-    def __init__(self, run: str, device: str, moments: Optional[GroupMoments] = None):
+    def __init__(self, run: str, device: str, moments: Optional[GroupMoments] = None,
+                 functional_moments: Optional[GroupMoments] = None):
         from dec_ray.report.inference import Predictor
         self.predictor = Predictor(run, device)
-        self.moments = moments
+        self.moments, self.functional_moments = moments, functional_moments
 
     def _columns(self, rows: List[Dict]) -> Dict[str, list]:
         out = {"path": [r["path"] for r in rows], "error": [r["error"] for r in rows],
@@ -50,17 +52,19 @@ class PredictActor:
         return out
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, list]:
-        rows, good, chunks = [], [], []
+        from dec_ray.report.inference import stacked
+        rows, good, features = [], [], []
         groups = batch["group"] if "group" in batch else [""] * len(batch["path"])
         for path, group in zip(batch["path"], groups):
             try:
-                chunks.append(self.predictor.file_chunks(path))
+                features.append(self.predictor.file_features(path))
                 good.append({"path": path, "group": group, "error": ""})
             except Exception as e:       # one bad file must not stop the batch
                 rows.append({"path": path, "group": group, "error": _reason(e)})
         if good:
             keys = [r["group"] or POPULATION for r in good] if self.moments is not None else None
-            preds = self.predictor.predict_chunks(np.stack(chunks), keys, self.moments)
+            preds = self.predictor.predict_features(stacked(features), keys, self.moments,
+                                                    functional_moments=self.functional_moments)
             for r, p in zip(good, preds):
                 if r["group"] == "" and p["normalization"] == "speaker":
                     p["normalization"] = "population"
@@ -69,30 +73,37 @@ class PredictActor:
 
 
 class SumsActor:
-    """A batch of files -> each group's ``Moments`` over its files here (pass 1)."""
+    """A batch of files -> each group's ``Moments`` over its files here (pass 1): of the mel input
+    (n, s, ss) and, for a model that reads functionals, of them (fn, fs, fss; else empty)."""
 
     def __init__(self, run: str):
         from dec_ray.report.inference import Predictor
         self.predictor = Predictor(run, "cpu")
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, list]:
-        sums, bad = GroupSums(), []
-        inp, none = self.predictor.cfg.model.input, np.zeros(self.predictor.cfg.features.n_mels)
+        sums, fsums, bad = GroupSums(), GroupSums(), []
+        p = self.predictor
+        none, fnone = np.zeros(p.cfg.features.n_mels), np.zeros(p.functionals)
         for path, group in zip(batch["path"], batch["group"]):
             if not group:
                 continue
             try:
-                m = Moments.of(self.predictor.file_chunks(path), inp)
+                f = p.file_features(path)
             except Exception as e:
                 bad.append((path, _reason(e)))
                 continue
-            sums.add_moments(group, m)
+            sums.add_moments(group, Moments.of(f.chunks, p.cfg.model.input))
+            if f.functionals is not None:
+                fsums.add_moments(group, Moments.of_rows(f.functionals[None]))
         names = sorted(sums.sums)
+        fs = [fsums.sums.get(g, Moments(fnone, fnone, fnone)) for g in names]
         return {"group": names + [""] * len(bad), "path": [""] * len(names) + [p for p, _ in bad],
                 "error": [""] * len(names) + [r for _, r in bad],
                 "n": [sums.sums[g].n for g in names] + [0] * len(bad),
                 "s": [sums.sums[g].s for g in names] + [none] * len(bad),
-                "ss": [sums.sums[g].ss for g in names] + [none] * len(bad)}
+                "ss": [sums.sums[g].ss for g in names] + [none] * len(bad),
+                "fn": [m.n for m in fs] + [fnone] * len(bad), "fs": [m.s for m in fs] + [fnone] * len(bad),
+                "fss": [m.ss for m in fs] + [fnone] * len(bad)}
 
 
 def file_groups(paths: Sequence[str], groups: str) -> List[str]:
@@ -128,17 +139,21 @@ def file_groups(paths: Sequence[str], groups: str) -> List[str]:
 
 def group_moments(ds, run: str, actors: int):
     """Pass 1: the groups' statistics, streamed (each task sums its files by group; the driver adds
-    two vectors per group): (GroupSums of the named groups, {path: reason} of the files that failed)."""
-    total, bad = GroupSums(), {}
+    two vectors per group): (GroupSums of the named groups, GroupSums of their functionals (empty
+    for a model without them), {path: reason} of the files that failed)."""
+    total, functionals, bad = GroupSums(), GroupSums(), {}
     sums = ds.map_batches(SumsActor, batch_size=BATCH_FILES, fn_constructor_kwargs={"run": run},
                           concurrency=actors, num_cpus=1, batch_format="numpy")
     for b in sums.iter_batches(batch_format="numpy", batch_size=256):
-        for g, path, err, n, s_, ss in zip(b["group"], b["path"], b["error"], b["n"], b["s"], b["ss"]):
+        for i, (g, path, err) in enumerate(zip(b["group"], b["path"], b["error"])):
             if err:
                 bad[path] = err
                 continue
-            total.add_moments(g, Moments(int(n), np.asarray(s_, np.float64), np.asarray(ss, np.float64)))
-    return total, bad
+            total.add_moments(g, Moments(int(b["n"][i]), np.asarray(b["s"][i], np.float64),
+                                         np.asarray(b["ss"][i], np.float64)))
+            if len(b["fn"][i]):
+                functionals.add_moments(g, Moments(*(np.asarray(b[k][i], np.float64) for k in ("fn", "fs", "fss"))))
+    return total, functionals, bad
 
 
 OUTPUT_FORMATS = (".parquet", ".csv")
@@ -180,10 +195,13 @@ def run_predict(run: str, audio: Sequence[str], out: str, actors: int = 0, use_g
     ensure_ray()
     actors = actors or max(1, int(ray.cluster_resources().get("GPU" if use_gpu else "CPU", 1)) - (0 if use_gpu else 1))
     ds = ray.data.from_items([{"path": p, "group": g} for p, g in zip(paths, keys)])
-    moments, bad = None, {}
+    moments, functional_moments, bad = None, None, {}
     if per_speaker and any(keys):
-        sums, bad = group_moments(ds, run, actors)
+        sums, fsums, bad = group_moments(ds, run, actors)
         moments = GroupMoments.concat([m for m in (sums.moments() if sums.sums else None, population) if m is not None])
+        fpopulation = Predictor(run).functional_population      # a model that reads functionals: their groups too
+        if fpopulation is not None:
+            functional_moments = GroupMoments.concat(([fsums.moments(rows=True)] if fsums.sums else []) + [fpopulation])
         print(f"[dec-ray] predict: {len(sums.sums)} speaker group(s) from {groups}; "
               f"{sum(not k for k in keys)} file(s) without one read the population statistics", flush=True)
         ds = ds.filter(lambda r: r["path"] not in bad) if bad else ds
@@ -191,7 +209,8 @@ def run_predict(run: str, audio: Sequence[str], out: str, actors: int = 0, use_g
         print("[dec-ray] predict: no --groups: every file is normalised with the run's population statistics "
               "(its Train audio); name each file's speaker with --groups for the per-speaker statistics it was "
               "trained with", flush=True)
-    kw = dict(fn_constructor_kwargs={"run": run, "device": "cuda" if use_gpu else "cpu", "moments": moments},
+    kw = dict(fn_constructor_kwargs={"run": run, "device": "cuda" if use_gpu else "cpu", "moments": moments,
+                                     "functional_moments": functional_moments},
               concurrency=actors, num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1, batch_format="numpy")
     df = ds.map_batches(PredictActor, batch_size=BATCH_FILES, **kw).to_pandas()
     if bad:

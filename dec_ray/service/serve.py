@@ -49,7 +49,8 @@ from ray import serve
 from dec_ray.config import ServeConfig, serve_config
 from dec_ray.data.audio import AudioError, prepare_signal
 from dec_ray.data.features import ShortClipError
-from dec_ray.data.groups import GroupMoments, Moments
+from dec_ray.data.groups import GroupMoments, Moments, row_mean_std
+from dec_ray.report.inference import Features, ModelInput, stacked
 from dec_ray.service.audio_request import BadAudio, decode_bounded, read_body, uploaded_file
 
 logger = logging.getLogger("ray.serve")
@@ -60,52 +61,51 @@ MAX_SPEAKER_ID = 256                  # characters
 STORE_NAMESPACE = "dec_ray_serve"
 
 
-def decode(body: bytes, predictor, limits: ServeConfig) -> np.ndarray:
-    """Request bytes -> the sentence's raw chunks, or BadAudio (bounded: ``decode_bounded``)."""
+def decode(body: bytes, predictor, limits: ServeConfig):
+    """Request bytes -> the sentence's raw ``Features``, or BadAudio (bounded: ``decode_bounded``)."""
     data, sr = decode_bounded(body, limits)
     f = predictor.cfg.features
     try:
-        y = prepare_signal(data, sr, f.sample_rate, f.silence_peak, f.min_duration_s)
-        return predictor.chunks_of(y)
+        y, recorded = prepare_signal(data, sr, f.sample_rate, f.silence_peak, f.min_duration_s, recorded=True)
+        return predictor.signal_features(y, recorded)
     except (AudioError, ShortClipError) as e:
         raise BadAudio(422, str(e))
 
 
 @ray.remote(num_cpus=0)
 class SpeakerStore:
-    """Each named speaker's running input statistics (``Moments``) and the digests of the clips
-    they rest on, for every replica of one application; at most ``max_speakers``, least recently
-    used out."""
+    """Each named speaker's running statistics (``Moments``: of the mel input, and of the
+    functionals for a model that reads them) and the digests of the clips they rest on, for every
+    replica of one application; at most ``max_speakers``, least recently used out."""
 
     def __init__(self, max_speakers: int = MAX_SPEAKERS):
         self.max_speakers = max_speakers
-        self.speakers: "OrderedDict[str, Tuple[Moments, set]]" = OrderedDict()
-        self.traffic: Tuple[Optional[Moments], set] = (None, set())     # --population traffic
+        self.speakers: "OrderedDict[str, Tuple[List[Moments], set]]" = OrderedDict()
+        self.traffic: Tuple[Optional[List[Moments]], set] = (None, set())     # --population traffic
 
     @staticmethod
-    def _added(entry, digest: str, n: int, s: np.ndarray, ss: np.ndarray, max_digests: int = 100_000):
+    def _added(entry, digest: str, clip: List[Moments], max_digests: int = 100_000):
         moments, digests = entry
         if digest not in digests:
-            clip = Moments(n, s, ss)
-            moments = clip if moments is None else moments + clip
+            moments = clip if moments is None else [a + b for a, b in zip(moments, clip)]
             if len(digests) < max_digests:
                 digests.add(digest)
         return moments, digests
 
-    def add(self, speaker: str, digest: str, n: int, s: np.ndarray, ss: np.ndarray):
-        """Count this clip (once: a clip posted again is not counted twice); returns the speaker's
-        (mean, std, clips)."""
-        moments, digests = self._added(self.speakers.pop(speaker, (None, set())), digest, n, s, ss)
+    def add(self, speaker: str, digest: str, clip: List[Moments]):
+        """Count this clip's ``Moments`` (once: a clip posted again is not counted twice); returns
+        the speaker's (``Moments`` summed, clips)."""
+        moments, digests = self._added(self.speakers.pop(speaker, (None, set())), digest, clip)
         self.speakers[speaker] = (moments, digests)
         while len(self.speakers) > self.max_speakers:
             self.speakers.popitem(last=False)
-        return (*moments.mean_std(), len(digests))
+        return moments, len(digests)
 
-    def add_traffic(self, digest: str, n: int, s: np.ndarray, ss: np.ndarray):
+    def add_traffic(self, digest: str, clip: List[Moments]):
         """The same for the clips served without a speaker, as one group (a clip posted again is
         counted once, up to 100,000 clips remembered)."""
-        self.traffic = self._added(self.traffic, digest, n, s, ss)
-        return (*self.traffic[0].mean_std(), len(self.traffic[1]))
+        self.traffic = self._added(self.traffic, digest, clip)
+        return self.traffic[0], len(self.traffic[1])
 
     def forget(self, speaker: str) -> bool:
         return self.speakers.pop(speaker, None) is not None
@@ -134,6 +134,22 @@ def speaker_of(value: Optional[str]) -> Optional[str]:
     return value
 
 
+def clip_moments(features: "Features", input: str) -> List[Moments]:
+    """One clip's statistics for its group: the ``Moments`` of its mel input, and of its
+    functionals when the model reads them (the speaker's running statistics add these up)."""
+    out = [Moments.of(features.chunks, input)]
+    if features.functionals is not None:
+        out.append(Moments.of_rows(features.functionals))
+    return out
+
+
+def group_of(name: str, summed: List[Moments]) -> Tuple[GroupMoments, Optional[GroupMoments]]:
+    """A group's summed ``clip_moments`` -> (its mel moments, its functionals' moments or None)."""
+    mel = GroupMoments.one(name, *summed[0].mean_std())
+    functionals = GroupMoments.one(name, *row_mean_std(summed[1])) if len(summed) > 1 else None
+    return mel, functionals
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 1})
 class EmotionModel:
     """One replica: the run's model on this replica's device."""
@@ -158,7 +174,9 @@ class EmotionModel:
         self._decoders = ThreadPoolExecutor(cpus, thread_name_prefix="decode")
         self._forward_thread = ThreadPoolExecutor(1, thread_name_prefix="forward")
         f = self.predictor.cfg.features
-        self._probe = np.zeros((1, f.num_chunks, f.chunk_frames, f.n_mels), np.float32)
+        self._probe = ModelInput(np.zeros((1, f.num_chunks, f.chunk_frames, f.n_mels), np.float32),
+                                 np.zeros((1, self.predictor.functionals), np.float32) if self.predictor.functionals
+                                 else None)
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -167,8 +185,8 @@ class EmotionModel:
         waits for it)."""
         noise = np.random.default_rng(0).normal(size=(44100, 1)).astype(np.float32)
         f = self.predictor.cfg.features
-        y = prepare_signal(noise, 44100, f.sample_rate, f.silence_peak, f.min_duration_s)
-        self.predictor.forward(self.predictor.model_input(self.predictor.chunks_of(y)[None])[0])
+        y, recorded = prepare_signal(noise, 44100, f.sample_rate, f.silence_peak, f.min_duration_s, recorded=True)
+        self.predictor.forward(self.predictor.model_input(stacked([self.predictor.signal_features(y, recorded)]))[0])
 
     def reconfigure(self, user_config: Dict) -> None:
         """The Serve config's ``user_config``: limits, batch size and wait (``ServeConfig``), on a
@@ -188,47 +206,47 @@ class EmotionModel:
         return dict(self.batches)
 
     @serve.batch(max_batch_size=ServeConfig.max_batch_size, batch_wait_timeout_s=ServeConfig.batch_wait_timeout_s)
-    async def _scored(self, inputs: List[np.ndarray]) -> List[Dict]:
+    async def _scored(self, inputs: List[ModelInput]) -> List[Dict]:
         """The waiting requests' sentences, normalised each as its own request says, in one forward
         pass, in a thread: the event loop goes on taking and decoding requests."""
         self.batches[len(inputs)] += 1
         return await asyncio.get_running_loop().run_in_executor(self._forward_thread, self.predictor.forward,
-                                                                np.stack(inputs), True)
+                                                                ModelInput.stack(inputs), True)
 
     def _features(self, body: bytes, speaker: Optional[str]):
-        """CPU work of one request (in a thread): its chunks, and their moments when the request
-        joins a group (a named speaker, or --population traffic)."""
-        chunks = decode(body, self.predictor, self.limits)
+        """CPU work of one request (in a thread): its features (one sentence's, stacked), and their
+        moments when the request joins a group (a named speaker, or --population traffic)."""
         p = self.predictor
+        features = stacked([decode(body, p, self.limits)])
         grouped = p.per_speaker and (speaker is not None or self.population == "traffic")
-        return chunks, (Moments.of(chunks, p.cfg.model.input) if grouped else None)
+        return features, (clip_moments(features, p.cfg.model.input) if grouped else None)
 
-    async def _model_input(self, body: bytes, chunks: np.ndarray, moments: Optional[Moments],
+    async def _model_input(self, body: bytes, features: Features, moments: Optional[List[Moments]],
                            speaker: Optional[str]):
         """(the network's input, what the answer says of its normalisation)."""
         p = self.predictor
         if moments is None:
-            x, how = p.model_input(chunks[None])
-            return x[0], {"normalization": how}
-        m, digest = moments, hashlib.sha256(body).hexdigest()
+            x, how = p.model_input(features)
+            return x, {"normalization": how}
+        digest = hashlib.sha256(body).hexdigest()
         if speaker is None:                  # --population traffic: what was served without a speaker
-            mean, std, clips = await self.store.add_traffic.remote(digest, m.n, m.s, m.ss)
+            summed, clips = await self.store.add_traffic.remote(digest, moments)
             if clips < self.min_traffic_clips:
-                x, how = p.model_input(chunks[None])
-                return x[0], {"normalization": how, "traffic_clips": clips}
-            x, _ = p.model_input(chunks[None], ["traffic"], GroupMoments.one("traffic", mean, std))
-            return x[0], {"normalization": "traffic", "traffic_clips": clips}
-        mean, std, clips = await self.store.add.remote(speaker, digest, m.n, m.s, m.ss)
-        x, how = p.model_input(chunks[None], [speaker], GroupMoments.one(speaker, mean, std))
-        return x[0], {"normalization": how, "speaker": speaker, "speaker_clips": clips}
+                x, how = p.model_input(features)
+                return x, {"normalization": how, "traffic_clips": clips}
+            x, _ = p.model_input(features, ["traffic"], *group_of("traffic", summed))
+            return x, {"normalization": "traffic", "traffic_clips": clips}
+        summed, clips = await self.store.add.remote(speaker, digest, moments)
+        x, how = p.model_input(features, [speaker], *group_of(speaker, summed))
+        return x, {"normalization": how, "speaker": speaker, "speaker_clips": clips}
 
     async def predict(self, body: bytes, per_chunk: bool = False, speaker: Optional[str] = None) -> Dict:
         """The handle's API: audio file bytes (and the speaker, if known) -> the prediction
         (raises BadAudio)."""
         speaker = speaker_of(speaker)
-        chunks, moments = await asyncio.get_running_loop().run_in_executor(self._decoders, self._features, body,
-                                                                            speaker)
-        x, info = await self._model_input(body, chunks, moments, speaker)
+        features, moments = await asyncio.get_running_loop().run_in_executor(self._decoders, self._features, body,
+                                                                              speaker)
+        x, info = await self._model_input(body, features, moments, speaker)
         out = dict(await self._scored(x))
         if not per_chunk:
             out.pop("chunks")
