@@ -78,10 +78,10 @@ def served(run: str, test: pd.DataFrame, attrs, port: int) -> dict:
 
 
 def by_itself(run: str, test: pd.DataFrame, attrs) -> np.ndarray:
-    from dec_ray.report.inference import Predictor
+    from dec_ray.report.inference import Predictor, stacked
     p = Predictor(run)
     return np.array([[r[a] for a in attrs] for path in test["path"]
-                     for r in p.predict_chunks(p.file_chunks(path)[None], groups=["self"])])
+                     for r in p.predict_features(stacked([p.file_features(path)]), groups=["self"])])
 
 
 def main():

@@ -93,8 +93,10 @@ def _sampled_pass(rank: int, world: int, stats, pools, wrap) -> dict:
 def _sentence_pass(rank: int, world: int, stats, pools, wrap) -> dict:
     """The sentence head's pass over each rank's sentences in a shuffled order, 5 of rank 1's
     12 left out (1 rank: the same 19 sentences): which chunks each step reads."""
-    learner = Learner(load_config(None, CFG + ["model.head=sentence"]), stats, torch.device("cpu"), wrap=wrap)
+    learner = Learner(load_config(None, CFG + ["model.head=sentence", "model.functionals=egemaps"]), stats,
+                      torch.device("cpu"), wrap=wrap)
     train = pools["train"]
+    train.functionals = torch.tensor(train.row_ids, dtype=torch.float32)[:, None].repeat(1, 88)   # a row's id
     c = train.chunks.shape[1]
     keep = (torch.arange(train.chunks.shape[0]) < (train.chunks.shape[0] - (5 if rank == 1 else 0)))
     if world == 1:
@@ -105,10 +107,13 @@ def _sentence_pass(rank: int, world: int, stats, pools, wrap) -> dict:
 
     def recorded(out, batch):
         seen.append(batch.idx.clone())
+        if len(batch.idx):                  # (a step where this rank holds no sentence has none)
+            joined.append((train.row_ids[batch.idx[::c].numpy() // c], batch.functionals[:, 0].numpy().copy()))
         return emotion(out, batch)
     recorded.global_batch = True
+    joined = []
     out = learner.train(train, idx, Stage({"ccc": recorded}, regressor=True))
-    return {"batches": [b.numpy() for b in seen], "trained": out["chunks"], "chunks": c}
+    return {"batches": [b.numpy() for b in seen], "trained": out["chunks"], "chunks": c, "joined": joined}
 
 
 def _run(rank: int, world: int, port: int, q, stats, arrays) -> None:
@@ -286,7 +291,8 @@ def test_a_pass_trains_on_two_ranks_what_one_rank_trains_when_clusters_follow_th
 
 def test_the_sentence_head_trains_whole_sentences_in_the_one_rank_steps(runs):
     """model.head=sentence: the step bounds count sentences, so every batch of every rank is whole
-    sentences, each in chunk order, and 2 ranks (12 + 7 sentences) train what 1 rank trains (19)."""
+    sentences, each in chunk order, and 2 ranks (12 + 7 sentences) train what 1 rank trains (19).
+    With model.functionals, every batch reads its own sentences' functionals, on either rank."""
     one, (r0, r1) = runs[1][0]["sentences"], [r["sentences"] for r in runs[2]]
     c = one["chunks"]
     assert one["trained"] == r0["trained"] + r1["trained"] == 16 * c          # 19 // 4 steps of 4 sentences
@@ -295,6 +301,8 @@ def test_the_sentence_head_trains_whole_sentences_in_the_one_rank_steps(runs):
             rows = b.reshape(-1, c)
             assert np.all(rows % c == np.arange(c)) and np.all(rows // c == rows[:, :1] // c)
     assert len(r0["batches"]) == len(one["batches"]) == 4
+    for r in (one, r0, r1):
+        assert r["joined"] and all(np.array_equal(rows, f) for rows, f in r["joined"])
 
 
 def test_unequal_shares_of_a_batch_have_the_one_rank_gradient_of_the_cross_entropy(runs):

@@ -28,6 +28,7 @@ import yaml
 from dec_ray.config import Config, ConfigError, load_config, preset_path
 from dec_ray.data.files import write_json
 from dec_ray.report.experiment import labels_suffix
+from dec_ray.service.progress import ProgressLine
 
 MODELS = ("deepemocluster", "cnn", "ae", "vae")
 REFERENCE = "cnn"          # the paper's tests are against the CNN-regressor
@@ -334,8 +335,12 @@ def score_across_corpora(runs: List[str], corpora: Sequence[str]) -> Dict[str, D
     out = {}
     for name, tables in named:
         print(f"[experiment] scoring {len(runs)} runs on {name} ({tables}), as deployed and adapted", flush=True)
-        out[name] = {r: score_on(r, tables, name) for r in runs}
-        out[f"{name}-adapted"] = {r: score_on(r, tables, name, adapted=True) for r in runs}
+        bar = ProgressLine(f"[experiment]   {name}: runs scored", len(runs), every_s=30.0)
+        out[name], out[f"{name}-adapted"] = {}, {}
+        for r in runs:
+            out[name][r] = score_on(r, tables, name)
+            out[f"{name}-adapted"][r] = score_on(r, tables, name, adapted=True)
+            bar.step()
     return out
 
 
