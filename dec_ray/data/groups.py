@@ -215,17 +215,18 @@ def functional_groups(tables: str, per_speaker: bool, splits: Sequence[str] = SP
         files = split_files(tables, split)
         if not files:
             continue
-        t = pads.dataset(files, format="parquet").to_table(columns=["row_id", FUNCTIONALS, "speaker"])
-        x = functional_rows(t[FUNCTIONALS])
-        k = [group_key(s, split) if per_speaker else POPULATION for s in t["speaker"].to_pylist()]
-        if split == "train":
-            sums.add_moments(POPULATION, Moments.of_rows(x))
-        if per_speaker:
-            kk = np.asarray(k, dtype=object)
-            for g in np.unique(kk):
-                sums.add_moments(g, Moments.of_rows(x[kk == g]))
-        ids.append(t["row_id"].to_numpy())
-        keys.extend(k)
+        for t in pads.dataset(files, format="parquet").to_batches(columns=["row_id", FUNCTIONALS, "speaker"],
+                                                                   batch_size=16384):     # bounded memory
+            x = functional_rows(t.column(FUNCTIONALS))
+            k = [group_key(s, split) if per_speaker else POPULATION for s in t.column("speaker").to_pylist()]
+            if split == "train":
+                sums.add_moments(POPULATION, Moments.of_rows(x))
+            if per_speaker:
+                kk = np.asarray(k, dtype=object)
+                for g in np.unique(kk):
+                    sums.add_moments(g, Moments.of_rows(x[kk == g]))
+            ids.append(t.column("row_id").to_numpy())
+            keys.extend(k)
     if not ids or (not per_speaker and POPULATION not in sums.sums):
         raise ValueError(f"{tables}: no Train rows to compute the functionals' statistics on")
     rid = np.concatenate(ids)
