@@ -4,7 +4,9 @@ is the cluster head's arg-max of the mean chunk logits (DeepEmoCluster only). A 
 (``model.norm: speaker``) normalises each sentence with its speaker's statistics when they are
 given (files predicted together by groups, or a speaker's ``GroupMoments``), else with the
 population statistics its run saved (the Train audio as one group): never a clip by itself.
-Every answer says which (``normalization``: train | speaker | population).
+Every answer says which (``normalization``: train | speaker | population). A model that reads
+functionals (``model.functionals``) gets them computed from the decoded signal as ingest computes
+them (``Features``), normalised with the same group's statistics (or Train's).
 
     import dec_ray
     dec_ray.predict("runs/r1", "clip.wav")            # or a (samples, sample_rate) tuple, or a list of paths
@@ -20,7 +22,7 @@ import torch
 from dec_ray.config import config_from_dict
 from dec_ray.data.audio import load_audio, prepare_signal
 from dec_ray.data.functionals import egemaps
-from dec_ray.data.groups import FUNCTIONALS, POPULATION, GroupMoments
+from dec_ray.data.groups import FUNCTIONALS, POPULATION, GroupMoments, Moments
 from dec_ray.data.normalization import Stats
 from dec_ray.data.parts import as_stored, featurize_signal
 from dec_ray.method.models import functionals_dim, model_from_config
@@ -124,12 +126,20 @@ class Predictor:
         before the peak normalisation, ``prepare_signal(recorded=True)``) exactly as training read
         them from the tables: the chunks of ``y`` and the functionals of ``recorded``
         (``parts.featurize_file``)."""
-        chunks = as_stored(featurize_signal(y, self.cfg.features)["chunks"], self.cfg.features)[0]
+        chunks = self.chunks_of(y)
         if not self.functionals:
             return Features(chunks)
         if recorded is None:
             raise ValueError("this model reads functionals of the signal as recorded: give it (recorded=)")
         return Features(chunks, egemaps(recorded, self.cfg.features.sample_rate).astype(np.float64))
+
+    def clip_moments(self, features: Features) -> List[Moments]:
+        """One clip's statistics for its group (a speaker's running statistics add these up): the
+        ``Moments`` of its mel input, and of its functionals when the model reads them."""
+        out = [Moments.of(features.chunks, self.cfg.model.input)]
+        if features.functionals is not None:
+            out.append(Moments.of_rows(np.asarray(features.functionals).reshape(-1, self.functionals)))
+        return out
 
     def chunks_of(self, y: np.ndarray) -> np.ndarray:
         """The chunks of decoded samples exactly as training read them from the tables."""

@@ -92,9 +92,8 @@ class SumsActor:
             except Exception as e:
                 bad.append((path, _reason(e)))
                 continue
-            sums.add_moments(group, Moments.of(f.chunks, p.cfg.model.input))
-            if f.functionals is not None:
-                fsums.add_moments(group, Moments.of_rows(f.functionals[None]))
+            for total, m in zip((sums, fsums), p.clip_moments(f)):
+                total.add_moments(group, m)
         names = sorted(sums.sums)
         fs = [fsums.sums.get(g, Moments(fnone, fnone, fnone)) for g in names]
         return {"group": names + [""] * len(bad), "path": [""] * len(names) + [p for p, _ in bad],

@@ -134,15 +134,6 @@ def speaker_of(value: Optional[str]) -> Optional[str]:
     return value
 
 
-def clip_moments(features: "Features", input: str) -> List[Moments]:
-    """One clip's statistics for its group: the ``Moments`` of its mel input, and of its
-    functionals when the model reads them (the speaker's running statistics add these up)."""
-    out = [Moments.of(features.chunks, input)]
-    if features.functionals is not None:
-        out.append(Moments.of_rows(features.functionals))
-    return out
-
-
 def group_of(name: str, summed: List[Moments]) -> Tuple[GroupMoments, Optional[GroupMoments]]:
     """A group's summed ``clip_moments`` -> (its mel moments, its functionals' moments or None)."""
     mel = GroupMoments.one(name, *summed[0].mean_std())
@@ -219,7 +210,7 @@ class EmotionModel:
         p = self.predictor
         features = stacked([decode(body, p, self.limits)])
         grouped = p.per_speaker and (speaker is not None or self.population == "traffic")
-        return features, (clip_moments(features, p.cfg.model.input) if grouped else None)
+        return features, (p.clip_moments(features) if grouped else None)
 
     async def _model_input(self, body: bytes, features: Features, moments: Optional[List[Moments]],
                            speaker: Optional[str]):
